@@ -1,0 +1,37 @@
+# make bench  -- set up .venv, then run the LoRSum-vs-SVD benchmark (oplora-bench, default grid)
+# make test   -- set up .venv, then run the whole test suite
+#
+# Set-up creates .venv when it is missing and re-installs the package when its build files change.
+# torch: the venv keeps a torch it already has; otherwise it gets TORCH_SPEC (the CPU wheel
+# torch==2.13.0 on the dev/CI machines -- never a bare `pip install torch`, which pulls a CUDA build).
+# On a machine whose system Python already has torch (the GPU image): make test VENV_FLAGS=--system-site-packages
+
+PYTHON     ?= python3
+VENV       ?= .venv
+VENV_FLAGS ?=
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS     ?= test,bench
+BENCH_ARGS ?=
+PYTEST_ARGS ?=
+
+PY    := $(VENV)/bin/python
+STAMP := $(VENV)/.oplora-installed
+
+.PHONY: bench test venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py CMakeLists.txt Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --progress-bar off "$(TORCH_SPEC)"
+	$(PY) -m pip install --progress-bar off -e ".[$(EXTRAS)]"
+	@touch $@
+
+bench: venv
+	$(VENV)/bin/oplora-bench $(BENCH_ARGS)
+
+test: venv
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info python/*.egg-info .pytest_cache .hypothesis

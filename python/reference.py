@@ -1,0 +1,219 @@
+"""Pure-torch reference of every oplora op: the specification the fast paths are checked against.
+
+Tests and benchmarks import this module; the Triton and C++ backends must agree with it.
+It is also the ``torch`` backend that ``oplora._backend`` dispatches to. Functions here take
+already-validated input (``oplora.lorsum`` validates); they never modify their arguments.
+
+LoRSum (SPEC section 2)
+-----------------------
+Given thin terms ``(U_i, V_i)`` (``U_i`` m x k_i, ``V_i`` k_i x n), coefficients ``c_i``, a start
+point ``(B0, A0)`` (m x r, r x n), a proximal weight ``lam`` and an optional metric
+``(M_out, M_in)``, the target is ``T = sum_i c_i T_i`` with ``T_i = U_i V_i``, or
+``T_i = M_out^-1 U_i V_i M_in^-1`` for a preconditioned term. One round is two half-steps:
+
+    A-half-step  (B fixed):  min_A ||W_out (B A - T)||^2 + lam ||A - A0||^2
+    B-half-step  (A fixed):  min_B ||(B A - T) W_in^T||^2 + lam ||B - B0||^2
+
+where ``W^T W = M`` (``W = diag(sqrt(d))`` for a diagonal metric, ``W = L^T`` for the Cholesky
+factor ``M = L L^T`` of a dense one). Their normal equations are SPEC's
+``(B^T M_out B + lam I) A = lam A0 + B^T M_out T`` and
+``B (A M_in A^T + lam I) = lam B0 + T M_in A^T``. The B-half-step is the A-half-step of the
+transposed problem (``T^T = sum c_i V_i^T U_i^T``), so both go through one function,
+``_half_step``.
+
+How a half-step is solved, and why
+    Forming ``B^T M B`` squares the condition number of the factor: in float32 at cond 1e4 the
+    normal equations lose most of the product. Instead ``Z = W F`` (the fixed factor, p x r) is
+    reduced by a Householder QR, ``Z = Q R``, and the problem becomes
+    ``min ||R X - Q^T W T||^2 + lam ||X - X0||^2`` with a small k x r matrix ``R``
+    (k = min(p, r)). That is solved exactly through the SVD of ``R``, ``R = U S V^T``:
+
+        X = V diag(s / (s^2 + lam)) U^T Y  +  (I - V diag(s^2 / (s^2 + lam)) V^T) X0,
+        Y = Q^T W T
+
+    No Gram matrix is formed anywhere. A singular value at or below ``s_max * eps * sqrt(p + r)``
+    (eps of the compute dtype: below it a direction is rounding noise) counts as an exact zero,
+    so that direction keeps its start value. That is the limit ``lam -> 0+``: the least-squares
+    solution nearest the start point (B = 0 at LoRA init leaves A at A0). In float32 this treats
+    a factor with condition number above ~1e5 (p = 4096) as rank-deficient.
+
+    ``Y`` is never formed from an m x n matrix: ``Q^T W T = sum_i c_i ((W^T Q)^T U_i) V_i``, and
+    a preconditioned term uses ``W^-1 Q = M^-1 W^T Q`` on the left and ``M_in^-1`` applied to the
+    r x n sum on the right. Every product is (p x r)^T (p x k) or (r x k)(k x q).
+
+Precision policy
+    The big products -- the only ones that read the terms, O((p + q) k r) work -- run in the
+    compute dtype: float32 for float16/bfloat16/float32 input, float64 when any input is float64.
+    The thin work (the factors between half-steps, ``W F``, its QR, the r x r solve, the metric,
+    O((p + q) r^2) work) runs in float64. A float32 QR perturbs the factor by eps * ||F||, which
+    the least-squares problem amplifies by cond(F): at cond 1e4 that cost ~5e-4 of the product;
+    in float64 the result is as accurate as rounding the exact answer to float32 (~3e-5 at
+    cond 1e4, see tests/test_lorsum.py). Results come back in the start point's dtype, as new
+    tensors.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["lorsum", "compute_dtype"]
+
+
+def compute_dtype(*tensors: Optional[Tensor]) -> torch.dtype:
+    """float64 if any given tensor is float64, otherwise float32 (SPEC: compute in fp32)."""
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+class _Metric:
+    """One side's metric ``M`` (p x p) as the few operators a half-step needs, in float64.
+
+    ``M`` is ``None`` (identity), a positive vector ``d`` (``M = diag(d)``) or an SPD matrix
+    (``M = L L^T``). With ``W`` such that ``W^T W = M``: ``weight(F) = W F``,
+    ``weight_t(Q) = W^T Q``, ``unweight(Q) = W^-1 Q = M^-1 W^T Q`` (all p x r) and
+    ``solve_right(Y) = Y M^-1`` for an r x p ``Y``. Inputs and outputs are float64.
+    """
+
+    def __init__(self, m: Optional[Tensor]):
+        self.kind = "identity" if m is None else ("diag" if m.dim() == 1 else "dense")
+        if self.kind == "diag":
+            self.d = m.double()
+            self.sqrt_d = self.d.sqrt()[:, None]
+        elif self.kind == "dense":
+            self.L = torch.linalg.cholesky(m.double())
+
+    def weight(self, f: Tensor) -> Tensor:
+        if self.kind == "diag":
+            return self.sqrt_d * f
+        if self.kind == "dense":
+            return self.L.mT @ f
+        return f
+
+    def weight_t(self, q: Tensor) -> Tensor:
+        if self.kind == "diag":
+            return self.sqrt_d * q
+        if self.kind == "dense":
+            return self.L @ q
+        return q
+
+    def unweight(self, q: Tensor) -> Tensor:
+        if self.kind == "diag":
+            return q / self.sqrt_d
+        if self.kind == "dense":
+            return torch.linalg.solve_triangular(self.L.mT, q, upper=True)
+        return q
+
+    def solve_right(self, y: Tensor) -> Tensor:
+        if self.kind == "diag":
+            return y / self.d
+        if self.kind == "dense":
+            return torch.cholesky_solve(y.mT, self.L).mT
+        return y
+
+
+def _prox_solve(r_mat: Tensor, y: Tensor, x0: Tensor, lam: float, p: int, eps: float) -> Tensor:
+    """Solve ``min_X ||R X - Y||^2 + lam ||X - X0||^2`` through the SVD of the small ``R``.
+
+    ``R`` is k x r (k = min(p, r)), ``Y`` k x q, ``X0`` r x q, all float64. Singular values at or
+    below ``s_max * eps * sqrt(p + r)`` (``eps`` of the compute dtype) are exact zeros: their
+    directions keep ``X0``. See the module docstring.
+    """
+    r = x0.shape[0]
+    u, s, vh = torch.linalg.svd(r_mat, full_matrices=False)
+    keep = s > s.max() * eps * (p + r) ** 0.5
+    s2 = s * s
+    denom = torch.where(keep, s2 + lam, torch.ones_like(s))
+    gain = torch.where(keep, s / denom, torch.zeros_like(s))
+    pull = torch.where(keep, s2 / denom, torch.zeros_like(s))
+    solve = vh.mT @ (gain[:, None] * u.mT)  # r x k
+    keep_start = torch.eye(r, dtype=torch.float64, device=x0.device) - vh.mT @ (pull[:, None] * vh)
+    return solve @ y + keep_start @ x0
+
+
+def _half_step(
+    f: Tensor,
+    x0: Tensor,
+    lefts: Sequence[Tensor],
+    rights: Sequence[Tensor],
+    coeffs: Sequence[float],
+    precondition: Sequence[bool],
+    metric_p: _Metric,
+    metric_q: _Metric,
+    lam: float,
+) -> Tensor:
+    """``argmin_X ||W_p (F X - T)||^2 + lam ||X - X0||^2`` with ``T = sum c_i L_i' R_i'``.
+
+    ``F`` p x r and ``X0`` r x q are float64; ``L_i`` p x k_i and ``R_i`` k_i x q are in the
+    compute dtype, the only operands the big products touch. A preconditioned term is
+    ``M_p^-1 L_i R_i M_q^-1``. Returns X (r x q, float64).
+    """
+    dtype = lefts[0].dtype
+    p, q = f.shape[0], x0.shape[1]
+    qmat, r_mat = torch.linalg.qr(metric_p.weight(f), mode="reduced")
+    k = qmat.shape[1]
+    q_plain = metric_p.weight_t(qmat).to(dtype)
+    q_prec = metric_p.unweight(qmat).to(dtype) if any(precondition) else None
+    y_plain = lefts[0].new_zeros(k, q)
+    y_prec = lefts[0].new_zeros(k, q) if q_prec is not None else None
+    for left, right, c, pre in zip(lefts, rights, coeffs, precondition):
+        if c == 0.0:
+            continue
+        small = (q_prec if pre else q_plain).mT @ left  # k x k_i
+        (y_prec if pre else y_plain).addmm_(small, right, alpha=c)
+    y = y_plain.double()
+    if y_prec is not None:
+        y = y + metric_q.solve_right(y_prec.double())
+    return _prox_solve(r_mat, y, x0, lam, p, torch.finfo(dtype).eps)
+
+
+def lorsum(
+    terms: Sequence[Tuple[Tensor, Tensor]],
+    coeffs: Sequence[float],
+    init: Tuple[Tensor, Tensor],
+    *,
+    iters: int = 1,
+    prox: float = 0.0,
+    metric: Optional[Tuple[Optional[Tensor], Optional[Tensor]]] = None,
+    precondition: Optional[Sequence[bool]] = None,
+    start: str = "A",
+) -> Tuple[Tensor, Tensor]:
+    """Reference LoRSum: rank-r factors ``(B, A)`` of ``T = sum_i c_i T_i`` by alternating
+    proximal least squares. Same contract as :func:`oplora.lorsum`, without input validation.
+
+    ``iters = 0`` is the Jacobi step (A from B0 and B from A0, at once); ``iters >= 1`` runs that
+    many rounds, A side first (``start="A"``) or B side first (``start="B"``), each half-step
+    anchored at ``init`` with weight ``prox``.
+    """
+    b0, a0 = init
+    metric = metric if metric is not None else (None, None)
+    dtype = compute_dtype(b0, a0, *metric, *(t for pair in terms for t in pair))
+    precondition = [False] * len(terms) if precondition is None else [bool(x) for x in precondition]
+    coeffs = [float(c) for c in coeffs]
+    lam = float(prox)
+    m_out, m_in = _Metric(metric[0]), _Metric(metric[1])
+    us = [u.to(dtype) for u, _ in terms]
+    vs = [v.to(dtype) for _, v in terms]
+    b0_64, a0_64 = b0.double(), a0.double()
+
+    def a_step(b: Tensor) -> Tensor:
+        return _half_step(b, a0_64, us, vs, coeffs, precondition, m_out, m_in, lam)
+
+    def b_step(a: Tensor) -> Tensor:
+        vts = [v.mT for v in vs]
+        uts = [u.mT for u in us]
+        return _half_step(a.mT, b0_64.mT, vts, uts, coeffs, precondition, m_in, m_out, lam).mT
+
+    if iters == 0:
+        a, b = a_step(b0_64), b_step(a0_64)
+    else:
+        b, a = b0_64, a0_64
+        for _ in range(iters):
+            if start == "A":
+                a = a_step(b)
+                b = b_step(a)
+            else:
+                b = b_step(a)
+                a = a_step(b)
+    return b.to(b0.dtype).contiguous(), a.to(b0.dtype).contiguous()

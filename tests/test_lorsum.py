@@ -1,0 +1,367 @@
+"""oplora.lorsum against the explicit float64 oracle (tests/explicit.py) and SPEC section 2."""
+
+import itertools
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import oplora
+from oplora import reference
+from explicit import TOL, explicit_lorsum, explicit_target, rel_err, spd, truncated_svd, with_condition
+
+F64 = torch.float64
+
+# (m, n, r, k): odd shapes, including r > n (the B side is then rank-deficient) and m < r.
+SHAPES = [(37, 23, 5, 11), (64, 7, 9, 3), (4, 29, 6, 17)]
+PROX = [0.0, 1e-3, 10.0]
+METRICS = ["none", "diag", "diag-pre", "dense-pre"]
+
+
+def make_problem(m, n, r, k, dtype=F64, metric="none"):
+    b0 = torch.randn(m, r, dtype=dtype)
+    a0 = torch.randn(r, n, dtype=dtype)
+    d = torch.randn(m, k, dtype=dtype)
+    x = torch.randn(k, n, dtype=dtype)
+    mom_u, mom_v = torch.randn(m, 2, dtype=dtype), torch.randn(2, n, dtype=dtype)
+    terms = [(b0, a0), (d, x), (mom_u, mom_v)]
+    coeffs = [1.0, -0.3, -0.1]
+    kw = {}
+    if metric.startswith("diag"):
+        kw["metric"] = (torch.rand(m, dtype=dtype) + 0.2, torch.rand(n, dtype=dtype) + 0.2)
+    elif metric.startswith("dense"):
+        kw["metric"] = (spd(m, dtype), spd(n, dtype))
+    if metric.endswith("-pre"):
+        kw["precondition"] = [False, True, True]
+    return terms, coeffs, (b0, a0), kw
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("iters", [0, 1, 2, 3])
+@pytest.mark.parametrize("prox", PROX)
+@pytest.mark.parametrize("start", ["A", "B"])
+@pytest.mark.parametrize("metric", METRICS)
+def test_matches_explicit_float64(shape, iters, prox, start, metric):
+    terms, coeffs, init, kw = make_problem(*shape, metric=metric)
+    b, a = oplora.lorsum(terms, coeffs, init, iters=iters, prox=prox, start=start, **kw)
+    be, ae = explicit_lorsum(terms, coeffs, init, iters=iters, prox=prox, start=start, **kw)
+    assert b.dtype == a.dtype == F64
+    assert b.shape == be.shape and a.shape == ae.shape
+    assert rel_err(b @ a, be @ ae) < TOL[F64]
+    if prox > 0 or min(shape[:2]) >= shape[2]:  # the factors themselves are unique here
+        assert rel_err(b, be) < TOL[F64] and rel_err(a, ae) < TOL[F64]
+
+
+@pytest.mark.parametrize("iters", [0, 1, 2])
+@pytest.mark.parametrize("metric", ["none", "diag-pre", "dense-pre"])
+def test_float32_matches_explicit(iters, metric):
+    terms, coeffs, init, kw = make_problem(53, 41, 6, 13, dtype=torch.float32, metric=metric)
+    b, a = oplora.lorsum(terms, coeffs, init, iters=iters, prox=1e-2, **kw)
+    be, ae = explicit_lorsum(terms, coeffs, init, iters=iters, prox=1e-2, **kw)
+    assert b.dtype == a.dtype == torch.float32
+    assert rel_err(b @ a, be @ ae) < TOL[torch.float32]
+
+
+def test_converges_to_truncated_svd():
+    m, n, r = 60, 45, 4
+    spectrum = torch.cat([torch.tensor([5.0, 4.0, 3.0, 2.0]), 0.5 * torch.rand(16)]).double()
+    u, _ = torch.linalg.qr(torch.randn(m, 20, dtype=F64))
+    v, _ = torch.linalg.qr(torch.randn(n, 20, dtype=F64))
+    terms = [(u * spectrum, v.T)]
+    optimum = truncated_svd(terms[0][0] @ terms[0][1], r)
+    init = (torch.randn(m, r, dtype=F64), torch.randn(r, n, dtype=F64))
+    errors = [rel_err(torch.matmul(*oplora.lorsum(terms, [1.0], init, iters=it)), optimum)
+              for it in (1, 3, 10, 60)]
+    assert all(later < earlier for earlier, later in zip(errors, errors[1:]))
+    assert errors[-1] < 1e-10
+
+
+def test_warm_start_one_round_is_near_svd_of_a_small_step():
+    """The OPLoRA regime: T = B0 A0 - lr G with a small step; one warm-started round is close."""
+    m, n, r = 80, 70, 6
+    b0 = with_condition(m, r, 10.0)
+    a0 = with_condition(r, n, 10.0)
+    d, x = torch.randn(m, 32, dtype=F64), torch.randn(32, n, dtype=F64)
+    lr = 0.01 * (b0 @ a0).norm().item() / (d @ x).norm().item()  # a step of 1% of the adapter
+    terms, coeffs = [(b0, a0), (d, x)], [1.0, -lr]
+    optimum = truncated_svd(explicit_target(terms, coeffs)[0], r)
+    b, a = oplora.lorsum(terms, coeffs, (b0, a0), iters=1)
+    assert rel_err(b @ a, optimum) < 1e-4
+
+
+@pytest.mark.parametrize("prox", [0.0, 0.05])
+def test_jacobi_step_is_the_riemannian_step(prox):
+    m, n, r, k, lr = 30, 20, 4, 9, 0.1
+    b0, a0 = torch.randn(m, r, dtype=F64), torch.randn(r, n, dtype=F64)
+    d, x = torch.randn(m, k, dtype=F64), torch.randn(k, n, dtype=F64)
+    g = d @ x
+    grad_a, grad_b = b0.T @ g, g @ a0.T
+    eye = torch.eye(r, dtype=F64)
+    a_ref = a0 - lr * torch.linalg.solve(b0.T @ b0 + prox * eye, grad_a)
+    b_ref = b0 - lr * torch.linalg.solve(a0 @ a0.T + prox * eye, grad_b.T).T
+    b, a = oplora.lorsum([(b0, a0), (d, x)], [1.0, -lr], (b0, a0), iters=0, prox=prox)
+    assert rel_err(a, a_ref) < 1e-12 and rel_err(b, b_ref) < 1e-12
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("iters", [0, 1, 2])
+@pytest.mark.parametrize("prox", [0.0, 1e-6])
+def test_ill_conditioned_float32(seed, iters, prox):
+    """SPEC: float32 factors of condition number 1e4; the product within 5e-4 of float64."""
+    torch.manual_seed(seed)
+    m, n, r = 300, 220, 16
+    b0 = with_condition(m, r, 1e4, torch.float32)
+    a0 = with_condition(r, n, 1e4, torch.float32)
+    d, x = torch.randn(m, 48), torch.randn(48, n)
+    terms, coeffs = [(b0, a0), (d, x)], [1.0, -1e-3]
+    b, a = oplora.lorsum(terms, coeffs, (b0, a0), iters=iters, prox=prox)
+    terms64 = [(u.double(), v.double()) for u, v in terms]
+    b64, a64 = oplora.lorsum(terms64, coeffs, (b0.double(), a0.double()), iters=iters, prox=prox)
+    assert rel_err(b.double() @ a.double(), b64 @ a64) < TOL["cond1e4"]
+
+
+@pytest.mark.parametrize("iters", [0, 1, 2])
+def test_lora_init_b_zero(iters):
+    """B0 = 0 (LoRA init) with prox = 0: no NaN, A keeps A0 in the first A-step, B moves."""
+    m, n, r, k = 40, 30, 4, 8
+    b0, a0 = torch.zeros(m, r), torch.randn(r, n)
+    d, x = torch.randn(m, k), torch.randn(k, n)
+    terms, coeffs = [(b0, a0), (d, x)], [1.0, -0.1]
+    b, a = oplora.lorsum(terms, coeffs, (b0, a0), iters=iters)
+    assert torch.isfinite(b).all() and torch.isfinite(a).all()
+    assert b.abs().max() > 0
+    be, ae = explicit_lorsum(terms, coeffs, (b0, a0), iters=iters)
+    assert rel_err(b @ a, be @ ae) < TOL[torch.float32]
+    if iters <= 1:  # the first A-step sees B = 0: A keeps A0 exactly
+        assert torch.equal(a, a0)
+
+
+def test_all_zero_start_stays_put():
+    b0, a0 = torch.zeros(10, 3), torch.zeros(3, 8)
+    b, a = oplora.lorsum([(b0, a0)], [1.0], (b0, a0), iters=2)
+    assert torch.equal(b, b0) and torch.equal(a, a0)
+
+
+@pytest.mark.parametrize("iters", [0, 1, 2])
+def test_rank_deficient_float32_is_the_nearest_least_squares_solution(iters):
+    m, n, r = 50, 40, 5
+    b0 = torch.randn(m, r)
+    b0[:, 3] = b0[:, 1]  # exactly rank-deficient: the lam -> 0+ limit keeps A0's null-space part
+    b0[:, 4] = 0.0
+    a0 = torch.randn(r, n)
+    a0[2] = a0[0]
+    d, x = torch.randn(m, 7), torch.randn(7, n)
+    terms, coeffs = [(b0, a0), (d, x)], [1.0, -0.2]
+    b, a = oplora.lorsum(terms, coeffs, (b0, a0), iters=iters)
+    be, ae = explicit_lorsum(terms, coeffs, (b0, a0), iters=iters)
+    assert rel_err(b, be) < 1e-4 and rel_err(a, ae) < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_computes_in_float32(dtype):
+    terms, coeffs, init, kw = make_problem(33, 27, 4, 6, dtype=dtype, metric="diag-pre")
+    b, a = oplora.lorsum(terms, coeffs, init, iters=1, prox=1e-2, **kw)
+    assert b.dtype == a.dtype == dtype
+    up = lambda t: t.float()  # noqa: E731
+    b32, a32 = oplora.lorsum([(up(u), up(v)) for u, v in terms], coeffs, (up(init[0]), up(init[1])), iters=1,
+                             prox=1e-2, metric=tuple(up(t) for t in kw["metric"]), precondition=kw["precondition"])
+    assert torch.equal(b, b32.to(dtype)) and torch.equal(a, a32.to(dtype))
+
+
+def test_float64_term_promotes_and_result_keeps_init_dtype():
+    terms, coeffs, init, _ = make_problem(20, 15, 3, 4, dtype=torch.float32)
+    terms64 = [(u.double(), v.double()) for u, v in terms]
+    b, a = oplora.lorsum(terms64, coeffs, init, iters=2)
+    be, ae = explicit_lorsum(terms64, coeffs, init, iters=2)
+    assert b.dtype == torch.float32
+    assert rel_err(b @ a, be @ ae) < 1e-6
+
+
+def test_one_sided_metric_is_identity_on_the_other_side():
+    terms, coeffs, init, _ = make_problem(25, 19, 3, 5)
+    d_out = torch.rand(25, dtype=F64) + 0.5
+    got = oplora.lorsum(terms, coeffs, init, iters=2, prox=0.1, metric=(d_out, None))
+    ref = oplora.lorsum(terms, coeffs, init, iters=2, prox=0.1, metric=(d_out, torch.ones(19, dtype=F64)))
+    assert rel_err(got[0], ref[0]) < 1e-12 and rel_err(got[1], ref[1]) < 1e-12
+
+
+def test_inputs_are_not_modified():
+    terms, coeffs, init, kw = make_problem(21, 17, 3, 5, metric="dense-pre")
+    before = [t.clone() for t in (*init, *(x for pair in terms for x in pair), *kw["metric"])]
+    b, a = oplora.lorsum(terms, coeffs, init, iters=3, prox=0.5, **kw)
+    after = [*init, *(x for pair in terms for x in pair), *kw["metric"]]
+    assert all(torch.equal(x, y) for x, y in zip(before, after))
+    assert b.data_ptr() != init[0].data_ptr() and a.data_ptr() != init[1].data_ptr()
+
+
+class _LargestTensor(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("metric", ["none", "diag-pre"])
+def test_never_forms_an_m_by_n_matrix(metric):
+    m, n, r, k = 300, 200, 4, 8
+    terms, coeffs, init, kw = make_problem(m, n, r, k, dtype=torch.float32, metric=metric)
+    with _LargestTensor() as probe:
+        oplora.lorsum(terms, coeffs, init, iters=2, prox=1e-3, **kw)
+    assert 0 < probe.largest <= max(m, n) * max(r, k)
+
+
+@given(
+    m=st.integers(1, 24), n=st.integers(1, 24), r=st.integers(1, 6),
+    ks=st.lists(st.integers(0, 7), min_size=1, max_size=3),
+    iters=st.integers(0, 3), prox=st.sampled_from([0.0, 1e-4, 0.3, 30.0]),
+    start=st.sampled_from(["A", "B"]), metric=st.sampled_from(["none", "diag", "diag-pre"]),
+    seed=st.integers(0, 2**31 - 1),
+)
+@settings(max_examples=150, deadline=None)
+def test_property_random_shapes(m, n, r, ks, iters, prox, start, metric, seed):
+    gen = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=gen, dtype=F64)  # noqa: E731
+    init = (rnd(m, r), rnd(r, n))
+    terms = [init] + [(rnd(m, k), rnd(k, n)) for k in ks]
+    coeffs = [1.0] + [float(c) for c in rnd(len(ks))]
+    kw = {}
+    if metric != "none":
+        kw["metric"] = (torch.rand(m, generator=gen, dtype=F64) + 0.1, torch.rand(n, generator=gen, dtype=F64) + 0.1)
+    if metric == "diag-pre":
+        kw["precondition"] = [False] + [True] * len(ks)
+    b, a = oplora.lorsum(terms, coeffs, init, iters=iters, prox=prox, start=start, **kw)
+    be, ae = explicit_lorsum(terms, coeffs, init, iters=iters, prox=prox, start=start, **kw)
+    assert torch.isfinite(b).all() and torch.isfinite(a).all()
+    assert (b @ a - be @ ae).norm() <= 1e-7 * max(1.0, (be @ ae).norm().item())
+
+
+# ---------------------------------------------------------------------------------------- bad input
+
+def _good():
+    terms, coeffs, init, _ = make_problem(12, 10, 3, 4, dtype=torch.float32)
+    return {"terms": terms, "coeffs": coeffs, "init": init, "iters": 1, "prox": 0.0}
+
+
+def _call(args):
+    args = dict(args)
+    return oplora.lorsum(args.pop("terms"), args.pop("coeffs"), args.pop("init"), **args)
+
+
+def _with_nan(t):
+    t = t.clone()
+    t.view(-1)[0] = float("nan")
+    return t
+
+
+BAD = {
+    "not-chain": (lambda g: g["terms"].__setitem__(1, (torch.randn(12, 4), torch.randn(5, 10))), r"terms\[1\].*do not chain"),
+    "term-rows": (lambda g: g["terms"].__setitem__(1, (torch.randn(13, 4), torch.randn(4, 10))), r"terms\[1\]\[0\].*m = 12"),
+    "term-cols": (lambda g: g["terms"].__setitem__(2, (torch.randn(12, 2), torch.randn(2, 9))), r"terms\[2\]\[1\].*n = 10"),
+    "term-not-pair": (lambda g: g["terms"].__setitem__(0, (torch.randn(12, 3),)), r"terms\[0\] must be a pair"),
+    "term-3d": (lambda g: g["terms"].__setitem__(1, (torch.randn(12, 4, 1), torch.randn(4, 10))), r"terms\[1\]\[0\].*2-D"),
+    "term-int": (lambda g: g["terms"].__setitem__(1, (torch.ones(12, 4, dtype=torch.int64), torch.randn(4, 10))), r"terms\[1\]\[0\].*float"),
+    "term-nan": (lambda g: g["terms"].__setitem__(1, (_with_nan(g["terms"][1][0]), g["terms"][1][1])), r"terms\[1\]\[0\].*NaN"),
+    "term-inf": (lambda g: g["terms"].__setitem__(2, (g["terms"][2][0], g["terms"][2][1] / 0)), r"terms\[2\]\[1\].*NaN or Inf"),
+    "term-device": (lambda g: g["terms"].__setitem__(1, (torch.empty(12, 4, device="meta"), torch.randn(4, 10))), r"terms\[1\]\[0\] is on meta"),
+    "terms-empty": (lambda g: g.__setitem__("terms", []), r"terms must be a non-empty"),
+    "ranks-differ": (lambda g: g.__setitem__("init", (torch.randn(12, 3), torch.randn(4, 10))), r"init: ranks differ"),
+    "init-dtypes": (lambda g: g.__setitem__("init", (g["init"][0], g["init"][1].double())), r"init: B0 is torch.float32 but A0"),
+    "init-nan": (lambda g: g.__setitem__("init", (_with_nan(g["init"][0]), g["init"][1])), r"init\[0\] \(B0\) contains NaN"),
+    "init-not-pair": (lambda g: g.__setitem__("init", g["init"][0]), r"init must be a pair"),
+    "init-device": (lambda g: g.__setitem__("init", (g["init"][0], torch.empty(3, 10, device="meta"))), r"init: B0 is on cpu but A0"),
+    "coeffs-length": (lambda g: g.__setitem__("coeffs", [1.0, 2.0]), r"coeffs must give one coefficient per term \(3\)"),
+    "coeff-nan": (lambda g: g["coeffs"].__setitem__(1, float("nan")), r"coeffs\[1\] must be finite"),
+    "coeff-str": (lambda g: g["coeffs"].__setitem__(0, "1"), r"coeffs\[0\] must be a real number"),
+    "iters-negative": (lambda g: g.__setitem__("iters", -1), r"iters must be an integer >= 0"),
+    "iters-float": (lambda g: g.__setitem__("iters", 1.5), r"iters must be an integer"),
+    "iters-bool": (lambda g: g.__setitem__("iters", True), r"iters must be an integer"),
+    "prox-negative": (lambda g: g.__setitem__("prox", -1e-3), r"prox must be >= 0"),
+    "prox-nan": (lambda g: g.__setitem__("prox", float("nan")), r"prox must be finite"),
+    "start": (lambda g: g.__setitem__("start", "C"), r"start must be 'A' or 'B'"),
+    "precondition-no-metric": (lambda g: g.__setitem__("precondition", [False, True, True]), r"no metric is given"),
+    "precondition-length": (lambda g: g.update(precondition=[True], metric=(None, None)), r"precondition must give one flag per term"),
+    "metric-not-pair": (lambda g: g.__setitem__("metric", torch.ones(12)), r"metric must be a pair"),
+    "metric-negative": (lambda g: g.__setitem__("metric", (-torch.ones(12), None)), r"metric\[0\] \(M_out\) must be positive"),
+    "metric-zero": (lambda g: g.__setitem__("metric", (None, torch.zeros(10))), r"metric\[1\] \(M_in\) must be positive"),
+    "metric-length": (lambda g: g.__setitem__("metric", (torch.ones(11), None)), r"metric\[0\].*length 11, but m = 12"),
+    "metric-shape": (lambda g: g.__setitem__("metric", (None, torch.eye(9))), r"metric\[1\].*10 x 10 matrix"),
+    "metric-nonsym": (lambda g: g.__setitem__("metric", (torch.eye(12) + torch.triu(torch.ones(12, 12), 1), None)), r"not symmetric"),
+    "metric-indefinite": (lambda g: g.__setitem__("metric", (torch.diag(torch.linspace(-1, 1, 12)), None)), r"Cholesky"),
+    "metric-nan": (lambda g: g.__setitem__("metric", (None, _with_nan(torch.ones(10)))), r"metric\[1\] \(M_in\) contains NaN"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_raises_value_error_naming_the_argument(case):
+    mutate, pattern = BAD[case]
+    args = _good()
+    args["terms"] = list(args["terms"])
+    args["coeffs"] = list(args["coeffs"])
+    mutate(args)
+    with pytest.raises(ValueError, match=pattern):
+        _call(args)
+
+
+def test_good_input_of_the_bad_input_table_runs():
+    b, a = _call(_good())
+    assert b.shape == (12, 3) and a.shape == (3, 10)
+
+
+def test_results_carry_no_autograd_history():
+    terms, coeffs, init, _ = make_problem(9, 8, 2, 3)
+    init = (init[0].requires_grad_(), init[1].requires_grad_())
+    b, a = oplora.lorsum([init, terms[1]], coeffs[:2], init)
+    assert not b.requires_grad and not a.requires_grad
+
+
+# ---------------------------------------------------------------------------------------- dispatch
+
+def test_backend_info_reports_what_runs_and_why():
+    info = oplora.backend_info()
+    assert info["requested"] == "auto"
+    assert info["selected"] == {"cpu": "torch", "cuda": "torch"}
+    assert info["available"]["torch"] is True
+    assert set(info["reasons"]) == {"torch", "cpp", "triton"}
+    assert all(isinstance(v, str) and v for v in info["reasons"].values())
+
+
+def test_requesting_an_unavailable_backend_is_an_error(monkeypatch):
+    args = _good()
+    monkeypatch.setenv("OPLORA_BACKEND", "cpp")
+    with pytest.raises(RuntimeError, match="OPLORA_BACKEND=cpp but that backend is unavailable"):
+        _call(args)
+    assert oplora.backend_info()["selected"]["cpu"].startswith("none:")
+    monkeypatch.setenv("OPLORA_BACKEND", "gpu-please")
+    with pytest.raises(ValueError, match="OPLORA_BACKEND='gpu-please' is not one of"):
+        oplora.backend_info()
+    monkeypatch.setenv("OPLORA_BACKEND", "torch")
+    b, a = _call(args)
+    assert torch.isfinite(b).all()
+
+
+def test_public_function_is_the_reference_on_cpu():
+    terms, coeffs, init, kw = make_problem(15, 12, 3, 4, dtype=torch.float32, metric="diag-pre")
+    got = oplora.lorsum(terms, coeffs, init, iters=2, prox=0.1, **kw)
+    want = reference.lorsum(terms, coeffs, init, iters=2, prox=0.1, **kw)
+    assert all(torch.equal(x, y) for x, y in zip(got, want))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("iters,prox", list(itertools.product([0, 1, 2], [0.0, 1e-2])))
+def test_cuda_matches_explicit(iters, prox):
+    terms, coeffs, init, kw = make_problem(130, 70, 8, 33, dtype=torch.float32, metric="diag-pre")
+    move = lambda t: t.cuda()  # noqa: E731
+    terms_c = [(move(u), move(v)) for u, v in terms]
+    kw_c = {"metric": tuple(move(t) for t in kw["metric"]), "precondition": kw["precondition"]}
+    b, a = oplora.lorsum(terms_c, coeffs, (move(init[0]), move(init[1])), iters=iters, prox=prox, **kw_c)
+    be, ae = explicit_lorsum(terms, coeffs, init, iters=iters, prox=prox, **kw)
+    assert b.is_cuda and a.is_cuda
+    assert rel_err(b.cpu() @ a.cpu(), be @ ae) < 1e-3  # TF32 may be on for CUDA matmuls
