@@ -33,9 +33,19 @@ def _check_2d(t, name: str, shape_hint: str) -> Tensor:
     return t
 
 
-def _check_finite(t: Tensor, name: str) -> None:
-    if not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name} contains NaN or Inf")
+def _check_finite(named: Sequence[Tuple[str, Tensor]]) -> None:
+    """Raise ValueError naming the first tensor with a NaN or Inf.
+
+    Fast path: one sum per tensor (a NaN or Inf anywhere makes the sum non-finite), one host sync
+    for all of them; only when a sum is not finite (a bad value, or an overflowing sum of huge
+    values) are the tensors checked element by element.
+    """
+    sums = [t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32).double() for _, t in named]
+    if bool(torch.isfinite(torch.stack(sums)).all()):
+        return
+    for name, t in named:
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} contains NaN or Inf")
 
 
 def _check_real(x, name: str, *, minimum: Optional[float] = None) -> float:
@@ -59,7 +69,7 @@ def _check_metric_side(mat, name: str, size: int, side: str, device: torch.devic
     mat = _check_tensor(mat, name, f"a positive vector of length {size} or an SPD {size} x {size} matrix")
     if mat.device != device:
         raise ValueError(f"{name} is on {mat.device} but init is on {device}")
-    _check_finite(mat, name)
+    _check_finite([(name, mat)])
     if mat.dim() == 1:
         if mat.shape[0] != size:
             raise ValueError(f"{name} is a vector of length {mat.shape[0]}, but {side} = {size}")
@@ -189,11 +199,10 @@ def lorsum(
         if any(precondition) and metric is None:
             raise ValueError("precondition flags a term but no metric is given")
 
-    _check_finite(b0, "init[0] (B0)")
-    _check_finite(a0, "init[1] (A0)")
+    named = [("init[0] (B0)", b0), ("init[1] (A0)", a0)]
     for i, (u, v) in enumerate(terms):
-        _check_finite(u, f"terms[{i}][0] (U)")
-        _check_finite(v, f"terms[{i}][1] (V)")
+        named += [(f"terms[{i}][0] (U)", u), (f"terms[{i}][1] (V)", v)]
+    _check_finite(named)
 
     impl = _backend.lorsum_impl(device)
     with torch.no_grad():

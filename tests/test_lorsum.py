@@ -315,6 +315,16 @@ def test_good_input_of_the_bad_input_table_runs():
     assert b.shape == (12, 3) and a.shape == (3, 10)
 
 
+def test_huge_finite_values_are_not_mistaken_for_inf():
+    """The fast finite check sums each tensor; an overflowing sum must fall back, not raise."""
+    args = _good()
+    huge = torch.full((12, 2), 3e38)
+    args["terms"] = list(args["terms"]) + [(huge, torch.ones(2, 10))]
+    args["coeffs"] = list(args["coeffs"]) + [0.0]
+    b, a = _call(args)
+    assert torch.isfinite(b).all() and torch.isfinite(a).all()
+
+
 def test_results_carry_no_autograd_history():
     terms, coeffs, init, _ = make_problem(9, 8, 2, 3)
     init = (init[0].requires_grad_(), init[1].requires_grad_())

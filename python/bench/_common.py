@@ -1,0 +1,111 @@
+"""Shared benchmark plumbing: machine description, timing, CSV and markdown output."""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Callable, Dict, List, Sequence
+
+import torch
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: torch.device) -> Dict[str, object]:
+    """Where and with what a benchmark ran: one dict that goes into every CSV row."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    return {
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "device": device.type,
+        "device_name": name,
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "python": platform.python_version(),
+        "oplora": _version("oplora"),
+    }
+
+
+@dataclass
+class Timing:
+    """Wall-clock samples of one provider on one case, in seconds."""
+
+    samples: List[float]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
+    @property
+    def low(self) -> float:
+        return min(self.samples)
+
+    @property
+    def high(self) -> float:
+        return max(self.samples)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(fn: Callable[[], object], device: torch.device, *, warmup: int, repeats: int,
+            min_total: float = 0.2, max_repeats: int = 100) -> Timing:
+    """Median-ready timing: ``warmup`` untimed calls, then at least ``repeats`` timed ones, more
+    (up to ``max_repeats``) while the timed total is under ``min_total`` seconds, so that fast
+    providers get enough samples. CUDA work is synchronised around every call."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    samples: List[float] = []
+    while len(samples) < repeats or (sum(samples) < min_total and len(samples) < max_repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        samples.append(time.perf_counter() - t0)
+    return Timing(samples)
+
+
+def write_csv(path: str, rows: Sequence[Dict[str, object]]) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fields: List[str] = []
+    for row in rows:
+        fields += [k for k in row if k not in fields]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def format_table(header: Sequence[str], rows: Sequence[Sequence[str]], markdown: bool = False) -> str:
+    """A fixed-width text table, or a GitHub markdown table."""
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+        return "\n".join(lines)
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    fmt = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows])
