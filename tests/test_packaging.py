@@ -6,8 +6,12 @@ import pathlib
 import shutil
 import subprocess
 import sys
-import tomllib
+
 import zipfile
+
+import pytest
+
+tomllib = pytest.importorskip("tomllib", reason="tomllib needs Python >= 3.11")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
