@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -40,6 +41,9 @@ def _check_finite(named: Sequence[Tuple[str, Tensor]]) -> None:
     for all of them; only when a sum is not finite (a bad value, or an overflowing sum of huge
     values) are the tensors checked element by element.
     """
+    for name, t in named:
+        if t.device.type == "meta":
+            raise ValueError(f"{name} is a meta tensor: it has no values to compute with")
     sums = [t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32).double() for _, t in named]
     if bool(torch.isfinite(torch.stack(sums)).all()):
         return
@@ -137,8 +141,10 @@ def lorsum(
 
     Raises:
         ValueError: naming the argument, for shapes that do not chain, ranks that differ,
-            non-float dtypes, mixed devices, NaN/Inf values, a metric that is not positive
-            (definite), a bad ``iters``/``prox``/``start``/``precondition``.
+            empty dimensions, non-float dtypes, mixed devices, NaN/Inf values, a metric that is
+            not positive (definite), a bad ``iters``/``prox``/``start``/``precondition``.
+        FloatingPointError: when finite inputs give a result that overflows its dtype (e.g.
+            float16 factors whose exact answer exceeds 65504); nothing is returned then.
         RuntimeError: if ``OPLORA_BACKEND`` asks for a backend that is unavailable.
     """
     if not isinstance(init, (tuple, list)) or len(init) != 2:
@@ -148,8 +154,8 @@ def lorsum(
     (m, r), (r2, n) = b0.shape, a0.shape
     if r != r2:
         raise ValueError(f"init: ranks differ: B0 is {m} x {r} but A0 is {r2} x {n}")
-    if r < 1:
-        raise ValueError("init: the rank r must be at least 1")
+    if min(m, r, n) < 1:
+        raise ValueError(f"init: B0 is {m} x {r} and A0 is {r2} x {n}; m, n and the rank r must all be at least 1")
     if b0.dtype != a0.dtype:
         raise ValueError(f"init: B0 is {b0.dtype} but A0 is {a0.dtype}; give both the same dtype")
     device = b0.device
@@ -182,7 +188,11 @@ def lorsum(
                          f"got {len(coeffs) if isinstance(coeffs, (tuple, list)) else type(coeffs).__name__}")
     coeffs = [_check_real(c, f"coeffs[{i}]") for i, c in enumerate(coeffs)]
 
-    if isinstance(iters, bool) or not isinstance(iters, numbers.Integral) or iters < 0:
+    try:
+        iters_int = None if isinstance(iters, bool) else operator.index(iters)
+    except TypeError:
+        iters_int = None
+    if iters_int is None or iters_int < 0:
         raise ValueError(f"iters must be an integer >= 0, got {iters!r}")
     prox = _check_real(prox, "prox", minimum=0.0)
     if start not in ("A", "B"):
@@ -196,10 +206,10 @@ def lorsum(
     if precondition is not None:
         if not isinstance(precondition, (tuple, list)) or len(precondition) != len(terms):
             raise ValueError(f"precondition must give one flag per term ({len(terms)})")
-        if any(not isinstance(f, (bool, int)) for f in precondition):
-            raise ValueError("precondition flags must be booleans")
+        if any(isinstance(f, Tensor) or f not in (True, False) for f in precondition):
+            raise ValueError(f"precondition flags must be booleans, got {list(precondition)!r}")
         precondition = [bool(f) for f in precondition]
-        if any(precondition) and metric is None:
+        if any(precondition) and (metric is None or all(side is None for side in metric)):
             raise ValueError("precondition flags a term but no metric is given")
 
     named = [("init[0] (B0)", b0), ("init[1] (A0)", a0)]
@@ -208,6 +218,15 @@ def lorsum(
     _check_finite(named)
 
     impl = _backend.lorsum_impl(device)
-    with torch.no_grad():
-        return impl(terms, coeffs, (b0, a0), iters=int(iters), prox=prox, metric=metric,
-                    precondition=precondition, start=start)
+    overflow = (f"lorsum: the result is not representable in {b0.dtype}: the inputs' scale overflows "
+                "the computation (a target beyond float32 range, or factors that must grow past the "
+                "start point's dtype); rescale the terms or pass float32/float64 factors")
+    try:
+        with torch.no_grad():
+            b, a = impl(terms, coeffs, (b0, a0), iters=iters_int, prox=prox, metric=metric,
+                        precondition=precondition, start=start)
+    except torch.linalg.LinAlgError as err:
+        raise FloatingPointError(overflow) from err
+    if not bool(torch.isfinite(b).all() & torch.isfinite(a).all()):
+        raise FloatingPointError(overflow)
+    return b, a

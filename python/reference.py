@@ -31,11 +31,12 @@ How a half-step is solved, and why
         X = V diag(s / (s^2 + lam)) U^T Y  +  (I - V diag(s^2 / (s^2 + lam)) V^T) X0,
         Y = Q^T W T
 
-    No Gram matrix is formed anywhere. A singular value at or below ``s_max * eps * sqrt(p + r)``
-    (eps of the compute dtype: below it a direction is rounding noise) counts as an exact zero,
-    so that direction keeps its start value. That is the limit ``lam -> 0+``: the least-squares
-    solution nearest the start point (B = 0 at LoRA init leaves A at A0). In float32 this treats
-    a factor with condition number above ~1e5 (p = 4096) as rank-deficient.
+    No Gram matrix is formed anywhere. ``W F`` and its QR are computed in float64 from the given
+    factor, so a singular value of ``R`` at or below ``s_max * eps64 * (p + r)`` is rounding noise
+    of an exactly rank-deficient factor; it counts as an exact zero and its direction keeps the
+    start value. That is the limit ``lam -> 0+``: the least-squares solution nearest the start
+    point (B = 0 at LoRA init leaves A at A0). Anything above is real: a float32 factor of
+    condition number 1e6, weighted by a metric spanning 1e2, is still solved as full rank.
 
     ``Y`` is never formed from an m x n matrix: ``Q^T W T = sum_i c_i ((W^T Q)^T U_i) V_i``, and
     a preconditioned term uses ``W^-1 Q = M^-1 W^T Q`` on the left and ``M_in^-1`` applied to the
@@ -113,16 +114,16 @@ class _Metric:
         return y
 
 
-def _prox_solve(r_mat: Tensor, y: Tensor, x0: Tensor, lam: float, p: int, eps: float) -> Tensor:
+def _prox_solve(r_mat: Tensor, y: Tensor, x0: Tensor, lam: float, p: int) -> Tensor:
     """Solve ``min_X ||R X - Y||^2 + lam ||X - X0||^2`` through the SVD of the small ``R``.
 
     ``R`` is k x r (k = min(p, r)), ``Y`` k x q, ``X0`` r x q, all float64. Singular values at or
-    below ``s_max * eps * sqrt(p + r)`` (``eps`` of the compute dtype) are exact zeros: their
-    directions keep ``X0``. See the module docstring.
+    below ``s_max * eps64 * (p + r)`` are exact zeros: their directions keep ``X0``. See the
+    module docstring.
     """
     r = x0.shape[0]
     u, s, vh = torch.linalg.svd(r_mat, full_matrices=False)
-    keep = s > s.max() * eps * (p + r) ** 0.5
+    keep = s > s.max() * torch.finfo(torch.float64).eps * (p + r)
     s2 = s * s
     denom = torch.where(keep, s2 + lam, torch.ones_like(s))
     gain = torch.where(keep, s / denom, torch.zeros_like(s))
@@ -161,11 +162,13 @@ def _half_step(
         if c == 0.0:
             continue
         small = (q_prec if pre else q_plain).mT @ left  # k x k_i
-        (y_prec if pre else y_plain).addmm_(small, right, alpha=c)
+        # Scale the small factor (in float64) before the product, so that a term of huge
+        # entries with a tiny coefficient does not overflow the compute dtype.
+        (y_prec if pre else y_plain).addmm_((small.double() * c).to(dtype), right)
     y = y_plain.double()
     if y_prec is not None:
         y = y + metric_q.solve_right(y_prec.double())
-    return _prox_solve(r_mat, y, x0, lam, p, torch.finfo(dtype).eps)
+    return _prox_solve(r_mat, y, x0, lam, p)
 
 
 def lorsum(

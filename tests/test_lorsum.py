@@ -17,7 +17,7 @@ F64 = torch.float64
 # (m, n, r, k): odd shapes, including r > n (the B side is then rank-deficient) and m < r.
 SHAPES = [(37, 23, 5, 11), (64, 7, 9, 3), (4, 29, 6, 17)]
 PROX = [0.0, 1e-3, 10.0]
-METRICS = ["none", "diag", "diag-pre", "dense-pre"]
+METRICS = ["none", "diag", "diag-pre", "dense", "dense-pre", "out-only", "in-only-pre"]
 
 
 def make_problem(m, n, r, k, dtype=F64, metric="none"):
@@ -33,6 +33,10 @@ def make_problem(m, n, r, k, dtype=F64, metric="none"):
         kw["metric"] = (torch.rand(m, dtype=dtype) + 0.2, torch.rand(n, dtype=dtype) + 0.2)
     elif metric.startswith("dense"):
         kw["metric"] = (spd(m, dtype), spd(n, dtype))
+    elif metric == "out-only":  # one side diagonal, the other the identity
+        kw["metric"] = (torch.rand(m, dtype=dtype) + 0.2, None)
+    elif metric.startswith("in-only"):
+        kw["metric"] = (None, spd(n, dtype))
     if metric.endswith("-pre"):
         kw["precondition"] = [False, True, True]
     return terms, coeffs, (b0, a0), kw
@@ -120,6 +124,60 @@ def test_ill_conditioned_float32(seed, iters, prox):
     terms64 = [(u.double(), v.double()) for u, v in terms]
     b64, a64 = oplora.lorsum(terms64, coeffs, (b0.double(), a0.double()), iters=iters, prox=prox)
     assert rel_err(b.double() @ a.double(), b64 @ a64) < TOL["cond1e4"]
+
+
+@pytest.mark.parametrize("iters", [0, 1])
+@pytest.mark.parametrize("metric_range", [1e2, 1e4])
+def test_ill_conditioned_float32_with_a_kfac_like_metric(iters, metric_range):
+    """cond(B0) = 1e4 and a diagonal metric that is large where B0 is large: cond(W B0) reaches
+    1e6-1e8, which is real information, not rounding noise; the product stays within SPEC's 5e-4
+    of float64 (no singular direction may be dropped)."""
+    m, n, r = 512, 384, 8
+    block = m // r
+    spectrum = torch.logspace(0, -4, r)
+    b0 = torch.zeros(m, r)
+    d_out = torch.ones(m)
+    for j in range(r):  # column j lives on its own block of rows
+        b0[j * block:(j + 1) * block, j] = torch.randn(block) / block ** 0.5 * spectrum[j]
+        d_out[j * block:(j + 1) * block] = metric_range ** (1 - 2 * j / (r - 1))
+    a0 = torch.linalg.qr(torch.randn(n, r))[0].T.contiguous()
+    d, x = torch.randn(m, 32), torch.randn(32, n)
+    lr = 0.05 * (b0 @ a0).norm().item() / (d @ x).norm().item()
+    terms, coeffs = [(b0, a0), (d, x)], [1.0, -lr]
+    b, a = oplora.lorsum(terms, coeffs, (b0, a0), iters=iters, metric=(d_out, None))
+    up = [(u.double(), v.double()) for u, v in terms]
+    b64, a64 = oplora.lorsum(up, coeffs, (b0.double(), a0.double()), iters=iters, metric=(d_out.double(), None))
+    assert rel_err(b.double() @ a.double(), b64 @ a64) < TOL["cond1e4"]
+
+
+def test_non_contiguous_inputs_give_the_same_answer():
+    terms, coeffs, init, kw = make_problem(31, 22, 4, 9, metric="diag-pre")
+    views = [(u.T.contiguous().T, v[:, ::1].T.contiguous().T) for u, v in terms]  # column-major copies
+    views[1] = (torch.randn(9, 31, dtype=F64).T, terms[1][1])  # a transposed view, as s D^T is passed
+    ref_terms = [(u.contiguous(), v.contiguous()) for u, v in views]
+    got = oplora.lorsum(views, coeffs, init, iters=2, prox=0.1, **kw)
+    want = oplora.lorsum(ref_terms, coeffs, init, iters=2, prox=0.1, **kw)
+    assert rel_err(got[0], want[0]) < 1e-13 and rel_err(got[1], want[1]) < 1e-13
+
+
+def test_a_tiny_coefficient_on_huge_entries_does_not_overflow():
+    """T = 1e-40 * (1e20 U)(1e20 V) is of order 1 although U V overflows float32."""
+    m, n, r = 20, 16, 3
+    u, v = torch.randn(m, 4), torch.randn(4, n)
+    init = (torch.randn(m, r), torch.randn(r, n))
+    got = oplora.lorsum([(u * 1e20, v * 1e20)], [1e-40], init, iters=2)
+    want = oplora.lorsum([(u, v)], [1.0], init, iters=2)
+    assert rel_err(got[0] @ got[1], want[0] @ want[1]) < 1e-5
+
+
+def test_a_result_that_overflows_its_dtype_raises():
+    """float16 factors whose exact answer is beyond 65504: an error, never inf in the factors."""
+    m, n, r = 24, 18, 2
+    b0 = (1e-3 * torch.randn(m, r)).half()
+    a0 = torch.randn(r, n).half()
+    big = (1e3 * torch.randn(m, 2)).half(), torch.randn(2, n).half()
+    with pytest.raises(FloatingPointError, match="not representable in torch.float16"):
+        oplora.lorsum([big], [1.0], (b0, a0), iters=1)
 
 
 @pytest.mark.parametrize("iters", [0, 1, 2])
@@ -272,6 +330,12 @@ BAD = {
     "term-inf": (lambda g: g["terms"].__setitem__(2, (g["terms"][2][0], g["terms"][2][1] / 0)), r"terms\[2\]\[1\].*NaN or Inf"),
     "term-device": (lambda g: g["terms"].__setitem__(1, (torch.empty(12, 4, device="meta"), torch.randn(4, 10))), r"terms\[1\]\[0\] is on meta"),
     "terms-empty": (lambda g: g.__setitem__("terms", []), r"terms must be a non-empty"),
+    "empty-m": (lambda g: g.update(init=(torch.randn(0, 3), torch.randn(3, 10)),
+                                   terms=[(torch.randn(0, 2), torch.randn(2, 10))], coeffs=[1.0]), r"init: .*at least 1"),
+    "empty-n": (lambda g: g.update(init=(torch.randn(12, 3), torch.randn(3, 0)),
+                                   terms=[(torch.randn(12, 2), torch.randn(2, 0))], coeffs=[1.0]), r"init: .*at least 1"),
+    "all-meta": (lambda g: g.update(init=tuple(t.to("meta") for t in g["init"]),
+                                    terms=[tuple(t.to("meta") for t in p) for p in g["terms"]]), r"init\[0\] \(B0\) is a meta tensor"),
     "ranks-differ": (lambda g: g.__setitem__("init", (torch.randn(12, 3), torch.randn(4, 10))), r"init: ranks differ"),
     "init-dtypes": (lambda g: g.__setitem__("init", (g["init"][0], g["init"][1].double())), r"init: B0 is torch.float32 but A0"),
     "init-nan": (lambda g: g.__setitem__("init", (_with_nan(g["init"][0]), g["init"][1])), r"init\[0\] \(B0\) contains NaN"),
@@ -287,6 +351,9 @@ BAD = {
     "prox-nan": (lambda g: g.__setitem__("prox", float("nan")), r"prox must be finite"),
     "start": (lambda g: g.__setitem__("start", "C"), r"start must be 'A' or 'B'"),
     "precondition-no-metric": (lambda g: g.__setitem__("precondition", [False, True, True]), r"no metric is given"),
+    "precondition-identity-metric": (lambda g: g.update(precondition=[False, True, True], metric=(None, None)), r"no metric is given"),
+    "precondition-not-bool": (lambda g: g.update(precondition=[0, 2, 1], metric=(torch.ones(12), None)), r"precondition flags must be booleans"),
+    "iters-float-tensor": (lambda g: g.__setitem__("iters", torch.tensor(1.0)), r"iters must be an integer"),
     "precondition-length": (lambda g: g.update(precondition=[True], metric=(None, None)), r"precondition must give one flag per term"),
     "metric-not-pair": (lambda g: g.__setitem__("metric", torch.ones(12)), r"metric must be a pair"),
     "metric-negative": (lambda g: g.__setitem__("metric", (-torch.ones(12), None)), r"metric\[0\] \(M_out\) must be positive"),
@@ -374,4 +441,18 @@ def test_cuda_matches_explicit(iters, prox):
     b, a = oplora.lorsum(terms_c, coeffs, (move(init[0]), move(init[1])), iters=iters, prox=prox, **kw_c)
     be, ae = explicit_lorsum(terms, coeffs, init, iters=iters, prox=prox, **kw)
     assert b.is_cuda and a.is_cuda
-    assert rel_err(b.cpu() @ a.cpu(), be @ ae) < 1e-3  # TF32 may be on for CUDA matmuls
+    assert rel_err(b.cpu() @ a.cpu(), be @ ae) < TOL[torch.float32]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("iters", [0, 1, 2])
+def test_cuda_ill_conditioned_float32(iters):
+    m, n, r = 300, 220, 16
+    b0 = with_condition(m, r, 1e4, torch.float32)
+    a0 = with_condition(r, n, 1e4, torch.float32)
+    d, x = torch.randn(m, 48), torch.randn(48, n)
+    terms, coeffs = [(b0, a0), (d, x)], [1.0, -1e-3]
+    b, a = oplora.lorsum([(u.cuda(), v.cuda()) for u, v in terms], coeffs, (b0.cuda(), a0.cuda()), iters=iters)
+    b64, a64 = oplora.lorsum([(u.double(), v.double()) for u, v in terms], coeffs, (b0.double(), a0.double()),
+                             iters=iters)
+    assert rel_err(b.cpu().double() @ a.cpu().double(), b64 @ a64) < TOL["cond1e4"]
