@@ -5,4 +5,4 @@ import sys
 from oplora.bench import main
 
 if __name__ == "__main__":
-    main(["--suite", "lorsum", *sys.argv[1:]])
+    sys.exit(main(["--suite", "lorsum", *sys.argv[1:]]))

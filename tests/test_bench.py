@@ -14,7 +14,7 @@ from oplora.bench import lorsum as bench
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    assert bench.main(["--smoke", "--out", str(out), "--quiet", "--repeats", "1"]) == 0
+    assert bench.main(["--smoke", "--device", "cpu", "--out", str(out), "--quiet", "--repeats", "1"]) == 0
     with open(out / "lorsum_cpu_smoke.csv") as f:
         return out, list(csv.DictReader(f))
 
@@ -48,6 +48,15 @@ def test_smoke_accuracy_is_measured_against_the_optimum(smoke):
         svd = float(by["torch.linalg.svd"]["time_median_s"])
         lors = by["lorsum iters=1"]
         assert float(lors["speedup_vs_svd"]) == pytest.approx(svd / float(lors["time_median_s"]))
+
+
+def test_custom_rectangular_case_runs_and_plots(tmp_path):
+    assert bench.main(["--case", "96x64:4:32", "--device", "cpu", "--out", str(tmp_path), "--quiet",
+                       "--repeats", "1"]) == 0
+    with open(tmp_path / "lorsum_cpu.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["m"], r["n"], r["r"], r["tokens"]) for r in rows} == {("96", "64", "4", "32")}
+    assert os.path.getsize(tmp_path / "lorsum_cpu.png") > 10_000
 
 
 def test_bad_case_argument_is_rejected(capsys):

@@ -41,6 +41,7 @@ def machine_info(device: torch.device) -> Dict[str, object]:
         "device": device.type,
         "device_name": name,
         "cpu_threads": torch.get_num_threads(),
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),  # "high" = TF32 on CUDA
         "torch": torch.__version__,
         "triton": _version("triton"),
         "python": platform.python_version(),
@@ -73,15 +74,18 @@ def _sync(device: torch.device) -> None:
 
 
 def measure(fn: Callable[[], object], device: torch.device, *, warmup: int, repeats: int,
-            min_total: float = 0.2, max_repeats: int = 100) -> Timing:
-    """Median-ready timing: ``warmup`` untimed calls, then at least ``repeats`` timed ones, more
-    (up to ``max_repeats``) while the timed total is under ``min_total`` seconds, so that fast
-    providers get enough samples. CUDA work is synchronised around every call."""
+            min_total: float = 0.2, max_repeats: int = 100, max_total: float = 15.0) -> Timing:
+    """Median-ready timing: ``warmup`` untimed calls, then ``repeats`` timed ones; more (up to
+    ``max_repeats``) while the timed total is under ``min_total`` seconds, so that fast providers
+    get enough samples; fewer (but at least 3) once it passes ``max_total``, so that a full SVD of
+    a huge matrix does not dominate the run. CUDA work is synchronised around every call."""
     for _ in range(warmup):
         fn()
     _sync(device)
     samples: List[float] = []
     while len(samples) < repeats or (sum(samples) < min_total and len(samples) < max_repeats):
+        if len(samples) >= min(3, repeats) and sum(samples) > max_total:
+            break
         t0 = time.perf_counter()
         fn()
         _sync(device)

@@ -216,13 +216,15 @@ def plot(rows: Sequence[Dict[str, object]], path: str, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    square = [r for r in rows if r["m"] == r["n"]]
+    # Left panel: square layers if the grid has any (else every case, at size sqrt(m n)), at the
+    # most common (r, tokens), so that one line per provider shows scaling with size.
+    square = [r for r in rows if r["m"] == r["n"]] or list(rows)
     key = max({(r["r"], r["tokens"]) for r in square}, key=lambda k: sum((x["r"], x["tokens"]) == k for x in square))
-    square = [r for r in square if (r["r"], r["tokens"]) == key]
+    square = [{**r, "size": (r["m"] * r["n"]) ** 0.5} for r in square if (r["r"], r["tokens"]) == key]
     providers = list(dict.fromkeys(r["provider"] for r in rows))
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 5.5))
     for name in providers:
-        pts = sorted((r["m"], r["time_median_s"], r["time_min_s"], r["time_max_s"]) for r in square if r["provider"] == name)
+        pts = sorted((r["size"], r["time_median_s"], r["time_min_s"], r["time_max_s"]) for r in square if r["provider"] == name)
         if not pts:
             continue
         xs, ys, lo, hi = zip(*pts)
@@ -231,13 +233,13 @@ def plot(rows: Sequence[Dict[str, object]], path: str, title: str) -> None:
         if name == "lorsum iters=1":
             for r in square:
                 if r["provider"] == name:
-                    ax1.annotate(f"{r['speedup_vs_svd']:.0f}x faster than SVD", (r["m"], r["time_median_s"]),
+                    ax1.annotate(f"{r['speedup_vs_svd']:.0f}x faster than SVD", (r["size"], r["time_median_s"]),
                                  textcoords="offset points", xytext=(6, -14), fontsize=8)
     ax1.set_xscale("log", base=2)
-    sizes = [r["m"] for r in square]
+    sizes = [r["size"] for r in square]
     ax1.set_xlim(min(sizes) / 1.3, max(sizes) * 2.2)  # room for the annotations
     ax1.set_yscale("log")
-    ax1.set_xlabel(f"layer size m = n (r = {key[0]}, tokens = {key[1]})")
+    ax1.set_xlabel(f"layer size sqrt(m n) (r = {key[0]}, tokens = {key[1]})")
     ax1.set_ylabel("median time per call [s]")
     ax1.set_title("time vs layer size")
     ax1.grid(True, which="both", alpha=0.3)
@@ -317,9 +319,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     with open(stem + ".md", "w") as f:
         f.write(f"# LoRSum vs SVD ({device.type})\n\n"
                 f"- command: `{command}`\n- machine: {info['device_name']}, {info['cpu_threads']} CPU threads\n"
-                f"- torch {info['torch']}, triton {info['triton']}, Python {info['python']}, oplora {info['oplora']}\n"
+                f"- torch {info['torch']}, triton {info['triton']}, Python {info['python']}, oplora {info['oplora']}, "
+                f"float32 matmul precision {info['float32_matmul_precision']}\n"
                 f"- date: {info['date']}\n- step: ||lr step|| = {args.step_ratio} ||B0 A0||, momentum {MOMENTUM}, "
-                f"prox {args.prox}; times are medians of >= {repeats} calls after {args.warmup} warm-up; "
+                f"prox {args.prox}; times are medians of >= {repeats} calls (>= 3 where they add up past 15 s; "
+                f"the CSV has the count) after {args.warmup} warm-up; "
                 "SVD times exclude forming T (the `form T` row)\n\n")
         f.write(table(rows, markdown=True) + "\n")
     written.append(stem + ".md")
