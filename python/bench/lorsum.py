@@ -48,7 +48,16 @@ class Case:
 
     @property
     def label(self) -> str:
-        return f"{self.m}x{self.n} r{self.r} T{self.tokens}"
+        return case_label(self.m, self.n, self.r, self.tokens)
+
+
+def case_label(m, n, r, tokens, sep: str = " ") -> str:
+    """``MxN rR TTOKENS``: how a case is named in the progress bar, the tables and the plot."""
+    return f"{m}x{n}{sep}r{r} T{tokens}"
+
+
+def row_label(row: Dict[str, object], sep: str = " ") -> str:
+    return case_label(row["m"], row["n"], row["r"], row["tokens"], sep)
 
 
 # Default grids: square scaling at r = 16, ranks 8/64, token counts, rectangular (MLP) layers.
@@ -78,7 +87,7 @@ def parse_case(text: str) -> Case:
 
 
 def make_problem(case: Case, device: torch.device, step_ratio: float, seed: int):
-    """The thin terms of one OPLoRA step target (float32) and its explicit float64 optimum."""
+    """The thin terms and coefficients of one OPLoRA step target (float32), from ``seed``."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     m, n, r, t = case.m, case.n, case.r, case.tokens
 
@@ -199,7 +208,7 @@ def table(rows: Sequence[Dict[str, object]], markdown: bool = False) -> str:
     header = ["case", "provider", "median ms", "min-max ms", "rel err", "obj ratio", "x vs SVD"]
     body = []
     for row in rows:
-        case = f"{row['m']}x{row['n']} r{row['r']} T{row['tokens']}"
+        case = row_label(row)
         rel = "" if row["rel_err"] == "" else f"{row['rel_err']:.1e}"
         ratio = "" if row["objective_ratio"] == "" else f"{row['objective_ratio']:.6f}"
         speed = "" if row["provider"] == "form T" else f"{row['speedup_vs_svd']:.1f}"
@@ -245,9 +254,9 @@ def plot(rows: Sequence[Dict[str, object]], path: str, title: str) -> None:
     ax1.grid(True, which="both", alpha=0.3)
     ax1.legend(fontsize=8)
 
-    cases = list(dict.fromkeys(f"{r['m']}x{r['n']}\nr{r['r']} T{r['tokens']}" for r in rows))
+    cases = list(dict.fromkeys(row_label(r, "\n") for r in rows))
     for i, name in enumerate(p for p in providers if p != "form T"):
-        pts = [(cases.index(f"{r['m']}x{r['n']}\nr{r['r']} T{r['tokens']}"), max(r["rel_err"], 1e-12))
+        pts = [(cases.index(row_label(r, "\n")), max(r["rel_err"], 1e-12))
                for r in rows if r["provider"] == name]
         xs, ys = zip(*pts)
         ax2.scatter([x + 0.08 * (i - 2) for x in xs], ys, label=name, s=22)
