@@ -10,7 +10,7 @@ PYTHON     ?= python3
 VENV       ?= .venv
 VENV_FLAGS ?=
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS     ?= test,bench
+EXTRAS     ?= test,bench,examples
 BENCH_ARGS ?=
 PYTEST_ARGS ?=
 

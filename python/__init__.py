@@ -6,12 +6,26 @@ rank r (what a truncated SVD would give), without forming an m x n matrix or run
 
 Public API:
     lorsum(terms, coeffs, init, *, iters=1, prox=0.0, metric=None, precondition=None, start="A")
+    OPLoRA, ScaledOPLoRA, SVDLoRA, RiemannianLoRA  -- optimizers built from a model
+    LoRALinear, add_lora  -- LoRA for plain PyTorch models (PEFT models work as they are)
     backend_info()  -- which implementation runs on which device, and why
 """
 
 from ._backend import backend_info
+from .layers import LoRALinear, add_lora
 from .lorsum import lorsum
+from .optim import OPLoRA, RiemannianLoRA, ScaledOPLoRA, SVDLoRA
 
 __version__ = "0.1.0"
 
-__all__ = ["lorsum", "backend_info", "__version__"]
+__all__ = [
+    "lorsum",
+    "OPLoRA",
+    "ScaledOPLoRA",
+    "SVDLoRA",
+    "RiemannianLoRA",
+    "LoRALinear",
+    "add_lora",
+    "backend_info",
+    "__version__",
+]

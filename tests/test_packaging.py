@@ -35,7 +35,8 @@ def test_wheel_contains_both_packages_and_the_console_script(tmp_path):
     (wheel,) = out.glob("oplora-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     for module in ("oplora/__init__.py", "oplora/reference.py", "oplora/_backend.py", "oplora/lorsum.py",
-                   "oplora/bench/__init__.py", "oplora/bench/__main__.py", "oplora/bench/lorsum.py",
+                   "oplora/capture.py", "oplora/layers.py", "oplora/optim/__init__.py",
+                   "oplora/optim/functional.py", "oplora/bench/__init__.py", "oplora/bench/__main__.py", "oplora/bench/lorsum.py",
                    "oplora_kernels/__init__.py"):
         assert module in names, module
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))

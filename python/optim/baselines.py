@@ -1,0 +1,76 @@
+"""Baselines with the same interface and capture: ``SVDLoRA`` (the ideal) and ``RiemannianLoRA``."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from . import functional as F
+from .base import LoRAOptimizer, OtherSpec, _build_inner, _check_choice, _check_real
+
+__all__ = ["SVDLoRA", "RiemannianLoRA"]
+
+
+class SVDLoRA(LoRAOptimizer):
+    """SVDLoRA: ``B A <- best rank-r approximation of (B A - lr G)`` by a truncated SVD.
+
+    The accuracy ideal OPLoRA approximates, at the cost it avoids: per layer it forms the m x n
+    matrix ``B A - lr M`` (``M = G = sD^T X``, or with ``momentum > 0`` the heavy-ball buffer
+    ``M <- momentum M + G``, an m x n state) and runs a full SVD; balanced factors
+    ``B = U_r S_r^1/2``, ``A = S_r^1/2 V_r^T``. Other parameters: as in :class:`OPLoRA`.
+    """
+
+    def __init__(self, model: nn.Module, lr: float = 1e-3, *, momentum: float = 0.0,
+                 other: OtherSpec = "adamw", other_kwargs: Optional[dict] = None, strict: bool = False):
+        defaults = {
+            "lr": _check_real(lr, "lr", low=0.0),
+            "momentum": _check_real(momentum, "momentum", low=0.0, high=1.0, high_open=True),
+        }
+        super().__init__(model, defaults, other=other, other_kwargs=other_kwargs, strict=strict)
+
+    def _update_site(self, index, site, chunks, state, group):
+        F.svd_update(site.B, site.A, chunks, state, lr=float(group["lr"]), momentum=float(group["momentum"]))
+
+
+class RiemannianLoRA(LoRAOptimizer):
+    """Riemannian (scaled-GD) LoRA: preconditioned factor gradients, then a base optimizer.
+
+    ``grad_A <- (B^T B + damping I)^-1 grad_A`` and ``grad_B <- grad_B (A A^T + damping I)^-1``,
+    both from the factors before the step, then ``base`` (``"sgd"`` or ``"adamw"``, with
+    ``base_kwargs``) steps the factors -- with SGD this is LoRSum's ``iters = 0`` family.
+
+    It works from the factor gradients autograd already computes (``grad_A = B^T G``,
+    ``grad_B = G A^T``), so it installs no capture hooks and gradient accumulation is autograd's;
+    a layer whose factors have no gradient is left untouched. The preconditioned gradients are
+    written into ``A.grad``/``B.grad`` before the base step. Other parameters: as in
+    :class:`OPLoRA`; the base optimizer's hyper-parameters live in the LoRA param group.
+    """
+
+    uses_capture = False
+
+    def __init__(self, model: nn.Module, lr: float = 1e-3, *, base: str = "sgd", damping: float = 1e-6,
+                 base_kwargs: Optional[dict] = None, other: OtherSpec = "adamw",
+                 other_kwargs: Optional[dict] = None, strict: bool = False):
+        defaults = {
+            "lr": _check_real(lr, "lr", low=0.0),
+            "damping": _check_real(damping, "damping", low=0.0, low_open=True),
+            "base": _check_choice(base, "base", ("sgd", "adamw")),
+        }
+        super().__init__(model, defaults, other=other, other_kwargs=other_kwargs, strict=strict)
+        lora = self.lora_group
+        inner = _build_inner(base, list(lora["params"]), defaults["lr"], base_kwargs, "base")
+        self._share("lora", inner, lora)
+
+    def _step_lora(self, group: dict) -> None:
+        damping = float(group["damping"])
+        for site in self._sites:
+            a, b = site.A, site.B
+            if a.grad is None or b.grad is None:
+                continue
+            b.grad, a.grad = F.riemannian_precondition(b, a, b.grad, a.grad, damping)
+        self._inner["lora"].step()
+
+    def _update_site(self, index, site, chunks, state, group):  # pragma: no cover - no capture
+        raise AssertionError("RiemannianLoRA works from autograd's gradients, not captured chunks")

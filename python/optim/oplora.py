@@ -1,0 +1,135 @@
+"""``OPLoRA`` and ``ScaledOPLoRA``: the LoRSum optimizers of SPEC section 3."""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+from torch import nn
+
+from . import functional as F
+from .base import LoRAOptimizer, OtherSpec, _check_choice, _check_int, _check_real
+
+__all__ = ["OPLoRA", "ScaledOPLoRA"]
+
+
+def _common(lr, iters, prox, momentum_rank, start) -> dict:
+    return {
+        "lr": _check_real(lr, "lr", low=0.0),
+        "iters": _check_int(iters, "iters", low=0),
+        "prox": _check_real(prox, "prox", low=0.0),
+        "momentum_rank": None if momentum_rank is None else _check_int(momentum_rank, "momentum_rank", low=1),
+        "start": _check_choice(start, "start", ("A", "B")),
+    }
+
+
+class OPLoRA(LoRAOptimizer):
+    """OPLoRA: the full-training step projected back to rank r by LoRSum, at Adam's memory.
+
+    Per LoRA layer (factors B m x r, A r x n, captured X T x n and sD T x m, ``G = sD^T X`` never
+    formed), with low-rank momentum ``(Um, Vm)`` of rank ``k = momentum_rank or r`` and
+    ``lam = lr * prox``:
+
+    1. ``(B, A) <- lorsum([(B, A), (sD^T, X), (Um, Vm)], [1, -lr (1 - dampening), -lr momentum],
+       init=(B, A), iters=iters, prox=lam, start=start)``
+    2. ``(Um, Vm) <- lorsum([(Um, Vm), (sD^T, X)], [momentum, 1 - dampening], init=(Um, Vm),
+       iters=iters, prox=lam, start=start)``, started at ``Um = 0`` and ``Vm`` random (N(0, 1/n),
+       from ``seed``), so its first update is a power-iteration sketch of G. With
+       ``momentum = 0`` no momentum state exists.
+
+    Every other trainable parameter is trained by ``other`` (AdamW by default) with
+    ``other_kwargs`` (its ``lr`` defaults to ``lr``); it is param group 1. Layers not reached by a
+    backward pass since the last step are left untouched (momentum too).
+
+    Args:
+        model: the model holding the LoRA layers (``oplora.LoRALinear`` or PEFT ``lora.Linear``).
+        lr: learning rate (>= 0), on the scale of SGD on the full weight (step ``-lr G``).
+        momentum: in [0, 1). dampening: in [0, 1].
+        iters: LoRSum rounds (>= 0; 0 is the Jacobi / Riemannian step).
+        prox: proximal weight relative to lr (>= 0).
+        momentum_rank: rank of the momentum (default r of each layer).
+        start: ``"A"`` or ``"B"``: which half-step LoRSum takes first.
+        other, other_kwargs, strict: see :class:`oplora.optim.base.LoRAOptimizer`.
+        seed: seed of the random momentum start (default: drawn from torch's global generator).
+
+    State per layer (keyed by its B factor): ``step``, ``momentum_U`` (m x k), ``momentum_V``
+    (k x n) in the factors' dtype: params + state = 2x the LoRA parameters (Adam: 3x).
+    """
+
+    def __init__(self, model: nn.Module, lr: float = 1e-3, *, momentum: float = 0.9, dampening: float = 0.0,
+                 iters: int = 1, prox: float = 1e-2, momentum_rank: Optional[int] = None, start: str = "A",
+                 other: OtherSpec = "adamw", other_kwargs: Optional[dict] = None, strict: bool = False,
+                 seed: Optional[int] = None):
+        defaults = _common(lr, iters, prox, momentum_rank, start)
+        defaults["momentum"] = _check_real(momentum, "momentum", low=0.0, high=1.0, high_open=True)
+        defaults["dampening"] = _check_real(dampening, "dampening", low=0.0, high=1.0)
+        defaults["seed"] = self._default_seed(seed)
+        super().__init__(model, defaults, other=other, other_kwargs=other_kwargs, strict=strict)
+
+    def _update_site(self, index, site, chunks, state, group):
+        F.oplora_update(
+            site.B, site.A, chunks, state,
+            lr=float(group["lr"]), momentum=float(group["momentum"]), dampening=float(group["dampening"]),
+            iters=int(group["iters"]), prox=float(group["prox"]), start=group["start"],
+            momentum_rank=group["momentum_rank"] or site.B.shape[1], seed=self._site_seed(group, index),
+        )
+
+
+class ScaledOPLoRA(LoRAOptimizer):
+    """Scaled OPLoRA: OPLoRA preconditioned by a diagonal fractional K-FAC metric.
+
+    Per LoRA layer, EMAs started at ``init_metric_scale * ones`` (SPEC section 3):
+    ``d_in <- b2 d_in + (1 - b2) mean_t x_t^2`` (n) and ``d_out <- b2 d_out + (1 - b2) c sum_t g_t^2``
+    (m), ``g_t = s D_t``, ``c = T`` for ``loss_reduction="mean"`` (``1/T`` for ``"sum"``); metric
+    ``M = (d + damping)^p`` (``p = metric_power``, no bias correction). Step: LoRSum with metric
+    ``(M_out, M_in)`` on terms ``[(B, A), (sD^T, X), (Um, Vm)]``, coefficients
+    ``[1, -lr (1 - b1), -lr b1]``, precondition ``[False, True, True]``, ``prox = lr * prox``;
+    then the momentum update as OPLoRA with ``[b1, 1 - b1]`` and no metric.
+    ``metric_power = 0`` is exactly OPLoRA with ``momentum = dampening = b1``.
+
+    Args:
+        lr: learning rate (>= 0); the metric normalises the gradient, so lr is on Adam's scale.
+        betas: ``(b1, b2)``, each in [0, 1): momentum and statistics EMA.
+        damping: > 0, added to the statistics before the power.
+        metric_power: p in [0, 1] (1: K-FAC, 1/2: its square root, 0: OPLoRA).
+        iters, prox, momentum_rank, start, other, other_kwargs, strict, seed: as in :class:`OPLoRA`.
+        metric: ``"diag"`` (vectors, the default) or ``"dense"`` (n x n and m x m EMAs, for small
+            layers: memory m^2 + n^2 per layer and an eigen-decomposition per step).
+        statistics: ``"kfac"`` (X and g, above) or ``"shampoo"`` (``G G^T`` and ``G^T G``, whose
+            own exponent is ``metric_power = 0.25``; their diagonals are computed from X and sD
+            in row blocks, the dense form forms G).
+        loss_reduction: ``"mean"`` or ``"sum"``: how the loss reduces over the T rows.
+        init_metric_scale: > 0, the EMAs' start.
+
+    State per layer: ``step``, ``momentum_U``, ``momentum_V`` (factor dtype) and ``d_in``,
+    ``d_out`` (float32; float64 for float64 factors).
+    """
+
+    def __init__(self, model: nn.Module, lr: float = 1e-3, *, betas: Tuple[float, float] = (0.9, 0.999),
+                 damping: float = 0.1, metric_power: float = 1.0, iters: int = 1, prox: float = 1e-2,
+                 metric: str = "diag", statistics: str = "kfac", loss_reduction: str = "mean",
+                 init_metric_scale: float = 1.0, momentum_rank: Optional[int] = None, start: str = "A",
+                 other: OtherSpec = "adamw", other_kwargs: Optional[dict] = None, strict: bool = False,
+                 seed: Optional[int] = None):
+        defaults = _common(lr, iters, prox, momentum_rank, start)
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"betas must be a pair (b1, b2), got {betas!r}")
+        defaults["betas"] = (_check_real(betas[0], "betas[0]", low=0.0, high=1.0, high_open=True),
+                             _check_real(betas[1], "betas[1]", low=0.0, high=1.0, high_open=True))
+        defaults["metric_power"] = _check_real(metric_power, "metric_power", low=0.0, high=1.0)
+        defaults["damping"] = _check_real(damping, "damping", low=0.0, low_open=True)
+        defaults["metric"] = _check_choice(metric, "metric", ("diag", "dense"))
+        defaults["statistics"] = _check_choice(statistics, "statistics", ("kfac", "shampoo"))
+        defaults["loss_reduction"] = _check_choice(loss_reduction, "loss_reduction", ("mean", "sum"))
+        defaults["init_metric_scale"] = _check_real(init_metric_scale, "init_metric_scale", low=0.0, low_open=True)
+        defaults["seed"] = self._default_seed(seed)
+        super().__init__(model, defaults, other=other, other_kwargs=other_kwargs, strict=strict)
+
+    def _update_site(self, index, site, chunks, state, group):
+        F.scaled_oplora_update(
+            site.B, site.A, chunks, state,
+            lr=float(group["lr"]), betas=tuple(float(b) for b in group["betas"]), damping=float(group["damping"]),
+            metric_power=float(group["metric_power"]), iters=int(group["iters"]), prox=float(group["prox"]),
+            start=group["start"], metric=group["metric"], statistics=group["statistics"],
+            loss_reduction=group["loss_reduction"], init_metric_scale=float(group["init_metric_scale"]),
+            momentum_rank=group["momentum_rank"] or site.B.shape[1], seed=self._site_seed(group, index),
+        )
