@@ -90,3 +90,41 @@ def with_condition(rows, cols, cond, dtype=torch.float64):
 def spd(size, dtype=torch.float64):
     g = torch.randn(size, size, dtype=torch.float64)
     return (g @ g.T / size + 0.5 * torch.eye(size, dtype=torch.float64)).to(dtype)
+
+
+# -- optimizer steps (SPEC section 3), from an explicit gradient G (m x n) --------------------
+
+def explicit_oplora_step(b, a, g, mom, *, lr, momentum, dampening, iters, prox, metric=None, start="A"):
+    """One OPLoRA step in float64; ``mom = (Um, Vm)`` or None; with ``metric`` the Scaled step.
+
+    Returns ``(B, A, mom)`` with the momentum updated as SPEC says (no metric on it).
+    """
+    lam = lr * prox
+    eye = torch.eye(g.shape[1], dtype=torch.float64)
+    terms, coeffs = [(b, a), (g, eye)], [1.0, -lr * (1.0 - dampening)]
+    if mom is not None:
+        terms.append(mom)
+        coeffs.append(-lr * momentum)
+    pre = [False] + [True] * (len(terms) - 1) if metric is not None else None
+    new_b, new_a = explicit_lorsum(terms, coeffs, (b, a), iters=iters, prox=lam, metric=metric,
+                                   precondition=pre, start=start)
+    if mom is not None:
+        mom = explicit_lorsum([mom, (g, eye)], [momentum, 1.0 - dampening], mom, iters=iters, prox=lam,
+                              start=start)
+    return new_b, new_a, mom
+
+
+def matrix_power_psd(d, damping, power):
+    """``(d + damping)^power`` of a vector (elementwise) or a symmetric PSD matrix (eigh)."""
+    d = d.double()
+    if d.dim() == 1:
+        return (d + damping) ** power
+    evals, evecs = torch.linalg.eigh(d)
+    return (evecs * (evals + damping) ** power) @ evecs.T
+
+
+def explicit_svd_step(b, a, step_matrix, r):
+    """Balanced rank-r factors of ``B A - step_matrix`` (SVDLoRA)."""
+    u, s, vh = torch.linalg.svd(b.double() @ a.double() - step_matrix, full_matrices=False)
+    root = s[:r].sqrt()
+    return u[:, :r] * root, root[:, None] * vh[:r]

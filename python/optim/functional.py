@@ -167,10 +167,10 @@ def update_statistics(
     summed loss. ``metric="dense"`` keeps the matrices ``X^T X / T`` (n x n) and ``c g^T g``
     (m x m) instead of their diagonals.
 
-    ``statistics="shampoo"``: the statistics of G itself, ``d_out`` from ``G G^T`` and ``d_in``
-    from ``G^T G`` (diagonals, or the matrices with ``metric="dense"``, which forms G). They do
-    not depend on ``loss_reduction``. Shampoo's own preconditioner is ``L^-1/4 G R^-1/4``, i.e.
-    ``metric_power=0.25``.
+    ``statistics="shampoo"``: the statistics of G itself, ``d_out`` from ``c G G^T`` and ``d_in``
+    from ``c G^T G`` (diagonals, or the matrices with ``metric="dense"``, which forms G), with
+    the same ``c`` as the authors' code. Shampoo's own preconditioner is ``L^-1/4 G R^-1/4``,
+    i.e. ``metric_power=0.25``.
 
     The EMAs start at ``init_scale * ones`` (``init_scale * I`` for dense).
     """
@@ -182,8 +182,8 @@ def update_statistics(
         else:
             state["d_in"] = init_scale * torch.eye(n, dtype=dtype, device=device)
             state["d_out"] = init_scale * torch.eye(m, dtype=dtype, device=device)
+    scale = float(rows) if loss_reduction == "mean" else 1.0 / rows
     if statistics == "kfac":
-        scale = float(rows) if loss_reduction == "mean" else 1.0 / rows
         if metric == "diag":
             new_in = _sum_squares(chunks, 0, dtype) / rows
             new_out = _sum_squares(chunks, 1, dtype) * scale
@@ -196,6 +196,7 @@ def update_statistics(
         else:
             g = _explicit_grad(chunks, dtype)
             new_out, new_in = g @ g.mT, g.mT @ g
+        new_out, new_in = new_out * scale, new_in * scale
     state["d_in"].mul_(beta2).add_(new_in, alpha=1.0 - beta2)
     state["d_out"].mul_(beta2).add_(new_out, alpha=1.0 - beta2)
 

@@ -1,0 +1,236 @@
+"""Each optimizer's first steps against SPEC section 3, computed independently in float64.
+
+The oracle does not use capture or autograd: for a single LoRA layer under the loss
+``0.5 * mean_t ||y_t - target_t||^2`` it forms ``D = (Y - target) / T`` and ``G = s D^T X``
+explicitly and applies the SPEC formulas with the explicit m x n matrices of ``tests/explicit.py``.
+"""
+
+import pytest
+import torch
+from torch import nn
+
+import oplora
+from oplora.optim import functional as F
+
+from explicit import explicit_oplora_step, explicit_svd_step, matrix_power_psd, rel_err
+
+N, M, R, T = 12, 10, 3, 16
+SCALE = 2.0  # alpha / r
+
+
+def make_layer(seed=0, dtype=torch.float64):
+    torch.manual_seed(seed)
+    layer = oplora.LoRALinear(nn.Linear(N, M, dtype=dtype), r=R, alpha=SCALE * R)
+    nn.init.normal_(layer.lora_B.weight, std=0.5)
+    return layer
+
+
+def batches(steps, seed=1, rows=T):
+    gen = torch.Generator().manual_seed(seed)
+    # Features of different scales, so that the K-FAC metric is far from the identity.
+    scales = torch.logspace(-0.5, 0.5, N, dtype=torch.float64)
+    return [(torch.randn(rows, N, generator=gen, dtype=torch.float64) * scales,
+             torch.randn(rows, M, generator=gen, dtype=torch.float64)) for _ in range(steps)]
+
+
+def loss_fn(out, y):
+    return 0.5 * (out - y).square().sum(1).mean()
+
+
+def explicit_grad(layer, b, a, x, y):
+    """D and G = s D^T X from the explicit model output with factors (b, a)."""
+    w0, b0 = layer.base_layer.weight.detach(), layer.base_layer.bias.detach()
+    out = x @ w0.T + b0 + SCALE * x @ (b @ a).T
+    d = (out - y) / x.shape[0]
+    return d, SCALE * d.T @ x
+
+
+def train(opt, layer, data):
+    for x, y in data:
+        opt.zero_grad()
+        loss_fn(layer(x), y).backward()
+        opt.step()
+
+
+def factors(layer):
+    return layer.lora_B.weight.detach().clone(), layer.lora_A.weight.detach().clone()
+
+
+@pytest.mark.parametrize("momentum, dampening, iters, prox, start", [
+    (0.0, 0.0, 1, 1e-2, "A"),
+    (0.9, 0.0, 1, 1e-2, "A"),
+    (0.8, 0.3, 2, 0.0, "A"),
+    (0.5, 0.5, 0, 1e-1, "A"),
+    (0.9, 0.1, 1, 1e-2, "B"),
+])
+def test_oplora_steps_match_spec(momentum, dampening, iters, prox, start):
+    layer = make_layer()
+    lr = 0.02
+    opt = oplora.OPLoRA(layer, lr=lr, momentum=momentum, dampening=dampening, iters=iters, prox=prox,
+                        start=start, seed=7)
+    b, a = factors(layer)
+    mom = None
+    if momentum:
+        um, vm = F.init_momentum(b, a, R, opt._site_seed(opt.lora_group, 0))
+        mom = (um, vm)
+        assert torch.equal(um, torch.zeros(M, R, dtype=torch.float64))
+    data = batches(3)
+    for x, y in data:
+        _, g = explicit_grad(layer, b, a, x, y)
+        b, a, mom = explicit_oplora_step(b, a, g, mom, lr=lr, momentum=momentum, dampening=dampening,
+                                         iters=iters, prox=prox, start=start)
+    train(opt, layer, data)
+    assert rel_err(layer.lora_B.weight, b) < 1e-8
+    assert rel_err(layer.lora_A.weight, a) < 1e-8
+    state = opt.state[layer.lora_B.weight]
+    assert state["step"] == 3
+    if momentum:
+        assert rel_err(state["momentum_U"] @ state["momentum_V"], mom[0] @ mom[1]) < 1e-8
+    else:
+        assert "momentum_U" not in state
+
+
+@pytest.mark.parametrize("metric, statistics, loss_reduction, power", [
+    ("diag", "kfac", "mean", 1.0),
+    ("diag", "kfac", "sum", 0.5),
+    ("dense", "kfac", "mean", 0.5),
+    ("diag", "shampoo", "mean", 0.25),
+    ("dense", "shampoo", "sum", 0.25),
+])
+def test_scaled_oplora_steps_match_spec(metric, statistics, loss_reduction, power):
+    layer = make_layer()
+    lr, betas, damping, prox, init = 0.05, (0.8, 0.9), 0.1, 1e-2, 0.5
+    opt = oplora.ScaledOPLoRA(layer, lr=lr, betas=betas, damping=damping, metric_power=power, prox=prox,
+                              metric=metric, statistics=statistics, loss_reduction=loss_reduction,
+                              init_metric_scale=init, seed=3)
+    b, a = factors(layer)
+    mom = F.init_momentum(b, a, R, opt._site_seed(opt.lora_group, 0))
+    shape = (lambda k: torch.ones(k, dtype=torch.float64)) if metric == "diag" else \
+        (lambda k: torch.eye(k, dtype=torch.float64))
+    d_in, d_out = init * shape(N), init * shape(M)
+    b1, b2 = betas
+    data = batches(3)
+    for x, y in data:
+        d, g = explicit_grad(layer, b, a, x, y)
+        rows = x.shape[0]
+        c = rows if loss_reduction == "mean" else 1.0 / rows
+        branch = SCALE * d  # g_t = s D_t
+        if statistics == "kfac":
+            new_in = (x.T @ x) / rows if metric == "dense" else x.square().mean(0)
+            new_out = c * (branch.T @ branch if metric == "dense" else branch.square().sum(0))
+        else:
+            new_in = c * (g.T @ g if metric == "dense" else (g.T @ g).diagonal())
+            new_out = c * (g @ g.T if metric == "dense" else (g @ g.T).diagonal())
+        d_in = b2 * d_in + (1 - b2) * new_in
+        d_out = b2 * d_out + (1 - b2) * new_out
+        met = (matrix_power_psd(d_out, damping, power), matrix_power_psd(d_in, damping, power))
+        b, a, mom = explicit_oplora_step(b, a, g, mom, lr=lr, momentum=b1, dampening=b1, iters=1,
+                                         prox=prox, metric=met)
+    train(opt, layer, data)
+    state = opt.state[layer.lora_B.weight]
+    assert rel_err(state["d_in"], d_in) < 1e-10 and rel_err(state["d_out"], d_out) < 1e-10
+    assert rel_err(layer.lora_B.weight, b) < 1e-8
+    assert rel_err(layer.lora_A.weight, a) < 1e-8
+    assert rel_err(state["momentum_U"] @ state["momentum_V"], mom[0] @ mom[1]) < 1e-8
+
+
+def test_scaled_with_power_zero_is_oplora_with_momentum_and_dampening_b1():
+    data = batches(5)
+    results = []
+    for make in (lambda m: oplora.ScaledOPLoRA(m, lr=0.2, betas=(0.7, 0.99), metric_power=0.0, seed=11),
+                 lambda m: oplora.OPLoRA(m, lr=0.2, momentum=0.7, dampening=0.7, seed=11)):
+        layer = make_layer()
+        train(make(layer), layer, data)
+        results.append(factors(layer))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+def test_scaled_metric_changes_the_step():
+    """Guard for the test above: with p > 0 the step differs from OPLoRA's."""
+    data = batches(2)
+    out = []
+    for power in (0.0, 1.0):
+        layer = make_layer()
+        train(oplora.ScaledOPLoRA(layer, lr=0.2, metric_power=power, seed=1), layer, data)
+        out.append(layer.lora_A.weight.detach())
+    assert rel_err(out[0], out[1]) > 1e-3
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.6])
+def test_svdlora_is_the_truncated_svd_step(momentum):
+    layer = make_layer()
+    lr = 0.03
+    opt = oplora.SVDLoRA(layer, lr=lr, momentum=momentum)
+    b, a = factors(layer)
+    buf = None
+    data = batches(3)
+    for x, y in data:
+        _, g = explicit_grad(layer, b, a, x, y)
+        buf = g if buf is None or not momentum else momentum * buf + g
+        b, a = explicit_svd_step(b, a, lr * buf, R)
+    train(opt, layer, data)
+    nb, na = factors(layer)
+    assert rel_err(nb @ na, b @ a) < 1e-9
+    # Balanced factors: B^T B = A A^T = diag(S_r).
+    torch.testing.assert_close(nb.T @ nb, na @ na.T, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(nb.T @ nb, torch.diag((nb.T @ nb).diagonal()), rtol=1e-8, atol=1e-10)
+
+
+def test_riemannian_sgd_step_matches_formula():
+    layer = make_layer()
+    lr, damping = 0.02, 1e-3
+    opt = oplora.RiemannianLoRA(layer, lr=lr, base="sgd", damping=damping)
+    b, a = factors(layer)
+    eye = torch.eye(R, dtype=torch.float64)
+    data = batches(3)
+    for x, y in data:
+        _, g = explicit_grad(layer, b, a, x, y)
+        grad_a = torch.linalg.solve(b.T @ b + damping * eye, b.T @ g)
+        grad_b = g @ a.T @ torch.linalg.inv(a @ a.T + damping * eye)
+        b, a = b - lr * grad_b, a - lr * grad_a
+    train(opt, layer, data)
+    assert rel_err(layer.lora_B.weight, b) < 1e-9
+    assert rel_err(layer.lora_A.weight, a) < 1e-9
+
+
+def test_riemannian_adamw_is_adamw_on_preconditioned_gradients():
+    layer = make_layer()
+    twin = make_layer()
+    opt = oplora.RiemannianLoRA(layer, lr=0.01, base="adamw", damping=1e-4,
+                                base_kwargs={"betas": (0.8, 0.9), "weight_decay": 0.1})
+    params = [twin.lora_A.weight, twin.lora_B.weight]
+    ref = torch.optim.AdamW(params, lr=0.01, betas=(0.8, 0.9), weight_decay=0.1)
+    eye = torch.eye(R, dtype=torch.float64)
+    for x, y in batches(3):
+        for model in (layer, twin):
+            for p in model.parameters():
+                p.grad = None
+            loss_fn(model(x), y).backward()
+        a, b = twin.lora_A.weight.detach(), twin.lora_B.weight.detach()
+        twin.lora_A.weight.grad = torch.linalg.solve(b.T @ b + 1e-4 * eye, twin.lora_A.weight.grad)
+        twin.lora_B.weight.grad = twin.lora_B.weight.grad @ torch.linalg.inv(a @ a.T + 1e-4 * eye)
+        ref.step()
+        opt.step()
+    torch.testing.assert_close(layer.lora_A.weight, twin.lora_A.weight, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(layer.lora_B.weight, twin.lora_B.weight, rtol=1e-10, atol=1e-12)
+    assert opt.lora_group["betas"] == (0.8, 0.9)
+
+
+@pytest.mark.parametrize("make", [
+    lambda m: oplora.OPLoRA(m, lr=0.3, momentum=0.9, seed=2),
+    lambda m: oplora.ScaledOPLoRA(m, lr=0.05, seed=2),
+    lambda m: oplora.SVDLoRA(m, lr=0.3, momentum=0.5),
+    lambda m: oplora.RiemannianLoRA(m, lr=0.3),
+], ids=["oplora", "scaled", "svd", "riemannian"])
+def test_gradient_accumulation_equals_one_big_batch(make):
+    (x, y), = batches(1, rows=32)
+    big, small = make_layer(), make_layer()
+    opt_big, opt_small = make(big), make(small)
+    loss_fn(big(x), y).backward()
+    for part in (slice(0, 12), slice(12, 32)):
+        rows = part.stop - part.start
+        (loss_fn(small(x[part]), y[part]) * rows / 32).backward()
+    opt_big.step()
+    opt_small.step()
+    for p, q in zip(big.parameters(), small.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12)
