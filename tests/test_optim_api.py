@@ -1,7 +1,6 @@
 """The optimizers as torch optimizers: param groups, other parameters, state_dict round trips,
 LR schedulers, ``step(closure)``, hyper-parameter validation."""
 
-import copy
 import io
 import math
 

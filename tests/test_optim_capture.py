@@ -149,7 +149,7 @@ def test_peft_several_adapters_are_separate_sites():
         if "lora_" in name:
             p.requires_grad_(True)
     opt = oplora.OPLoRA(model, lr=0.1)
-    assert sorted(opt.lora_layers) == sorted(f"base_model.model.{l}[{a}]" for l in ("fc1", "fc2")
+    assert sorted(opt.lora_layers) == sorted(f"base_model.model.{layer}[{a}]" for layer in ("fc1", "fc2")
                                              for a in ("first", "second"))
     model(torch.randn(8, 12, dtype=torch.float64)).square().sum().backward()
     assert check_gradient_identity(opt) == 4
