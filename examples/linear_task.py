@@ -139,7 +139,7 @@ def main(argv: Sequence[str] = None) -> int:
     torch.set_num_threads(min(torch.get_num_threads(), 2))
     task = Task.make(0)
     info = machine_info(torch.device("cpu"))
-    command = "python examples/linear_task.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = " ".join(["python examples/linear_task.py", *(argv if argv is not None else sys.argv[1:])])
 
     curves: Dict[tuple, List[float]] = {}
     jobs = [(name, lr, seed) for name in args.optimizers for lr in args.lrs for seed in range(args.seeds)]
@@ -187,7 +187,10 @@ def plot(args, curves, final, best, steps_axis, initial) -> None:
     import matplotlib.pyplot as plt
 
     colors = dict(zip(OPTIMIZERS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    pair = [n for n in ("OPLoRA", "SVDLoRA") if n in args.optimizers]
+    fig, axes = plt.subplots(1, 2 if len(pair) == 2 else 1, figsize=(13 if len(pair) == 2 else 7, 4.5),
+                             squeeze=False)
+    ax = axes[0, 0]
     for n in args.optimizers:
         runs = torch.tensor([curves[n, best[n], s] for s in range(args.seeds)])
         mean = runs.mean(0)
@@ -200,6 +203,20 @@ def plot(args, curves, final, best, steps_axis, initial) -> None:
     ax.set_title(f"Linear {N_IN}->{N_OUT}, rank-{RANK} target, LoRA r={RANK}, batch {BATCH}: best lr each")
     ax.legend(fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
+    if len(pair) == 2:
+        # OPLoRA against its ideal at equal lr: the lrs where SVDLoRA converges.
+        ax = axes[0, 1]
+        stable = [lr for lr in args.lrs if math.isfinite(final["SVDLoRA", lr]) and final["SVDLoRA", lr] < initial]
+        shades = plt.cm.viridis([i / max(1, len(stable) - 1) * 0.85 for i in range(len(stable))])
+        for lr, shade in zip(stable, shades):
+            for n, style in zip(pair, ("-", "--")):
+                mean = torch.tensor([curves[n, lr, s] for s in range(args.seeds)]).mean(0)
+                ax.plot(steps_axis, mean, style, color=shade, label=f"{n} lr {lr:g}")
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_title("OPLoRA (solid) tracks SVDLoRA (dashed) at equal lr")
+        ax.legend(fontsize=7, ncol=2)
+        ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(os.path.join(args.out, "linear_task.png"), dpi=120)
 

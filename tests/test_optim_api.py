@@ -113,6 +113,13 @@ def test_other_parameters_follow_their_optimizer_exactly():
     assert oplora.OPLoRA(make_model(), other=torch.optim.Adagrad).param_groups[1]["lr_decay"] == 0
 
 
+def test_adding_a_param_group_is_refused():
+    model = make_model()
+    opt = oplora.OPLoRA(model)
+    with pytest.raises(RuntimeError, match="builds its param groups from the model"):
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(2))]})
+
+
 def test_a_model_with_only_lora_has_one_group():
     model = make_model()
     model.requires_grad_(False)
@@ -120,6 +127,8 @@ def test_a_model_with_only_lora_has_one_group():
         m.lora_A.requires_grad_(True)
         m.lora_B.requires_grad_(True)
     assert len(oplora.ScaledOPLoRA(model).param_groups) == 1
+    with pytest.raises(ValueError, match="other must be"):
+        oplora.ScaledOPLoRA(model, other="lion")  # checked even with nothing for it to train
 
 
 def test_lr_schedulers_drive_both_groups():
@@ -242,3 +251,30 @@ def test_bad_hyper_parameters_are_named(cls, kwargs, match):
     with pytest.raises(ValueError, match=match):
         cls(model, **kwargs)
     assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_bf16_factors_resume_bit_exactly_with_float32_statistics():
+    def build():
+        model = make_model().to(torch.bfloat16)
+        return model, oplora.ScaledOPLoRA(model, lr=0.01, seed=1)
+
+    batches = [(x.to(torch.bfloat16), y) for x, y in data(4)]
+    model, opt = build()
+    run(model, opt, batches[:2])
+    saved_model, saved_opt = copy_state(model.state_dict()), copy_state(opt.state_dict())
+    assert opt.state[model.body[0].lora_B.weight]["d_in"].dtype == torch.float32
+    run(model, opt, batches[2:])
+    model2, opt2 = build()
+    model2.load_state_dict(saved_model)
+    opt2.load_state_dict(saved_opt)
+    assert opt2.state[model2.body[0].lora_B.weight]["d_in"].dtype == torch.float32
+    run(model2, opt2, batches[2:])
+    for p, q in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, q)
+
+
+def copy_state(state):
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)

@@ -274,3 +274,13 @@ def test_nonfinite_capture_raises_naming_the_layer_and_moves_nothing():
         opt.step()
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
     assert not opt.state
+
+
+def test_capture_holds_the_tensors_autograd_holds_without_copies():
+    layer = oplora.LoRALinear(nn.Linear(12, 6, dtype=torch.float64), r=2)
+    opt = oplora.OPLoRA(layer)
+    x = torch.randn(3, 5, 12, dtype=torch.float64)
+    layer(x).sum().backward()
+    (cx, _, _), = opt._sites[0].chunks
+    assert cx.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()  # a view, not a copy
+    assert not cx.requires_grad and cx.grad_fn is None  # no graph kept alive

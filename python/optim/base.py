@@ -68,19 +68,20 @@ def _check_choice(value, name: str, choices: Sequence[str]) -> str:
     return value
 
 
+def _resolve(spec: OtherSpec, what: str) -> Type[torch.optim.Optimizer]:
+    """The optimizer class ``spec`` names (a name in ``_OTHER`` or an Optimizer subclass)."""
+    if isinstance(spec, str) and spec.lower() in _OTHER:
+        return _OTHER[spec.lower()]
+    if isinstance(spec, type) and issubclass(spec, torch.optim.Optimizer):
+        return spec
+    raise ValueError(f"{what} must be one of {', '.join(map(repr, _OTHER))} or a "
+                     f"torch.optim.Optimizer subclass, got {spec!r}")
+
+
 def _build_inner(spec: OtherSpec, params: List[nn.Parameter], lr: float, kwargs: Optional[dict],
                  what: str) -> torch.optim.Optimizer:
     """A torch optimizer over ``params`` (``spec`` a name in ``_OTHER`` or an Optimizer class)."""
-    if isinstance(spec, str):
-        if spec.lower() not in _OTHER:
-            raise ValueError(f"{what} must be one of {', '.join(map(repr, _OTHER))} or a "
-                             f"torch.optim.Optimizer subclass, got {spec!r}")
-        cls = _OTHER[spec.lower()]
-    elif isinstance(spec, type) and issubclass(spec, torch.optim.Optimizer):
-        cls = spec
-    else:
-        raise ValueError(f"{what} must be one of {', '.join(map(repr, _OTHER))} or a "
-                         f"torch.optim.Optimizer subclass, got {spec!r}")
+    cls = _resolve(spec, what)
     if kwargs is not None and not isinstance(kwargs, dict):
         raise ValueError(f"{what}_kwargs must be a dict, got {type(kwargs).__name__}")
     kwargs = dict(kwargs or {})
@@ -115,14 +116,15 @@ class LoRAOptimizer(torch.optim.Optimizer):
         if not isinstance(model, nn.Module):
             raise TypeError(f"{type(self).__name__} is built from the model (an nn.Module), got "
                             f"{type(model).__name__}; it finds the LoRA layers itself")
+        other_cls = _resolve(other, "other")
         sites, unsupported = find_lora_sites(model)
         if unsupported:
             listing = "; ".join(f"{u.name}: {u.reason}" for u in unsupported)
             if strict:
                 raise ValueError(f"{type(self).__name__}(strict=True): unsupported LoRA layers: {listing}")
             warnings.warn(f"{type(self).__name__}: these LoRA layers cannot be captured and are "
-                          f"trained by the '{other if isinstance(other, str) else other.__name__}' "
-                          f"optimizer instead: {listing}", stacklevel=3)
+                          f"trained by the other-parameter optimizer ({other_cls.__name__}) instead: "
+                          f"{listing}", stacklevel=3)
         if not sites:
             raise ValueError(f"{type(self).__name__}: the model has no trainable LoRA layer "
                              "(oplora.LoRALinear or PEFT lora.Linear with requires_grad factors); "
@@ -143,6 +145,15 @@ class LoRAOptimizer(torch.optim.Optimizer):
             self.param_groups.append(group)
             self._share("other", inner, group)
         self._capture = Capture(sites, owner=self) if self.uses_capture else None
+        self._built = True
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Groups are built from the model; adding one afterwards is refused with the reason."""
+        if getattr(self, "_built", False):
+            raise RuntimeError(f"{type(self).__name__} builds its param groups from the model (LoRA factors, "
+                               "then every other trainable parameter); build a new optimizer instead of "
+                               "adding a group")
+        super().add_param_group(param_group)
 
     # -- sharing groups and state with inner torch optimizers ------------------------------
     def _share(self, kind: str, inner: torch.optim.Optimizer, group: dict) -> None:
