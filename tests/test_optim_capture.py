@@ -284,3 +284,12 @@ def test_capture_holds_the_tensors_autograd_holds_without_copies():
     (cx, _, _), = opt._sites[0].chunks
     assert cx.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()  # a view, not a copy
     assert not cx.requires_grad and cx.grad_fn is None  # no graph kept alive
+
+
+def test_dora_adapters_are_not_captured_as_plain_lora():
+    cfg = peft.LoraConfig(target_modules=["fc1", "fc2"], r=2, lora_alpha=2, use_dora=True)
+    model = peft.get_peft_model(Net(), cfg)
+    with pytest.raises(ValueError, match=r"fc1\[default\]: a LoRA variant"):
+        oplora.OPLoRA(model, strict=True)
+    with pytest.warns(UserWarning, match="DoRA"), pytest.raises(ValueError, match="no trainable LoRA layer"):
+        oplora.OPLoRA(model)
