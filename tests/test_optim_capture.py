@@ -293,3 +293,13 @@ def test_dora_adapters_are_not_captured_as_plain_lora():
         oplora.OPLoRA(model, strict=True)
     with pytest.warns(UserWarning, match="DoRA"), pytest.raises(ValueError, match="no trainable LoRA layer"):
         oplora.OPLoRA(model)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_captures_each_call_once(reentrant):
+    model = lora_net()
+    opt = oplora.OPLoRA(model)
+    x = torch.randn(5, 12, dtype=torch.float64, requires_grad=True)
+    torch.utils.checkpoint.checkpoint(model, x, use_reentrant=reentrant).square().sum().backward()
+    assert all(len(site.chunks) == 1 for site in opt._sites)
+    assert check_gradient_identity(opt) == 2
