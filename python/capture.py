@@ -12,8 +12,11 @@ What is captured (SPEC section 3, "Capture semantics"): for every call of a LoRA
   multiplying by ``s`` again, is exact for every scaling rule (``alpha / r``, rsLoRA's
   ``alpha / sqrt(r)``, ``set_scale``); the scaling ``s`` is recorded beside it.
 
-A pair is stored only when the gradient arrives, so forward passes that are never
-back-propagated (evaluation with grad enabled, a discarded graph) leave nothing behind. Several
+A pair is stored only when the gradient arrives in a backward pass that accumulates into the
+factors' ``.grad`` (``loss.backward()``), so forward passes that are never back-propagated
+(evaluation with grad enabled, a discarded graph) and ``torch.autograd.grad`` calls (input
+gradients, gradient penalties) leave nothing behind; a call with no rows is skipped. X is held as
+a view: changing its storage in place before ``step()`` is detected (version counter) and refused. Several
 backward passes before a step (gradient accumulation, a module called twice in a forward)
 append pairs; the optimizer uses them all, which is exactly the concatenated batch. The memory
 held until ``step()``/``zero_grad()`` is one reference per pair: X stays alive past backward
@@ -56,6 +59,7 @@ class LoRASite:
     lora_B: nn.Linear
     adapter: Optional[str] = None
     chunks: List[Tuple[Tensor, Tensor, float]] = field(default_factory=list)
+    x_versions: List[int] = field(default_factory=list, repr=False)  # X's version counter at capture
     _pending: List[Tensor] = field(default_factory=list, repr=False)
 
     @property
@@ -78,6 +82,7 @@ class LoRASite:
 
     def clear(self) -> None:
         self.chunks.clear()
+        self.x_versions.clear()
         self._pending.clear()
 
 
@@ -159,6 +164,17 @@ def find_lora_sites(model: nn.Module) -> Tuple[List[LoRASite], List[Unsupported]
     return sites, unsupported
 
 
+def _accumulates(node) -> bool:
+    """Whether the running backward pass will execute ``node`` (a parameter's AccumulateGrad)."""
+    will_execute = getattr(torch._C, "_will_engine_execute_node", None)
+    if will_execute is None:  # an older torch without the query: record every pass
+        return True
+    try:
+        return bool(will_execute(node))
+    except RuntimeError:  # torch.autograd.grad(): leaf gradients are returned, never accumulated
+        return False
+
+
 class Capture:
     """Hooks that record ``(X, sD, s)`` for each site; removed by :meth:`close`.
 
@@ -176,8 +192,18 @@ class Capture:
             self._finalizer = weakref.finalize(owner, Capture._remove, self._handles, sites)
 
     @staticmethod
+    def _check_module(site: LoRASite, module: nn.Module, expected: nn.Module) -> None:
+        if module is not expected:
+            # nn.DataParallel replicas share the hook dicts of the original modules (shallow copies)
+            # and run in threads: their X and sD could be paired across replicas.
+            raise RuntimeError(f"LoRA layer {site.name!r} ran as a copy of the module the optimizer captures "
+                               "(nn.DataParallel replicas?); oplora optimizers support one process per "
+                               "device: use DistributedDataParallel")
+
+    @staticmethod
     def _input_hook(site: LoRASite):
         def hook(module, args):
+            Capture._check_module(site, module, site.lora_A)
             if torch.is_grad_enabled() and args and isinstance(args[0], Tensor):
                 site._pending.append(args[0].detach())
         return hook
@@ -185,16 +211,28 @@ class Capture:
     @staticmethod
     def _output_hook(site: LoRASite):
         def hook(module, args, output):
+            Capture._check_module(site, module, site.lora_B)
             if not site._pending:
                 return None
             x = site._pending.pop()
             site._pending.clear()
             if not (torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad):
                 return None
+            x = x.reshape(-1, x.shape[-1])
+            if x.shape[0] == 0:
+                return None  # no rows (an empty micro-batch, an expert with no tokens): nothing to add
             scaling = site.scaling
+            version = x._version
+            # B's gradient accumulator: the pair is recorded only by a backward pass that accumulates
+            # into the factors' .grad (loss.backward()), not by torch.autograd.grad(loss, inputs) or
+            # backward(inputs=...) passes that merely flow through the layer.
+            accumulator = site.B.view_as(site.B).grad_fn.next_functions[0][0]
 
             def grad_hook(grad: Tensor) -> None:
-                site.chunks.append((x.reshape(-1, x.shape[-1]), grad.detach().reshape(-1, grad.shape[-1]), scaling))
+                if not _accumulates(accumulator):
+                    return
+                site.chunks.append((x, grad.detach().reshape(-1, grad.shape[-1]), scaling))
+                site.x_versions.append(version)
 
             output.register_hook(grad_hook)
             return None

@@ -129,8 +129,15 @@ class LoRAOptimizer(torch.optim.Optimizer):
             raise ValueError(f"{type(self).__name__}: the model has no trainable LoRA layer "
                              "(oplora.LoRALinear or PEFT lora.Linear with requires_grad factors); "
                              "add adapters with oplora.add_lora(...) or peft.get_peft_model(...)")
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            # Each rank would step on its own rows while DDP averages the other parameters'
+            # gradients: the replicas would drift apart. Refuse rather than train wrong.
+            raise RuntimeError(f"{type(self).__name__} does not reduce over torch.distributed process "
+                               "groups yet; train in one process per model")
         lora_params = [p for site in sites for p in (site.A, site.B)]
         super().__init__([{"params": lora_params, "kind": "lora"}], defaults)
+        self._inv_scale = 1.0
         self._sites: List[LoRASite] = sites
         self._inner: Dict[str, torch.optim.Optimizer] = {}
         seen = {id(p) for p in lora_params}
@@ -193,13 +200,25 @@ class LoRAOptimizer(torch.optim.Optimizer):
         if self._capture is not None:
             self._capture.clear()
 
+    #: ``torch.amp.GradScaler.step(opt)`` hands this optimizer the loss scale (``grad_scale``) and
+    #: ``found_inf`` instead of unscaling ``.grad`` itself: the captured sD is scaled too, and only
+    #: the optimizer can unscale it.
+    _step_supports_amp_scaling = True
+
     def step(self, closure=None):
         """Update every LoRA layer reached since the last step, then the other parameters.
 
         ``closure`` (optional) re-evaluates the model and returns the loss; it runs with grad
-        enabled before the update. Captured tensors are released afterwards. Raises
-        ``FloatingPointError`` naming the layer, before anything moves, when a captured X or sD
-        holds NaN/Inf.
+        enabled before the update. Captured tensors are released afterwards.
+
+        Under ``torch.amp.GradScaler`` (``scaler.step(opt)``): a step whose gradients hold inf/NaN
+        is skipped whole (factors, momentum, statistics, other parameters); otherwise the captured
+        sD and every ``.grad`` are unscaled before the update. ``scaler.unscale_(opt)`` before
+        ``scaler.step(opt)`` is refused (it unscales ``.grad`` only, not the captured sD).
+
+        Raises ``FloatingPointError`` naming the layer, before anything moves, when a captured X or
+        sD holds NaN/Inf outside AMP, and ``RuntimeError`` when a captured X was modified in place
+        after its backward pass.
         """
         loss = None
         if closure is not None:
@@ -207,14 +226,42 @@ class LoRAOptimizer(torch.optim.Optimizer):
                 loss = closure()
         try:
             with torch.no_grad():
+                inv_scale = self._amp_inverse_scale()
+                if inv_scale is None:  # GradScaler found inf/NaN: skip the step, as torch optimizers do
+                    return loss
                 self._check_captured()
+                if inv_scale != 1.0:
+                    self._unscale_grads(inv_scale)
+                self._inv_scale = inv_scale
                 self._step_lora(self.lora_group)
                 if "other" in self._inner:
                     self._inner["other"].step()
         finally:
+            self._inv_scale = 1.0
             if self._capture is not None:
                 self._capture.clear()
         return loss
+
+    def _amp_inverse_scale(self) -> Optional[float]:
+        """1 / loss scale set by GradScaler.step (1.0 without one); None when it found inf/NaN."""
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is None:
+            return 1.0
+        if float(found_inf) > 0:
+            return None
+        scale = getattr(self, "grad_scale", None)
+        if scale is None:
+            raise RuntimeError(f"{type(self).__name__}: GradScaler.unscale_() was called before "
+                               "GradScaler.step(): it unscales .grad only, while this optimizer steps "
+                               "from the captured activations' gradients; call scaler.step(opt) "
+                               "without unscale_ (nothing was updated)")
+        return 1.0 / float(scale)
+
+    def _unscale_grads(self, inv_scale: float) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad.mul_(inv_scale)
 
     def state_dict(self) -> dict:
         """Tensors and plain values only: per-layer state, the other optimizer's state, groups."""
@@ -240,12 +287,18 @@ class LoRAOptimizer(torch.optim.Optimizer):
 
     # -- the update ---------------------------------------------------------------------------
     def _check_captured(self) -> None:
-        """FloatingPointError naming the first layer whose captured X or sD is not finite."""
+        """Refuse, naming the layer, a captured X changed in place since its backward pass
+        (RuntimeError) or a captured X or sD with NaN/Inf (FloatingPointError)."""
         if self._capture is None:
             return
         tensors: List[Tuple[LoRASite, str, Tensor]] = []
         for site in self._sites:
-            for x, g, _ in site.chunks:
+            for (x, g, _), version in zip(site.chunks, site.x_versions):
+                if x._version != version:
+                    raise RuntimeError(f"{type(self).__name__}: the input X captured for LoRA layer "
+                                       f"{site.name!r} was modified in place after its backward pass "
+                                       "(a reused input buffer?); the step would use the wrong X. "
+                                       "Nothing was updated")
                 tensors += [(site, "X", x), (site, "sD", g)]
         if not tensors:
             return
@@ -262,12 +315,18 @@ class LoRAOptimizer(torch.optim.Optimizer):
                                          f"{site.name!r} holds NaN or Inf; nothing was updated")
 
     def _step_lora(self, group: dict) -> None:
+        """Compute every reached layer's update, then write them all: a step that fails in any
+        layer's solve leaves every factor and every state untouched."""
+        pending = []
         for index, site in enumerate(self._sites):
             if site.chunks:
                 chunks = [(x, g) for x, g, _ in site.chunks]
-                self._update_site(index, site, chunks, self.state[site.B], group)
+                pending.append((site, self._update_site(index, site, chunks, self.state.get(site.B, {}), group)))
+        for site, update in pending:
+            update.apply(site.B, site.A, self.state[site.B])
 
-    def _update_site(self, index: int, site: LoRASite, chunks, state: dict, group: dict) -> None:
+    def _update_site(self, index: int, site: LoRASite, chunks, state: dict, group: dict):
+        """The layer's :class:`oplora.optim.functional.Update` (``state`` is read, never written)."""
         raise NotImplementedError
 
     @staticmethod

@@ -30,7 +30,8 @@ class SVDLoRA(LoRAOptimizer):
         super().__init__(model, defaults, other=other, other_kwargs=other_kwargs, strict=strict)
 
     def _update_site(self, index, site, chunks, state, group):
-        F.svd_update(site.B, site.A, chunks, state, lr=float(group["lr"]), momentum=float(group["momentum"]))
+        return F.svd_update(site.B, site.A, chunks, state, lr=float(group["lr"]), momentum=float(group["momentum"]),
+                     inv_scale=self._inv_scale)
 
 
 class RiemannianLoRA(LoRAOptimizer):

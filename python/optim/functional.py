@@ -1,8 +1,9 @@
 """The functional core of the optimizers: one LoRA layer's update from its captured X and sD.
 
 Every optimizer class is a thin shell over these functions (SPEC section 3). Inputs are the
-layer's factors ``B`` (m x r) and ``A`` (r x n), updated in place, its captured ``chunks`` (pairs
-``(X_j, sD_j)``, X_j T_j x n, sD_j T_j x m; together the batch of T rows) and its state dict.
+layer's factors ``B`` (m x r) and ``A`` (r x n), its captured ``chunks`` (pairs
+``(X_j, sD_j)``, X_j T_j x n, sD_j T_j x m; together the batch of T rows) and its state dict;
+the output is an :class:`Update` (new factors, new state entries): nothing is modified.
 
 The implicit gradient ``G = s D^T X = sum_j sD_j^T X_j`` (m x n) enters LoRSum as one thin term
 per chunk, ``(sD_j^T, X_j)``: gradient accumulation is handled without concatenating rows, and no
@@ -16,7 +17,7 @@ float64 factors), as Adam keeps its moments.
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -24,6 +25,7 @@ from torch import Tensor
 from .. import _backend
 
 __all__ = [
+    "Update",
     "grad_terms",
     "init_momentum",
     "oplora_update",
@@ -35,6 +37,20 @@ __all__ = [
 ]
 
 Chunks = Sequence[Tuple[Tensor, Tensor]]
+
+
+class Update(NamedTuple):
+    """A layer's computed step: new factors and the state entries to write. The update functions
+    modify nothing, so that the optimizer commits all layers only once every solve succeeded."""
+
+    b: Tensor
+    a: Tensor
+    state: Dict[str, object]
+
+    def apply(self, b: Tensor, a: Tensor, state: Dict) -> None:
+        b.copy_(self.b)
+        a.copy_(self.a)
+        state.update(self.state)
 
 
 def _compute_dtype(t: Tensor) -> torch.dtype:
@@ -79,8 +95,10 @@ def oplora_update(
     momentum_rank: int,
     seed: int,
     metric: Optional[Tuple[Tensor, Tensor]] = None,
-) -> None:
-    """One OPLoRA step of a layer (SPEC section 3), in place on ``b``, ``a`` and ``state``.
+    inv_scale: float = 1.0,
+    extra_state: Optional[Dict] = None,
+) -> Update:
+    """One OPLoRA step of a layer (SPEC section 3), returned as an :class:`Update`.
 
     1. ``(B, A) <- lorsum([(B, A), (sD^T, X), (Um, Vm)], [1, -lr (1 - dampening), -lr momentum],
        init=(B, A), iters, prox=lr*prox)``; with ``metric=(M_out, M_in)`` the gradient and momentum
@@ -89,18 +107,22 @@ def oplora_update(
        iters, prox=lr*prox)``, never with a metric. Skipped altogether when ``momentum == 0``.
 
     Both use the momentum of before the step. ``state`` keys: ``step`` (int), ``momentum_U``
-    (m x k), ``momentum_V`` (k x n), created at the first call.
+    (m x k), ``momentum_V`` (k x n), created at the first call. ``inv_scale`` multiplies G (the
+    inverse of a GradScaler loss scale). ``extra_state`` (optional): more entries for the update.
     """
     lorsum = _lorsum(b.device)
     lam = lr * prox
     gterms = grad_terms(chunks)
     use_momentum = momentum != 0.0
-    if use_momentum and "momentum_U" not in state:
-        state["momentum_U"], state["momentum_V"] = init_momentum(b, a, momentum_rank, seed)
-    terms = [(b, a)] + gterms
-    coeffs = [1.0] + [-lr * (1.0 - dampening)] * len(gterms)
     if use_momentum:
-        terms.append((state["momentum_U"], state["momentum_V"]))
+        if "momentum_U" in state:
+            um, vm = state["momentum_U"], state["momentum_V"]
+        else:
+            um, vm = init_momentum(b, a, momentum_rank, seed)
+    terms = [(b, a)] + gterms
+    coeffs = [1.0] + [-lr * (1.0 - dampening) * inv_scale] * len(gterms)
+    if use_momentum:
+        terms.append((um, vm))
         coeffs.append(-lr * momentum)
     precondition = None
     if metric is not None:
@@ -108,14 +130,13 @@ def oplora_update(
     new_b, new_a = lorsum(terms, coeffs, (b, a), iters=iters, prox=lam, metric=metric,
                           precondition=precondition, start=start)
     if use_momentum:
-        um, vm = state["momentum_U"], state["momentum_V"]
-        new_um, new_vm = lorsum([(um, vm)] + gterms, [momentum] + [1.0 - dampening] * len(gterms),
+        new_um, new_vm = lorsum([(um, vm)] + gterms, [momentum] + [(1.0 - dampening) * inv_scale] * len(gterms),
                                 (um, vm), iters=iters, prox=lam, start=start)
-        um.copy_(new_um)
-        vm.copy_(new_vm)
-    b.copy_(new_b)
-    a.copy_(new_a)
-    state["step"] = state.get("step", 0) + 1
+    updates = dict(extra_state or {})
+    if use_momentum:
+        updates["momentum_U"], updates["momentum_V"] = new_um, new_vm
+    updates["step"] = state.get("step", 0) + 1
+    return Update(new_b, new_a, updates)
 
 
 def _sum_squares(chunks: Chunks, which: int, dtype: torch.dtype) -> Tensor:
@@ -158,8 +179,10 @@ def update_statistics(
     m: int,
     device: torch.device,
     dtype: torch.dtype,
-) -> None:
-    """Update the EMAs ``d_in`` and ``d_out`` in ``state`` from this step's rows (SPEC section 3).
+    inv_scale: float = 1.0,
+) -> Tuple[Tensor, Tensor]:
+    """The EMAs ``d_in`` and ``d_out`` of ``state`` updated by this step's rows (SPEC section 3),
+    as new tensors (``state`` is not modified).
 
     ``statistics="kfac"`` (the diagonal fractional K-FAC of the paper): the factors of G,
     ``d_in <- b2 d_in + (1 - b2) mean_t x_t^2`` and ``d_out <- b2 d_out + (1 - b2) c sum_t g_t^2``
@@ -172,33 +195,34 @@ def update_statistics(
     the same ``c`` as the authors' code. Shampoo's own preconditioner is ``L^-1/4 G R^-1/4``,
     i.e. ``metric_power=0.25``.
 
-    The EMAs start at ``init_scale * ones`` (``init_scale * I`` for dense).
+    The EMAs start at ``init_scale * ones`` (``init_scale * I`` for dense). ``inv_scale`` is the
+    inverse GradScaler loss scale of the captured sD (its statistics scale by its square).
     """
     rows = sum(x.shape[0] for x, _ in chunks)
-    if "d_in" not in state:
-        if metric == "diag":
-            state["d_in"] = torch.full((n,), init_scale, dtype=dtype, device=device)
-            state["d_out"] = torch.full((m,), init_scale, dtype=dtype, device=device)
-        else:
-            state["d_in"] = init_scale * torch.eye(n, dtype=dtype, device=device)
-            state["d_out"] = init_scale * torch.eye(m, dtype=dtype, device=device)
+    if "d_in" in state:
+        d_in, d_out = state["d_in"], state["d_out"]
+    elif metric == "diag":
+        d_in = torch.full((n,), init_scale, dtype=dtype, device=device)
+        d_out = torch.full((m,), init_scale, dtype=dtype, device=device)
+    else:
+        d_in = init_scale * torch.eye(n, dtype=dtype, device=device)
+        d_out = init_scale * torch.eye(m, dtype=dtype, device=device)
     scale = float(rows) if loss_reduction == "mean" else 1.0 / rows
     if statistics == "kfac":
         if metric == "diag":
             new_in = _sum_squares(chunks, 0, dtype) / rows
-            new_out = _sum_squares(chunks, 1, dtype) * scale
+            new_out = _sum_squares(chunks, 1, dtype) * (scale * inv_scale**2)
         else:
             new_in = _grams(chunks, 0, dtype) / rows
-            new_out = _grams(chunks, 1, dtype) * scale
+            new_out = _grams(chunks, 1, dtype) * (scale * inv_scale**2)
     else:
         if metric == "diag":
             new_out, new_in = _shampoo_diagonals(chunks, dtype)
         else:
             g = _explicit_grad(chunks, dtype)
             new_out, new_in = g @ g.mT, g.mT @ g
-        new_out, new_in = new_out * scale, new_in * scale
-    state["d_in"].mul_(beta2).add_(new_in, alpha=1.0 - beta2)
-    state["d_out"].mul_(beta2).add_(new_out, alpha=1.0 - beta2)
+        new_out, new_in = new_out * (scale * inv_scale**2), new_in * (scale * inv_scale**2)
+    return d_in * beta2 + (1.0 - beta2) * new_in, d_out * beta2 + (1.0 - beta2) * new_out
 
 
 def metric_from_statistics(d: Tensor, damping: float, power: float) -> Tensor:
@@ -239,8 +263,9 @@ def scaled_oplora_update(
     init_metric_scale: float,
     momentum_rank: int,
     seed: int,
-) -> None:
-    """One ScaledOPLoRA step (diagonal fractional K-FAC, SPEC section 3), in place.
+    inv_scale: float = 1.0,
+) -> Update:
+    """One ScaledOPLoRA step (diagonal fractional K-FAC, SPEC section 3), as an :class:`Update`.
 
     Statistics first (this step's rows included, as Adam's second moment), then the OPLoRA step
     with metric ``((d_out + damping)^p, (d_in + damping)^p)`` on the gradient and momentum terms,
@@ -249,19 +274,22 @@ def scaled_oplora_update(
     ``momentum = dampening = b1``.
     """
     b1, b2 = betas
-    update_statistics(state, chunks, beta2=b2, metric=metric, statistics=statistics,
-                      loss_reduction=loss_reduction, init_scale=init_metric_scale,
-                      n=a.shape[1], m=b.shape[0], device=b.device, dtype=_compute_dtype(b))
+    d_in, d_out = update_statistics(state, chunks, beta2=b2, metric=metric, statistics=statistics,
+                                    loss_reduction=loss_reduction, init_scale=init_metric_scale,
+                                    n=a.shape[1], m=b.shape[0], device=b.device, dtype=_compute_dtype(b),
+                                    inv_scale=inv_scale)
     met = None
     if metric_power != 0.0:
-        met = (metric_from_statistics(state["d_out"], damping, metric_power),
-               metric_from_statistics(state["d_in"], damping, metric_power))
-    oplora_update(b, a, chunks, state, lr=lr, momentum=b1, dampening=b1, iters=iters, prox=prox,
-                  start=start, momentum_rank=momentum_rank, seed=seed, metric=met)
+        met = (metric_from_statistics(d_out, damping, metric_power),
+               metric_from_statistics(d_in, damping, metric_power))
+    return oplora_update(b, a, chunks, state, lr=lr, momentum=b1, dampening=b1, iters=iters, prox=prox,
+                         start=start, momentum_rank=momentum_rank, seed=seed, metric=met, inv_scale=inv_scale,
+                         extra_state={"d_in": d_in, "d_out": d_out})
 
 
-def svd_update(b: Tensor, a: Tensor, chunks: Chunks, state: Dict, *, lr: float, momentum: float) -> None:
-    """SVDLoRA, the accuracy ideal: ``B A <- rank-r truncated SVD of (B A - lr M)``, in place.
+def svd_update(b: Tensor, a: Tensor, chunks: Chunks, state: Dict, *, lr: float, momentum: float,
+               inv_scale: float = 1.0) -> Update:
+    """SVDLoRA, the accuracy ideal: ``B A <- rank-r truncated SVD of (B A - lr M)``, as an Update.
 
     ``M = G`` without momentum; with momentum the heavy-ball buffer ``M <- momentum M + G``
     (``momentum_buffer``, m x n, kept explicitly: this baseline forms m x n by definition).
@@ -270,12 +298,12 @@ def svd_update(b: Tensor, a: Tensor, chunks: Chunks, state: Dict, *, lr: float, 
     """
     dtype = _compute_dtype(b)
     g = _explicit_grad(chunks, dtype)
+    if inv_scale != 1.0:
+        g = g * inv_scale
+    buf = None
     if momentum != 0.0:
         buf = state.get("momentum_buffer")
-        if buf is None:
-            buf = state["momentum_buffer"] = g.clone()
-        else:
-            buf.mul_(momentum).add_(g)
+        buf = g if buf is None else buf * momentum + g
         g = buf
     w = b.to(dtype) @ a.to(dtype) - lr * g
     u, s, vh = torch.linalg.svd(w, full_matrices=False)
@@ -287,9 +315,10 @@ def svd_update(b: Tensor, a: Tensor, chunks: Chunks, state: Dict, *, lr: float, 
     new_a = torch.zeros_like(a, dtype=dtype)
     new_b[:, :k] = u[:, :k] * root
     new_a[:k] = root[:, None] * vh[:k]
-    b.copy_(new_b)
-    a.copy_(new_a)
-    state["step"] = state.get("step", 0) + 1
+    updates: Dict[str, object] = {"step": state.get("step", 0) + 1}
+    if buf is not None:
+        updates["momentum_buffer"] = buf
+    return Update(new_b.to(b.dtype), new_a.to(a.dtype), updates)
 
 
 def riemannian_precondition(b: Tensor, a: Tensor, grad_b: Tensor, grad_a: Tensor,
@@ -306,4 +335,4 @@ def riemannian_precondition(b: Tensor, a: Tensor, grad_b: Tensor, grad_a: Tensor
     gram_a = af @ af.mT + damping * eye
     new_ga = torch.linalg.solve(gram_b, grad_a.to(dtype))
     new_gb = torch.linalg.solve(gram_a, grad_b.to(dtype).mT).mT
-    return new_gb.to(grad_b.dtype), new_ga.to(grad_a.dtype)
+    return new_gb.to(grad_b.dtype).contiguous(), new_ga.to(grad_a.dtype).contiguous()

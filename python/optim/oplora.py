@@ -66,11 +66,12 @@ class OPLoRA(LoRAOptimizer):
         super().__init__(model, defaults, other=other, other_kwargs=other_kwargs, strict=strict)
 
     def _update_site(self, index, site, chunks, state, group):
-        F.oplora_update(
+        return F.oplora_update(
             site.B, site.A, chunks, state,
             lr=float(group["lr"]), momentum=float(group["momentum"]), dampening=float(group["dampening"]),
             iters=int(group["iters"]), prox=float(group["prox"]), start=group["start"],
             momentum_rank=group["momentum_rank"] or site.B.shape[1], seed=self._site_seed(group, index),
+            inv_scale=self._inv_scale,
         )
 
 
@@ -125,11 +126,12 @@ class ScaledOPLoRA(LoRAOptimizer):
         super().__init__(model, defaults, other=other, other_kwargs=other_kwargs, strict=strict)
 
     def _update_site(self, index, site, chunks, state, group):
-        F.scaled_oplora_update(
+        return F.scaled_oplora_update(
             site.B, site.A, chunks, state,
             lr=float(group["lr"]), betas=tuple(float(b) for b in group["betas"]), damping=float(group["damping"]),
             metric_power=float(group["metric_power"]), iters=int(group["iters"]), prox=float(group["prox"]),
             start=group["start"], metric=group["metric"], statistics=group["statistics"],
             loss_reduction=group["loss_reduction"], init_metric_scale=float(group["init_metric_scale"]),
             momentum_rank=group["momentum_rank"] or site.B.shape[1], seed=self._site_seed(group, index),
+            inv_scale=self._inv_scale,
         )

@@ -1,0 +1,182 @@
+"""What must never silently mis-train: loss scaling, passes that do not accumulate into the
+factors, empty batches, inputs changed after backward, replicas, half-done steps."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import oplora
+from oplora import _backend
+
+
+def make_model(seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(10, 16, dtype=dtype), nn.Tanh(), nn.Linear(16, 4, dtype=dtype))
+    oplora.add_lora(model, ["0", "2"], r=3, alpha=6)
+    for i in (0, 2):
+        nn.init.normal_(model[i].lora_B.weight, std=0.3)
+    model[2].base_layer.bias.requires_grad_(True)
+    return model
+
+
+def batch(seed=1, rows=24, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, 10, generator=gen, dtype=dtype), torch.randn(rows, 4, generator=gen, dtype=dtype)
+
+
+def loss_fn(model, x, y):
+    return 0.5 * (model(x) - y).square().sum(1).mean()
+
+
+def snapshot(model, opt):
+    params = [p.detach().clone() for p in model.parameters()]
+    state = {id(p): {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()} for p, s in opt.state.items()}
+    return params, state
+
+
+def same(model, opt, snap):
+    params, state = snap
+    return all(torch.equal(p, q) for p, q in zip(model.parameters(), params)) and \
+        {id(p): set(s) for p, s in opt.state.items()} == {k: set(v) for k, v in state.items()}
+
+
+OPTIMIZERS = {
+    "oplora": lambda m: oplora.OPLoRA(m, lr=0.05, momentum=0.9, seed=0),
+    "scaled": lambda m: oplora.ScaledOPLoRA(m, lr=0.01, seed=0),
+    "svd": lambda m: oplora.SVDLoRA(m, lr=0.05, momentum=0.5),
+    "riemannian": lambda m: oplora.RiemannianLoRA(m, lr=0.05, base="adamw"),
+}
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_grad_scaler_steps_equal_unscaled_steps(name):
+    plain, scaled = make_model(), make_model()
+    opt_plain, opt_scaled = OPTIMIZERS[name](plain), OPTIMIZERS[name](scaled)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    for seed in range(3):
+        x, y = batch(seed)
+        opt_plain.zero_grad()
+        loss_fn(plain, x, y).backward()
+        opt_plain.step()
+        opt_scaled.zero_grad()
+        scaler.scale(loss_fn(scaled, x, y)).backward()
+        scaler.step(opt_scaled)
+        scaler.update()
+    for p, q in zip(plain.parameters(), scaled.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_grad_scaler_skips_an_overflowing_step_whole(name):
+    model = make_model()
+    opt = OPTIMIZERS[name](model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    x, y = batch()
+    scaler.scale(loss_fn(model, x, y)).backward()
+    scaler.step(opt)
+    scaler.update()
+    snap = snapshot(model, opt)
+    opt.zero_grad()
+    x[0, 0] = float("inf")
+    scaler.scale(loss_fn(model, x, y)).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert same(model, opt, snap)
+    assert scaler.get_scale() == 2.0**9
+    assert all(not site.chunks for site in opt._sites)
+
+
+def test_unscale_before_step_is_refused_and_moves_nothing():
+    model = make_model()
+    opt = oplora.OPLoRA(model, lr=0.05)
+    scaler = torch.amp.GradScaler("cpu")
+    x, y = batch()
+    scaler.scale(loss_fn(model, x, y)).backward()
+    scaler.unscale_(opt)
+    snap = snapshot(model, opt)
+    with pytest.raises(RuntimeError, match="unscale_"):
+        scaler.step(opt)
+    assert same(model, opt, snap)
+
+
+def test_input_gradients_and_partial_backward_are_not_captured():
+    model = make_model()
+    opt = oplora.OPLoRA(model)
+    x, y = batch()
+    x.requires_grad_(True)
+    torch.autograd.grad(loss_fn(model, x, y), x)
+    loss_fn(model, x, y).backward(inputs=[x])
+    assert all(not site.chunks for site in opt._sites)
+    loss_fn(model, x, y).backward()
+    assert all(len(site.chunks) == 1 for site in opt._sites)
+
+
+@pytest.mark.parametrize("name", ["oplora", "scaled"])
+def test_empty_micro_batch_adds_nothing(name):
+    model, twin = make_model(), make_model()
+    opt, opt_twin = OPTIMIZERS[name](model), OPTIMIZERS[name](twin)
+    x, y = batch()
+    loss_fn(model, x[:0], y[:0]).sum().backward()  # zero rows (the mean is NaN; nothing flows)
+    assert all(not site.chunks for site in opt._sites)
+    for p in model.parameters():
+        p.grad = None
+    loss_fn(model, x, y).backward()
+    loss_fn(twin, x, y).backward()
+    opt.step()
+    opt_twin.step()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_input_changed_in_place_after_backward_is_refused():
+    model = make_model()
+    opt = oplora.OPLoRA(model, lr=0.05)
+    x, y = batch()
+    loss_fn(model, x, y).backward()
+    x.mul_(2.0)  # a reused input buffer refilled before step()
+    snap = snapshot(model, opt)
+    with pytest.raises(RuntimeError, match=r"'0'.*modified in place"):
+        opt.step()
+    assert same(model, opt, snap)
+
+
+def test_data_parallel_replicas_are_refused():
+    model = make_model()
+    opt = oplora.OPLoRA(model)
+    # A DataParallel replica is a shallow copy: it shares the original's hook dicts.
+    replica = copy.copy(model[0].lora_A)
+    with pytest.raises(RuntimeError, match="DataParallel"):
+        replica(torch.randn(2, 10))
+    assert opt.lora_layers == ["0", "2"]
+
+
+def test_a_failing_solve_leaves_factors_and_state_untouched(monkeypatch):
+    model = make_model()
+    opt = oplora.ScaledOPLoRA(model, lr=0.01, seed=0)
+    real = _backend._OPS["torch"]["lorsum"]
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # the second layer, after the first computed its whole update
+            raise torch.linalg.LinAlgError("injected")
+        return real(*args, **kwargs)
+
+    monkeypatch.setitem(_backend._OPS["torch"], "lorsum", failing)
+    x, y = batch()
+    loss_fn(model, x, y).backward()
+    snap = snapshot(model, opt)
+    with pytest.raises(torch.linalg.LinAlgError):
+        opt.step()
+    assert same(model, opt, snap) and not opt.state
+
+
+def test_riemannian_writes_contiguous_gradients():
+    model = make_model()
+    opt = oplora.RiemannianLoRA(model, lr=0.05)
+    x, y = batch()
+    loss_fn(model, x, y).backward()
+    opt.step()
+    assert all(p.grad.is_contiguous() for p in opt.lora_group["params"])
