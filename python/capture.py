@@ -75,11 +75,6 @@ class LoRASite:
         s = self.layer.scaling
         return float(s[self.adapter] if self.adapter is not None else s)
 
-    @property
-    def rows(self) -> int:
-        """T: rows captured since the last step."""
-        return sum(x.shape[0] for x, _, _ in self.chunks)
-
     def clear(self) -> None:
         self.chunks.clear()
         self.x_versions.clear()
@@ -245,10 +240,6 @@ class Capture:
         handles.clear()
         for site in sites:
             site.clear()
-
-    @property
-    def active(self) -> bool:
-        return bool(self._handles)
 
     def clear(self) -> None:
         """Release every captured tensor (the hooks stay)."""
