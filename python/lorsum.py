@@ -34,22 +34,33 @@ def _check_2d(t, name: str, shape_hint: str) -> Tensor:
     return t
 
 
-def _check_finite(named: Sequence[Tuple[str, Tensor]]) -> None:
-    """Raise ValueError naming the first tensor with a NaN or Inf.
+def first_nonfinite(tensors: Sequence[Tensor]) -> Optional[int]:
+    """Index of the first tensor holding a NaN or Inf, or None when all are finite.
 
     Fast path: one sum per tensor (a NaN or Inf anywhere makes the sum non-finite), one host sync
-    for all of them; only when a sum is not finite (a bad value, or an overflowing sum of huge
-    values) are the tensors checked element by element.
+    per device; only when a sum is not finite (a bad value, or an overflowing sum of huge values)
+    are the tensors checked element by element. Shared by ``lorsum`` and the optimizers.
     """
+    by_device: dict = {}
+    for t in tensors:
+        acc = torch.float64 if t.dtype == torch.float64 else torch.float32
+        by_device.setdefault(t.device, []).append(t.sum(dtype=acc).double())
+    if all(bool(torch.isfinite(torch.stack(sums)).all()) for sums in by_device.values()):
+        return None
+    for index, t in enumerate(tensors):
+        if not bool(torch.isfinite(t).all()):
+            return index
+    return None
+
+
+def _check_finite(named: Sequence[Tuple[str, Tensor]]) -> None:
+    """Raise ValueError naming the first tensor with a NaN or Inf (or a meta tensor)."""
     for name, t in named:
         if t.device.type == "meta":
             raise ValueError(f"{name} is a meta tensor: it has no values to compute with")
-    sums = [t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32).double() for _, t in named]
-    if bool(torch.isfinite(torch.stack(sums)).all()):
-        return
-    for name, t in named:
-        if not bool(torch.isfinite(t).all()):
-            raise ValueError(f"{name} contains NaN or Inf")
+    bad = first_nonfinite([t for _, t in named])
+    if bad is not None:
+        raise ValueError(f"{named[bad][0]} contains NaN or Inf")
 
 
 def _check_real(x, name: str, *, minimum: Optional[float] = None) -> float:

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ..capture import Capture, LoRASite, find_lora_sites
+from ..lorsum import first_nonfinite
 
 __all__ = ["LoRAOptimizer"]
 
@@ -263,10 +264,6 @@ class LoRAOptimizer(torch.optim.Optimizer):
                 if p.grad is not None:
                     p.grad.mul_(inv_scale)
 
-    def state_dict(self) -> dict:
-        """Tensors and plain values only: per-layer state, the other optimizer's state, groups."""
-        return super().state_dict()
-
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore a ``state_dict()`` of the same optimizer on the same model; resumes bit-exactly.
 
@@ -302,17 +299,11 @@ class LoRAOptimizer(torch.optim.Optimizer):
                 tensors += [(site, "X", x), (site, "sD", g)]
         if not tensors:
             return
-        # One sum per tensor (NaN/Inf anywhere makes it non-finite), one host sync per device.
-        by_device: Dict[torch.device, List[Tensor]] = {}
-        for _, _, t in tensors:
-            acc = torch.float64 if t.dtype == torch.float64 else torch.float32
-            by_device.setdefault(t.device, []).append(t.sum(dtype=acc).double())
-        if all(bool(torch.isfinite(torch.stack(sums)).all()) for sums in by_device.values()):
-            return
-        for site, what, t in tensors:
-            if not bool(torch.isfinite(t).all()):
-                raise FloatingPointError(f"{type(self).__name__}: the captured {what} of LoRA layer "
-                                         f"{site.name!r} holds NaN or Inf; nothing was updated")
+        bad = first_nonfinite([t for _, _, t in tensors])
+        if bad is not None:
+            site, what, _ = tensors[bad]
+            raise FloatingPointError(f"{type(self).__name__}: the captured {what} of LoRA layer "
+                                     f"{site.name!r} holds NaN or Inf; nothing was updated")
 
     def _step_lora(self, group: dict) -> None:
         """Compute every reached layer's update, then write them all: a step that fails in any

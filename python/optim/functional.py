@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend
+from ..reference import compute_dtype
 
 __all__ = [
     "Update",
@@ -51,10 +52,6 @@ class Update(NamedTuple):
         b.copy_(self.b)
         a.copy_(self.a)
         state.update(self.state)
-
-
-def _compute_dtype(t: Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def grad_terms(chunks: Chunks) -> List[Tuple[Tensor, Tensor]]:
@@ -276,7 +273,7 @@ def scaled_oplora_update(
     b1, b2 = betas
     d_in, d_out = update_statistics(state, chunks, beta2=b2, metric=metric, statistics=statistics,
                                     loss_reduction=loss_reduction, init_scale=init_metric_scale,
-                                    n=a.shape[1], m=b.shape[0], device=b.device, dtype=_compute_dtype(b),
+                                    n=a.shape[1], m=b.shape[0], device=b.device, dtype=compute_dtype(b),
                                     inv_scale=inv_scale)
     met = None
     if metric_power != 0.0:
@@ -296,7 +293,7 @@ def svd_update(b: Tensor, a: Tensor, chunks: Chunks, state: Dict, *, lr: float, 
     Balanced factors ``B = U_r S_r^1/2``, ``A = S_r^1/2 V_r^T``. Computed in float32 (float64 for
     float64 factors).
     """
-    dtype = _compute_dtype(b)
+    dtype = compute_dtype(b)
     g = _explicit_grad(chunks, dtype)
     if inv_scale != 1.0:
         g = g * inv_scale
@@ -327,7 +324,7 @@ def riemannian_precondition(b: Tensor, a: Tensor, grad_b: Tensor, grad_a: Tensor
     factors, solved (LU, r x r) in float32 (float64 for float64 factors); returned in the
     gradients' dtypes. This is LoRSum's ``iters = 0`` family (scaled GD / Riemannian LoRA).
     """
-    dtype = _compute_dtype(b)
+    dtype = compute_dtype(b)
     r = b.shape[1]
     eye = torch.eye(r, dtype=dtype, device=b.device)
     bf, af = b.to(dtype), a.to(dtype)
