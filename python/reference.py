@@ -42,6 +42,12 @@ How a half-step is solved, and why
     a preconditioned term uses ``W^-1 Q = M^-1 W^T Q`` on the left and ``M_in^-1`` applied to the
     r x n sum on the right. Every product is (p x r)^T (p x k) or (r x k)(k x q).
 
+The optimizer step (``oplora.optim.engine``) runs the same half-steps on the captured rows
+through three ops of this module, which are also what the C++ and Triton backends implement:
+``row_pass`` (the only op that reads X and sD: every thin product of one half-step of several
+LoRSum problems, plus the diagonal K-FAC statistics, in one pass), ``thin_qr`` and
+``prox_solve``.
+
 Precision policy
     The big products -- the only ones that read the terms, O((p + q) k r) work -- run in the
     compute dtype: float32 for float16/bfloat16/float32 input, float64 when any input is float64.
@@ -60,7 +66,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["lorsum", "compute_dtype"]
+__all__ = ["lorsum", "compute_dtype", "row_pass", "thin_qr", "prox_solve", "Metric"]
 
 
 def compute_dtype(*tensors: Optional[Tensor]) -> torch.dtype:
@@ -68,7 +74,7 @@ def compute_dtype(*tensors: Optional[Tensor]) -> torch.dtype:
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-class _Metric:
+class Metric:
     """One side's metric ``M`` (p x p) as the few operators a half-step needs, in float64.
 
     ``M`` is ``None`` (identity), a positive vector ``d`` (``M = diag(d)``) or an SPD matrix
@@ -114,7 +120,7 @@ class _Metric:
         return y
 
 
-def _prox_solve(r_mat: Tensor, y: Tensor, x0: Tensor, lam: float, p: int) -> Tensor:
+def prox_solve(r_mat: Tensor, y: Tensor, x0: Tensor, lam: float, p: int) -> Tensor:
     """Solve ``min_X ||R X - Y||^2 + lam ||X - X0||^2`` through the SVD of the small ``R``.
 
     ``R`` is k x r (k = min(p, r)), ``Y`` k x q, ``X0`` r x q, all float64. Singular values at or
@@ -133,6 +139,43 @@ def _prox_solve(r_mat: Tensor, y: Tensor, x0: Tensor, lam: float, p: int) -> Ten
     return solve @ y + keep_start @ x0
 
 
+def thin_qr(z: Tensor) -> Tuple[Tensor, Tensor]:
+    """Reduced QR of a tall-skinny float64 ``Z`` (p x r): ``Q`` (p x k) with orthonormal columns
+    and upper-triangular ``R`` (k x r), ``k = min(p, r)``, ``Z = Q R`` (Householder, LAPACK)."""
+    return torch.linalg.qr(z, mode="reduced")
+
+
+def row_pass(
+    xs: Sequence[Tensor],
+    gs: Sequence[Tensor],
+    qd: Optional[Tensor],
+    qx: Optional[Tensor],
+    stats: bool = False,
+) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """One pass over a layer's rows: the products of the implicit gradient
+    ``G = sum_j G_j^T X_j`` (m x n) with thin matrices that LoRSum half-steps need, for several
+    right-hand sides at once.
+
+    ``xs``: ``X_j`` (T_j x n), ``gs``: ``G_j`` (T_j x m, the captured ``s D_j``), in the compute
+    dtype; ``qd`` (m x Kd) and ``qx`` (n x Kx) the right-hand sides (or None). Returns
+
+        px = G^T qd = sum_j X_j^T (G_j qd)    (n x Kd)   the A-side half-steps
+        pd = G qx   = sum_j G_j^T (X_j qx)    (m x Kx)   the B-side half-steps
+        sx = sum_j colsum(X_j^2)              (n,)       diagonal K-FAC statistics (``stats``)
+        sg = sum_j colsum(G_j^2)              (m,)
+
+    (None for what was not asked), in the compute dtype. ``G = sum_j G_j^T X_j`` (m x n) is never
+    formed: each product is two skinny matrix products through a T_j x K intermediate.
+    """
+    px = sum(x.mT @ (g @ qd) for x, g in zip(xs, gs)) if qd is not None else None
+    pd = sum(g.mT @ (x @ qx) for x, g in zip(xs, gs)) if qx is not None else None
+    sx = sg = None
+    if stats:
+        sx = sum(x.square().sum(0) for x in xs)
+        sg = sum(g.square().sum(0) for g in gs)
+    return px, pd, sx, sg
+
+
 def _half_step(
     f: Tensor,
     x0: Tensor,
@@ -140,8 +183,8 @@ def _half_step(
     rights: Sequence[Tensor],
     coeffs: Sequence[float],
     precondition: Sequence[bool],
-    metric_p: _Metric,
-    metric_q: _Metric,
+    metric_p: Metric,
+    metric_q: Metric,
     lam: float,
 ) -> Tensor:
     """``argmin_X ||W_p (F X - T)||^2 + lam ||X - X0||^2`` with ``T = sum c_i L_i' R_i'``.
@@ -152,7 +195,7 @@ def _half_step(
     """
     dtype = lefts[0].dtype
     p, q = f.shape[0], x0.shape[1]
-    qmat, r_mat = torch.linalg.qr(metric_p.weight(f), mode="reduced")
+    qmat, r_mat = thin_qr(metric_p.weight(f))
     k = qmat.shape[1]
     q_plain = metric_p.weight_t(qmat).to(dtype)
     q_prec = metric_p.unweight(qmat).to(dtype) if any(precondition) else None
@@ -168,7 +211,7 @@ def _half_step(
     y = y_plain.double()
     if y_prec is not None:
         y = y + metric_q.solve_right(y_prec.double())
-    return _prox_solve(r_mat, y, x0, lam, p)
+    return prox_solve(r_mat, y, x0, lam, p)
 
 
 def lorsum(
@@ -195,7 +238,7 @@ def lorsum(
     precondition = [False] * len(terms) if precondition is None else [bool(x) for x in precondition]
     coeffs = [float(c) for c in coeffs]
     lam = float(prox)
-    m_out, m_in = _Metric(metric[0]), _Metric(metric[1])
+    m_out, m_in = Metric(metric[0]), Metric(metric[1])
     us = [u.to(dtype) for u, _ in terms]
     vs = [v.to(dtype) for _, v in terms]
     b0_64, a0_64 = b0.double(), a0.double()

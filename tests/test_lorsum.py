@@ -401,29 +401,6 @@ def test_results_carry_no_autograd_history():
 
 # ---------------------------------------------------------------------------------------- dispatch
 
-def test_backend_info_reports_what_runs_and_why():
-    info = oplora.backend_info()
-    assert info["requested"] == "auto"
-    assert info["selected"] == {"cpu": "torch", "cuda": "torch"}
-    assert info["available"]["torch"] is True
-    assert set(info["reasons"]) == {"torch", "cpp", "triton"}
-    assert all(isinstance(v, str) and v for v in info["reasons"].values())
-
-
-def test_requesting_an_unavailable_backend_is_an_error(monkeypatch):
-    args = _good()
-    monkeypatch.setenv("OPLORA_BACKEND", "cpp")
-    with pytest.raises(RuntimeError, match="OPLORA_BACKEND=cpp but that backend is unavailable"):
-        _call(args)
-    assert oplora.backend_info()["selected"]["cpu"].startswith("none:")
-    monkeypatch.setenv("OPLORA_BACKEND", "gpu-please")
-    with pytest.raises(ValueError, match="OPLORA_BACKEND='gpu-please' is not one of"):
-        oplora.backend_info()
-    monkeypatch.setenv("OPLORA_BACKEND", "torch")
-    b, a = _call(args)
-    assert torch.isfinite(b).all()
-
-
 def test_public_function_is_the_reference_on_cpu():
     terms, coeffs, init, kw = make_problem(15, 12, 3, 4, dtype=torch.float32, metric="diag-pre")
     got = oplora.lorsum(terms, coeffs, init, iters=2, prox=0.1, **kw)

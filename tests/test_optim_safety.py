@@ -155,16 +155,21 @@ def test_data_parallel_replicas_are_refused():
 def test_a_failing_solve_leaves_factors_and_state_untouched(monkeypatch):
     model = make_model()
     opt = oplora.ScaledOPLoRA(model, lr=0.01, seed=0)
-    real = _backend._OPS["torch"]["lorsum"]
+    real = _backend.ops_for
     calls = []
 
-    def failing(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:  # the second layer, after the first computed its whole update
-            raise torch.linalg.LinAlgError("injected")
-        return real(*args, **kwargs)
+    def patched(device):
+        ops = real(device)
 
-    monkeypatch.setitem(_backend._OPS["torch"], "lorsum", failing)
+        def failing(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 7:  # in the last pass, after both layers' earlier half-steps succeeded
+                raise torch.linalg.LinAlgError("injected")
+            return ops.prox_solve(*args, **kwargs)
+
+        return ops._replace(prox_solve=failing)
+
+    monkeypatch.setattr(_backend, "ops_for", patched)
     x, y = batch()
     loss_fn(model, x, y).backward()
     snap = snapshot(model, opt)

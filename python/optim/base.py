@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from ..capture import Capture, LoRASite, find_lora_sites
 from ..lorsum import first_nonfinite
+from . import functional as F
 
 __all__ = ["LoRAOptimizer"]
 
@@ -307,17 +308,22 @@ class LoRAOptimizer(torch.optim.Optimizer):
 
     def _step_lora(self, group: dict) -> None:
         """Compute every reached layer's update, then write them all: a step that fails in any
-        layer's solve leaves every factor and every state untouched."""
+        layer's solve leaves every factor and every state untouched. Layers whose update is a
+        :class:`~oplora.optim.functional.Plan` are solved together by the step engine."""
         pending = []
         for index, site in enumerate(self._sites):
             if site.chunks:
                 chunks = [(x, g) for x, g, _ in site.chunks]
                 pending.append((site, self._update_site(index, site, chunks, self.state.get(site.B, {}), group)))
-        for site, update in pending:
+        solved = iter(F.run_plans([u for _, u in pending if isinstance(u, F.Plan)]))
+        updates = [(site, next(solved) if isinstance(u, F.Plan) else u) for site, u in pending]
+        for site, update in updates:
             update.apply(site.B, site.A, self.state[site.B])
 
     def _update_site(self, index: int, site: LoRASite, chunks, state: dict, group: dict):
-        """The layer's :class:`oplora.optim.functional.Update` (``state`` is read, never written)."""
+        """The layer's :class:`~oplora.optim.functional.Update`, or a
+        :class:`~oplora.optim.functional.Plan` for the step engine (``state`` is read, never
+        written)."""
         raise NotImplementedError
 
     @staticmethod

@@ -24,15 +24,20 @@ from torch import Tensor
 
 from .. import _backend
 from ..reference import compute_dtype
+from . import engine
 
 __all__ = [
     "Update",
-    "grad_terms",
+    "Plan",
+    "run_plans",
+    "plan_oplora",
+    "plan_scaled_oplora",
     "init_momentum",
     "oplora_update",
     "update_statistics",
     "metric_from_statistics",
     "scaled_oplora_update",
+    "kfac_diag_statistics",
     "svd_update",
     "riemannian_precondition",
 ]
@@ -54,11 +59,6 @@ class Update(NamedTuple):
         state.update(self.state)
 
 
-def grad_terms(chunks: Chunks) -> List[Tuple[Tensor, Tensor]]:
-    """The thin terms ``(sD_j^T, X_j)`` whose sum is G (views, no copies)."""
-    return [(g.mT, x) for x, g in chunks]
-
-
 def init_momentum(b: Tensor, a: Tensor, rank: int, seed: int) -> Tuple[Tensor, Tensor]:
     """Momentum start: ``Um = 0`` (m x k) and ``Vm`` (k x n) Gaussian with entries N(0, 1/n).
 
@@ -73,11 +73,30 @@ def init_momentum(b: Tensor, a: Tensor, rank: int, seed: int) -> Tuple[Tensor, T
     return torch.zeros(m, rank, dtype=b.dtype, device=b.device), vm.to(device=a.device, dtype=a.dtype)
 
 
-def _lorsum(device: torch.device) -> Callable:
-    return _backend.lorsum_impl(device)
+class Plan(NamedTuple):
+    """A layer's step as engine problems (``layer``) and how to turn their solutions into the
+    layer's :class:`Update` (``finish``)."""
+
+    layer: engine.Layer
+    finish: Callable[[List[Tuple[Tensor, Tensor]]], Update]
+    device: torch.device
 
 
-def oplora_update(
+def run_plans(plans: Sequence[Plan], reduce: Optional[Callable[[List[Tensor]], None]] = None) -> List[Update]:
+    """Solve the plans of many layers together, one engine run per device (``oplora._backend``
+    picks the ops), and return their updates in order."""
+    updates: List[Optional[Update]] = [None] * len(plans)
+    by_device: Dict[torch.device, List[int]] = {}
+    for i, plan in enumerate(plans):
+        by_device.setdefault(plan.device, []).append(i)
+    for device, index in by_device.items():
+        solved = engine.solve([plans[i].layer for i in index], _backend.ops_for(device), reduce)
+        for i, sol in zip(index, solved):
+            updates[i] = plans[i].finish(sol)
+    return updates  # type: ignore[return-value]
+
+
+def plan_oplora(
     b: Tensor,
     a: Tensor,
     chunks: Chunks,
@@ -91,10 +110,50 @@ def oplora_update(
     start: str,
     momentum_rank: int,
     seed: int,
-    metric: Optional[Tuple[Tensor, Tensor]] = None,
+    metric: engine.MetricSpec = None,
+    metric_from_stats: Optional[Callable] = None,
     inv_scale: float = 1.0,
     extra_state: Optional[Dict] = None,
-) -> Update:
+) -> Plan:
+    """One OPLoRA step of a layer (SPEC section 3) as a :class:`Plan`; see :func:`oplora_update`.
+
+    ``metric`` may be :data:`oplora.optim.engine.STATS` with ``metric_from_stats`` (the
+    ScaledOPLoRA step, whose metric comes from this step's rows). ``extra_state`` is read when
+    the plan finishes (the statistics callback fills it during the solve).
+    """
+    lam = lr * prox
+    use_momentum = momentum != 0.0
+    if use_momentum:
+        if "momentum_U" in state:
+            um, vm = state["momentum_U"], state["momentum_V"]
+        else:
+            um, vm = init_momentum(b, a, momentum_rank, seed)
+    pre = metric is not None
+    thin = [(b, a, 1.0, False)]
+    if use_momentum:
+        thin.append((um, vm, -lr * momentum, pre))
+    problems = [engine.Problem(init=(b, a), thin=thin, data_coeff=-lr * (1.0 - dampening) * inv_scale,
+                               data_precondition=pre, metric=metric, lam=lam, iters=iters, start=start)]
+    if use_momentum:
+        problems.append(engine.Problem(init=(um, vm), thin=[(um, vm, momentum, False)],
+                                       data_coeff=(1.0 - dampening) * inv_scale, lam=lam, iters=iters,
+                                       start=start))
+    layer = engine.Layer(xs=[x for x, _ in chunks], gs=[g for _, g in chunks], problems=problems,
+                         metric_from_stats=metric_from_stats)
+    step = state.get("step", 0) + 1
+
+    def finish(solutions: List[Tuple[Tensor, Tensor]]) -> Update:
+        updates = dict(extra_state or {})
+        if use_momentum:
+            updates["momentum_U"], updates["momentum_V"] = solutions[1]
+        updates["step"] = step
+        new_b, new_a = solutions[0]
+        return Update(new_b, new_a, updates)
+
+    return Plan(layer, finish, b.device)
+
+
+def oplora_update(b: Tensor, a: Tensor, chunks: Chunks, state: Dict, **hyper) -> Update:
     """One OPLoRA step of a layer (SPEC section 3), returned as an :class:`Update`.
 
     1. ``(B, A) <- lorsum([(B, A), (sD^T, X), (Um, Vm)], [1, -lr (1 - dampening), -lr momentum],
@@ -103,37 +162,13 @@ def oplora_update(
     2. ``(Um, Vm) <- lorsum([(Um, Vm), (sD^T, X)], [momentum, 1 - dampening], init=(Um, Vm),
        iters, prox=lr*prox)``, never with a metric. Skipped altogether when ``momentum == 0``.
 
-    Both use the momentum of before the step. ``state`` keys: ``step`` (int), ``momentum_U``
-    (m x k), ``momentum_V`` (k x n), created at the first call. ``inv_scale`` multiplies G (the
-    inverse of a GradScaler loss scale). ``extra_state`` (optional): more entries for the update.
+    Both use the momentum of before the step; they run together in the step engine
+    (:mod:`oplora.optim.engine`), sharing every pass over X and sD. ``state`` keys: ``step``
+    (int), ``momentum_U`` (m x k), ``momentum_V`` (k x n), created at the first call.
+    ``inv_scale`` multiplies G (the inverse of a GradScaler loss scale). Keyword arguments: those
+    of :func:`plan_oplora`.
     """
-    lorsum = _lorsum(b.device)
-    lam = lr * prox
-    gterms = grad_terms(chunks)
-    use_momentum = momentum != 0.0
-    if use_momentum:
-        if "momentum_U" in state:
-            um, vm = state["momentum_U"], state["momentum_V"]
-        else:
-            um, vm = init_momentum(b, a, momentum_rank, seed)
-    terms = [(b, a)] + gterms
-    coeffs = [1.0] + [-lr * (1.0 - dampening) * inv_scale] * len(gterms)
-    if use_momentum:
-        terms.append((um, vm))
-        coeffs.append(-lr * momentum)
-    precondition = None
-    if metric is not None:
-        precondition = [False] + [True] * (len(terms) - 1)
-    new_b, new_a = lorsum(terms, coeffs, (b, a), iters=iters, prox=lam, metric=metric,
-                          precondition=precondition, start=start)
-    if use_momentum:
-        new_um, new_vm = lorsum([(um, vm)] + gterms, [momentum] + [(1.0 - dampening) * inv_scale] * len(gterms),
-                                (um, vm), iters=iters, prox=lam, start=start)
-    updates = dict(extra_state or {})
-    if use_momentum:
-        updates["momentum_U"], updates["momentum_V"] = new_um, new_vm
-    updates["step"] = state.get("step", 0) + 1
-    return Update(new_b, new_a, updates)
+    return run_plans([plan_oplora(b, a, chunks, state, **hyper)])[0]
 
 
 def _sum_squares(chunks: Chunks, which: int, dtype: torch.dtype) -> Tensor:
@@ -163,6 +198,34 @@ def _shampoo_diagonals(chunks: Chunks, dtype: torch.dtype, block: int = 256) -> 
     return rows, cols
 
 
+def _statistics_start(state: Dict, *, metric: str, init_scale: float, n: int, m: int, device: torch.device,
+                      dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+    if "d_in" in state:
+        return state["d_in"], state["d_out"]
+    if metric == "diag":
+        return (torch.full((n,), init_scale, dtype=dtype, device=device),
+                torch.full((m,), init_scale, dtype=dtype, device=device))
+    return init_scale * torch.eye(n, dtype=dtype, device=device), init_scale * torch.eye(m, dtype=dtype, device=device)
+
+
+def _out_scale(rows: int, loss_reduction: str, inv_scale: float) -> float:
+    """``c * inv_scale^2``: c = T for a mean loss, 1/T for a summed one (SPEC section 3)."""
+    return (float(rows) if loss_reduction == "mean" else 1.0 / rows) * inv_scale**2
+
+
+def kfac_diag_statistics(state: Dict, sx: Tensor, sg: Tensor, rows: int, *, beta2: float, loss_reduction: str,
+                         init_scale: float, dtype: torch.dtype, inv_scale: float = 1.0) -> Tuple[Tensor, Tensor]:
+    """The diagonal K-FAC EMAs ``(d_in, d_out)`` from the column sums of squares of this step's
+    rows, ``sx = sum_t x_t^2`` (n) and ``sg = sum_t g_t^2`` (m), as new tensors in ``dtype``:
+    ``d_in <- b2 d_in + (1 - b2) sx / T``, ``d_out <- b2 d_out + (1 - b2) c sg`` (see
+    :func:`update_statistics`). ``state`` is not modified."""
+    d_in, d_out = _statistics_start(state, metric="diag", init_scale=init_scale, n=sx.shape[0], m=sg.shape[0],
+                                    device=sx.device, dtype=dtype)
+    new_in = sx.to(dtype) / rows
+    new_out = sg.to(dtype) * _out_scale(rows, loss_reduction, inv_scale)
+    return d_in * beta2 + (1.0 - beta2) * new_in, d_out * beta2 + (1.0 - beta2) * new_out
+
+
 def update_statistics(
     state: Dict,
     chunks: Chunks,
@@ -185,7 +248,9 @@ def update_statistics(
     ``d_in <- b2 d_in + (1 - b2) mean_t x_t^2`` and ``d_out <- b2 d_out + (1 - b2) c sum_t g_t^2``
     with ``g_t = s D_t`` and ``c = T`` for a mean loss (per-example gradient scale), ``1/T`` for a
     summed loss. ``metric="dense"`` keeps the matrices ``X^T X / T`` (n x n) and ``c g^T g``
-    (m x m) instead of their diagonals.
+    (m x m) instead of their diagonals. (The optimizers compute the diagonal K-FAC sums inside the
+    step's first pass over the rows, :func:`kfac_diag_statistics`; this function is their
+    reference and computes every other kind.)
 
     ``statistics="shampoo"``: the statistics of G itself, ``d_out`` from ``c G G^T`` and ``d_in``
     from ``c G^T G`` (diagonals, or the matrices with ``metric="dense"``, which forms G), with
@@ -196,29 +261,23 @@ def update_statistics(
     inverse GradScaler loss scale of the captured sD (its statistics scale by its square).
     """
     rows = sum(x.shape[0] for x, _ in chunks)
-    if "d_in" in state:
-        d_in, d_out = state["d_in"], state["d_out"]
-    elif metric == "diag":
-        d_in = torch.full((n,), init_scale, dtype=dtype, device=device)
-        d_out = torch.full((m,), init_scale, dtype=dtype, device=device)
-    else:
-        d_in = init_scale * torch.eye(n, dtype=dtype, device=device)
-        d_out = init_scale * torch.eye(m, dtype=dtype, device=device)
-    scale = float(rows) if loss_reduction == "mean" else 1.0 / rows
+    d_in, d_out = _statistics_start(state, metric=metric, init_scale=init_scale, n=n, m=m, device=device,
+                                    dtype=dtype)
+    out_scale = _out_scale(rows, loss_reduction, inv_scale)
     if statistics == "kfac":
         if metric == "diag":
             new_in = _sum_squares(chunks, 0, dtype) / rows
-            new_out = _sum_squares(chunks, 1, dtype) * (scale * inv_scale**2)
+            new_out = _sum_squares(chunks, 1, dtype) * out_scale
         else:
             new_in = _grams(chunks, 0, dtype) / rows
-            new_out = _grams(chunks, 1, dtype) * (scale * inv_scale**2)
+            new_out = _grams(chunks, 1, dtype) * out_scale
     else:
         if metric == "diag":
             new_out, new_in = _shampoo_diagonals(chunks, dtype)
         else:
             g = _explicit_grad(chunks, dtype)
             new_out, new_in = g @ g.mT, g.mT @ g
-        new_out, new_in = new_out * (scale * inv_scale**2), new_in * (scale * inv_scale**2)
+        new_out, new_in = new_out * out_scale, new_in * out_scale
     return d_in * beta2 + (1.0 - beta2) * new_in, d_out * beta2 + (1.0 - beta2) * new_out
 
 
@@ -241,7 +300,7 @@ def metric_from_statistics(d: Tensor, damping: float, power: float) -> Tensor:
     return (0.5 * (out + out.mT)).to(d.dtype)
 
 
-def scaled_oplora_update(
+def plan_scaled_oplora(
     b: Tensor,
     a: Tensor,
     chunks: Chunks,
@@ -261,27 +320,51 @@ def scaled_oplora_update(
     momentum_rank: int,
     seed: int,
     inv_scale: float = 1.0,
-) -> Update:
+) -> Plan:
+    """One ScaledOPLoRA step of a layer as a :class:`Plan`; see :func:`scaled_oplora_update`.
+
+    Diagonal K-FAC statistics are summed in the step's first pass over the rows (the engine runs
+    the step itself one pass later, the momentum's first half-step alongside the statistics);
+    the other kinds are computed up front by :func:`update_statistics`.
+    """
+    b1, b2 = betas
+    dtype = compute_dtype(b)
+    rows = sum(x.shape[0] for x, _ in chunks)
+    stats: Dict[str, Tensor] = {}
+
+    def to_metric(d_in: Tensor, d_out: Tensor):
+        stats["d_in"], stats["d_out"] = d_in, d_out
+        if metric_power == 0.0:
+            return None
+        return (metric_from_statistics(d_out, damping, metric_power),
+                metric_from_statistics(d_in, damping, metric_power))
+
+    common = dict(lr=lr, momentum=b1, dampening=b1, iters=iters, prox=prox, start=start,
+                  momentum_rank=momentum_rank, seed=seed, inv_scale=inv_scale, extra_state=stats)
+    if metric == "diag" and statistics == "kfac":
+        def from_stats(sx: Tensor, sg: Tensor):
+            return to_metric(*kfac_diag_statistics(state, sx, sg, rows, beta2=b2, loss_reduction=loss_reduction,
+                                                   init_scale=init_metric_scale, dtype=dtype, inv_scale=inv_scale))
+
+        # With p = 0 the step has no metric: it need not wait for the statistics pass.
+        step_metric = engine.STATS if metric_power != 0.0 else None
+        return plan_oplora(b, a, chunks, state, metric=step_metric, metric_from_stats=from_stats, **common)
+    d_in, d_out = update_statistics(state, chunks, beta2=b2, metric=metric, statistics=statistics,
+                                    loss_reduction=loss_reduction, init_scale=init_metric_scale,
+                                    n=a.shape[1], m=b.shape[0], device=b.device, dtype=dtype, inv_scale=inv_scale)
+    return plan_oplora(b, a, chunks, state, metric=to_metric(d_in, d_out), **common)
+
+
+def scaled_oplora_update(b: Tensor, a: Tensor, chunks: Chunks, state: Dict, **hyper) -> Update:
     """One ScaledOPLoRA step (diagonal fractional K-FAC, SPEC section 3), as an :class:`Update`.
 
     Statistics first (this step's rows included, as Adam's second moment), then the OPLoRA step
     with metric ``((d_out + damping)^p, (d_in + damping)^p)`` on the gradient and momentum terms,
     coefficients ``[1, -lr (1 - b1), -lr b1]``, then the momentum update with ``[b1, 1 - b1]`` and
     no metric. With ``metric_power = 0`` this is exactly ``oplora_update`` with
-    ``momentum = dampening = b1``.
+    ``momentum = dampening = b1``. Keyword arguments: those of :func:`plan_scaled_oplora`.
     """
-    b1, b2 = betas
-    d_in, d_out = update_statistics(state, chunks, beta2=b2, metric=metric, statistics=statistics,
-                                    loss_reduction=loss_reduction, init_scale=init_metric_scale,
-                                    n=a.shape[1], m=b.shape[0], device=b.device, dtype=compute_dtype(b),
-                                    inv_scale=inv_scale)
-    met = None
-    if metric_power != 0.0:
-        met = (metric_from_statistics(d_out, damping, metric_power),
-               metric_from_statistics(d_in, damping, metric_power))
-    return oplora_update(b, a, chunks, state, lr=lr, momentum=b1, dampening=b1, iters=iters, prox=prox,
-                         start=start, momentum_rank=momentum_rank, seed=seed, metric=met, inv_scale=inv_scale,
-                         extra_state={"d_in": d_in, "d_out": d_out})
+    return run_plans([plan_scaled_oplora(b, a, chunks, state, **hyper)])[0]
 
 
 def svd_update(b: Tensor, a: Tensor, chunks: Chunks, state: Dict, *, lr: float, momentum: float,

@@ -66,7 +66,7 @@ class OPLoRA(LoRAOptimizer):
         super().__init__(model, defaults, other=other, other_kwargs=other_kwargs, strict=strict)
 
     def _update_site(self, index, site, chunks, state, group):
-        return F.oplora_update(
+        return F.plan_oplora(
             site.B, site.A, chunks, state,
             lr=float(group["lr"]), momentum=float(group["momentum"]), dampening=float(group["dampening"]),
             iters=int(group["iters"]), prox=float(group["prox"]), start=group["start"],
@@ -126,7 +126,7 @@ class ScaledOPLoRA(LoRAOptimizer):
         super().__init__(model, defaults, other=other, other_kwargs=other_kwargs, strict=strict)
 
     def _update_site(self, index, site, chunks, state, group):
-        return F.scaled_oplora_update(
+        return F.plan_scaled_oplora(
             site.B, site.A, chunks, state,
             lr=float(group["lr"]), betas=tuple(float(b) for b in group["betas"]), damping=float(group["damping"]),
             metric_power=float(group["metric_power"]), iters=int(group["iters"]), prox=float(group["prox"]),
