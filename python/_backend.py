@@ -9,7 +9,8 @@ What a backend provides (:class:`Ops`), the ops of the optimizer step engine
   ``G^T qd``, ``G qx`` of its implicit gradient and its diagonal K-FAC statistics, reading the
   rows once (``reference.row_pass``); one call for all layers of a step;
 * ``rows(t, dtype)``: the captured rows as ``row_pass`` takes them (see the precision policy);
-* ``thin_qr(Z)`` and ``prox_solve(R, Y, X0, lam, p)``: the float64 r-sized work of a half-step.
+* ``thin_qr(Zs)`` and ``prox_solve(problems)``: the float64 r-sized work of the half-steps, one
+  call for all half-steps of a pass (``reference.thin_qr``, ``reference.prox_solve`` per item).
 
 Backends:
 
@@ -50,6 +51,7 @@ logger = logging.getLogger("oplora")
 
 Job = Tuple[Sequence[Tensor], Sequence[Tensor], Optional[Tensor], Optional[Tensor], bool]
 PassResult = Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor]]
+SmallProblem = Tuple[Tensor, Tensor, Tensor, float, int]  # (R, Y, X0, lam, p) of reference.prox_solve
 
 
 class Ops(NamedTuple):
@@ -58,8 +60,8 @@ class Ops(NamedTuple):
     name: str
     rows: Callable[[Tensor, torch.dtype], Tensor]
     row_pass: Callable[[Sequence[Job]], List[PassResult]]
-    thin_qr: Callable[[Tensor], Tuple[Tensor, Tensor]]
-    prox_solve: Callable[[Tensor, Tensor, Tensor, float, int], Tensor]
+    thin_qr: Callable[[Sequence[Tensor]], List[Tuple[Tensor, Tensor]]]
+    prox_solve: Callable[[Sequence[SmallProblem]], List[Tensor]]
 
 
 def _torch_rows(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -70,8 +72,8 @@ TORCH_OPS = Ops(
     name="torch",
     rows=_torch_rows,
     row_pass=lambda jobs: [reference.row_pass(*job) for job in jobs],
-    thin_qr=reference.thin_qr,
-    prox_solve=reference.prox_solve,
+    thin_qr=lambda zs: [reference.thin_qr(z) for z in zs],
+    prox_solve=lambda problems: [reference.prox_solve(*p) for p in problems],
 )
 
 

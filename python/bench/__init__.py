@@ -1,10 +1,33 @@
 """``oplora-bench`` (also ``python -m oplora.bench``): the package's benchmarks.
 
-Suites (``--suite``): ``lorsum`` (default) -- LoRSum vs the full SVD and ``torch.svd_lowrank``
-of the explicit matrix on OPLoRA step targets; see :mod:`oplora.bench.lorsum`. Results (CSV,
-markdown table, PNG plot) go to ``bench/results/`` with the machine, versions, date and command.
+Suites (``--suite``, each a module of this package with its own ``main(argv)`` and options):
+
+* ``lorsum`` (default) -- LoRSum vs the full SVD and ``torch.svd_lowrank`` of the explicit
+  matrix on OPLoRA step targets; see :mod:`oplora.bench.lorsum`.
+
+Results (CSV, markdown table, PNG plot) go to ``bench/results/`` with the machine, versions,
+date and command. ``oplora-bench --suite NAME --help`` lists a suite's options.
 """
 
-from .lorsum import main
+from __future__ import annotations
 
-__all__ = ["main"]
+import argparse
+import importlib
+import sys
+from typing import Optional, Sequence
+
+__all__ = ["main", "SUITES"]
+
+#: suite name -> module (imported only when that suite runs).
+SUITES = {
+    "lorsum": "oplora.bench.lorsum",
+}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Command-line entry point: run the suite ``--suite`` names (default ``lorsum``)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--suite", choices=sorted(SUITES), default="lorsum")
+    known, _ = pre.parse_known_args(argv)
+    return importlib.import_module(SUITES[known.suite]).main(argv)

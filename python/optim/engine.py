@@ -153,21 +153,24 @@ class _LayerRun:
         return not run.done and run.m_out is not None
 
 
-def _prepare(run: _Run, side: str, ops, dtype: torch.dtype) -> _Half:
-    """QR of the weighted fixed factor of ``run``'s next ``side`` half-step."""
+def _weighted_factor(run: _Run, side: str) -> Tensor:
+    """``W F``: the fixed factor of ``run``'s next ``side`` half-step, weighted by its metric."""
     if side == "A":
-        f, metric = run.b, run.m_out
-    else:
-        f, metric = run.a.mT, run.m_in
-    qmat, r_mat = ops.thin_qr(metric.weight(f))
+        return run.m_out.weight(run.b)
+    return run.m_in.weight(run.a.mT)
+
+
+def _half(run: _Run, side: str, qmat: Tensor, r_mat: Tensor, dtype: torch.dtype) -> _Half:
+    metric = run.m_out if side == "A" else run.m_in
     q_plain = metric.weight_t(qmat)
     q_prec = metric.unweight(qmat) if run.needs_prec else None
     rhs = (q_prec if run.problem.data_precondition else q_plain).to(dtype)
     return _Half(side, r_mat, q_plain, q_prec, rhs)
 
 
-def _finish(run: _Run, half: _Half, product: Tensor, ops, dtype: torch.dtype) -> Tensor:
-    """The half-step's solution from ``product`` (``G^T rhs`` for A, ``G rhs`` for B; q x k)."""
+def _target(run: _Run, half: _Half, product: Tensor, dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor, float, int]:
+    """The half-step's proximal least-squares problem ``(R, Y, X0, lam, p)`` from ``product``
+    (``G^T rhs`` for A, ``G rhs`` for B; q x k): ``Y = Q^T W T`` through the thin terms."""
     p = half.q_plain.shape[0]
     if half.side == "A":
         metric_q, x0 = run.m_in, run.a0
@@ -189,7 +192,7 @@ def _finish(run: _Run, half: _Half, product: Tensor, ops, dtype: torch.dtype) ->
         else:
             y_plain = y_plain + term
     y = y_plain if y_prec is None else y_plain + metric_q.solve_right(y_prec)
-    return ops.prox_solve(half.r_mat, y, x0, run.problem.lam, p)
+    return half.r_mat, y, x0, run.problem.lam, p
 
 
 def solve(layers: Sequence[Layer], ops, reduce: Optional[Callable[[List[Tensor]], None]] = None
@@ -197,57 +200,68 @@ def solve(layers: Sequence[Layer], ops, reduce: Optional[Callable[[List[Tensor]]
     """Solve every problem of every layer; returns, per layer, per problem, the new ``(B, A)`` in
     the dtype of the problem's ``init`` (new tensors; nothing is modified).
 
-    ``ops``: the backend (``oplora._backend.ops_for(device)``): ``rows``, ``row_pass``,
-    ``thin_qr``, ``prox_solve``. ``reduce`` (optional) is called with the list of every tensor a
-    pass produced (in place), before any of them is used.
+    ``ops``: the backend (``oplora._backend.ops_for(device)``). Per pass, each of its ops is
+    called once for all layers: ``thin_qr`` on every half-step's weighted factor, ``row_pass`` on
+    every layer's rows, ``prox_solve`` on every half-step's small problem. ``reduce`` (optional)
+    is called with the list of every tensor a pass's ``row_pass`` produced (to reduce in place),
+    before any of them is used.
     """
     runs = [_LayerRun(layer, ops) for layer in layers]
     while True:
+        # 1. The half-steps every ready problem takes in this pass, and their QRs (one call).
+        todo = [(lr_, run, side) for lr_ in runs for run in lr_.runs if lr_.ready(run)
+                for side in run.schedule[run.pos]]
+        factored = ops.thin_qr([_weighted_factor(run, side) for _, run, side in todo]) if todo else []
+        for (lr_, run, side), (qmat, r_mat) in zip(todo, factored):
+            run.halves.append(_half(run, side, qmat, r_mat, lr_.dtype))
+        # 2. One row pass per layer that has anything to compute (one call for all layers).
         jobs, active = [], []
         for lr_ in runs:
             want_stats = not lr_.stats_done
-            qd_blocks: List[_Half] = []
-            qx_blocks: List[_Half] = []
-            for run in lr_.runs:
-                if not lr_.ready(run):
-                    continue
-                side = run.schedule[run.pos]
-                run.halves = [_prepare(run, s, ops, lr_.dtype) for s in side]
-                for half in run.halves:
-                    blocks = qd_blocks if half.side == "A" else qx_blocks
-                    half.offset = sum(h.rhs.shape[1] for h in blocks)
-                    blocks.append(half)
-            if not (qd_blocks or qx_blocks or want_stats):
+            halves = [h for run in lr_.runs for h in run.halves]
+            blocks = {}
+            for side in ("A", "B"):
+                offset = 0
+                for h in halves:
+                    if h.side == side:
+                        h.offset = offset
+                        offset += h.rhs.shape[1]
+                chosen = [h.rhs for h in halves if h.side == side]
+                blocks[side] = torch.cat(chosen, 1).contiguous() if chosen else None
+            if not (halves or want_stats):
                 continue
-            qd = torch.cat([h.rhs for h in qd_blocks], 1).contiguous() if qd_blocks else None
-            qx = torch.cat([h.rhs for h in qx_blocks], 1).contiguous() if qx_blocks else None
-            jobs.append((lr_.xs, lr_.gs, qd, qx, want_stats))
+            jobs.append((lr_.xs, lr_.gs, blocks["A"], blocks["B"], want_stats))
             active.append(lr_)
         if not jobs:
             break
         results = ops.row_pass(jobs)
         if reduce is not None:
             reduce([t for res in results for t in res if t is not None])
+        # 3. The statistics' metrics, then every half-step's small solve (one call).
+        problems, owners = [], []
         for lr_, (px, pd, sx, sg) in zip(active, results):
-            stepping = [run for run in lr_.runs if run.halves]
             if not lr_.stats_done:
                 metric = lr_.layer.metric_from_stats(sx, sg)
                 lr_.stats_done = True
                 for run in lr_.runs:
                     if run.problem.metric == STATS:
                         lr_._set_metric(run, metric)
-            for run in stepping:
-                new = {}
+            for run in lr_.runs:
                 for half in run.halves:
                     product = px if half.side == "A" else pd
                     product = product[:, half.offset:half.offset + half.rhs.shape[1]]
-                    new[half.side] = _finish(run, half, product, ops, lr_.dtype)
-                if "A" in new:
-                    run.a = new["A"]
-                if "B" in new:
-                    run.b = new["B"].mT
-                run.halves = []
-                run.pos += 1
+                    problems.append(_target(run, half, product, lr_.dtype))
+                    owners.append((run, half.side))
+        for (run, side), x in zip(owners, ops.prox_solve(problems) if problems else []):
+            if side == "A":
+                run.a = x
+            else:
+                run.b = x.mT
+        for lr_ in active:
+            for run in lr_.runs:
+                if run.halves:
+                    run.halves = []
+                    run.pos += 1
     out = []
     for lr_ in runs:
         res = []
