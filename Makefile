@@ -5,6 +5,8 @@
 # torch: the venv keeps a torch it already has; otherwise it gets TORCH_SPEC (the CPU wheel
 # torch==2.13.0 on the dev/CI machines -- never a bare `pip install torch`, which pulls a CUDA build).
 # On a machine whose system Python already has torch (the GPU image): make test VENV_FLAGS=--system-site-packages
+# The C++ CPU extension (csrc/) is built by the install; OPLORA_REQUIRE_EXT=1 (the default here, and
+# in CI) makes a failed build or load an error instead of a fallback to torch ops.
 
 PYTHON     ?= python3
 VENV       ?= .venv
@@ -13,6 +15,8 @@ TORCH_SPEC ?= torch==2.13.0
 EXTRAS     ?= test,bench,examples
 BENCH_ARGS ?=
 PYTEST_ARGS ?=
+OPLORA_REQUIRE_EXT ?= 1
+export OPLORA_REQUIRE_EXT
 
 PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.oplora-installed
@@ -21,7 +25,7 @@ STAMP := $(VENV)/.oplora-installed
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py CMakeLists.txt Makefile
+$(STAMP): pyproject.toml setup.py CMakeLists.txt Makefile $(wildcard csrc/*.cpp csrc/*.h)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --progress-bar off "$(TORCH_SPEC)"
 	$(PY) -m pip install --progress-bar off -e ".[$(EXTRAS)]"
