@@ -18,20 +18,28 @@ class SVDLoRA(LoRAOptimizer):
     The accuracy ideal OPLoRA approximates, at the cost it avoids: per layer it forms the m x n
     matrix ``B A - lr M`` (``M = G = sD^T X``, or with ``momentum > 0`` the heavy-ball buffer
     ``M <- momentum M + G``, an m x n state) and runs a full SVD; balanced factors
-    ``B = U_r S_r^1/2``, ``A = S_r^1/2 V_r^T``. Other parameters: as in :class:`OPLoRA`.
+    ``B = U_r S_r^1/2``, ``A = S_r^1/2 V_r^T``. Other parameters, ``max_grad_norm``,
+    ``skip_nonfinite``: as in :class:`OPLoRA`. Refused on several data-parallel ranks
+    (``NotImplementedError``): the step needs every rank's m x n gradient.
     """
 
     def __init__(self, model: nn.Module, lr: float = 1e-3, *, momentum: float = 0.0,
-                 other: OtherSpec = "adamw", other_kwargs: Optional[dict] = None, strict: bool = False):
+                 other: OtherSpec = "adamw", other_kwargs: Optional[dict] = None, strict: bool = False,
+                 max_grad_norm: Optional[float] = None, skip_nonfinite: bool = False, process_group=None):
         defaults = {
             "lr": _check_real(lr, "lr", low=0.0),
             "momentum": _check_real(momentum, "momentum", low=0.0, high=1.0, high_open=True),
         }
-        super().__init__(model, defaults, other=other, other_kwargs=other_kwargs, strict=strict)
+        super().__init__(model, defaults, other=other, other_kwargs=other_kwargs, strict=strict,
+                         max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite, process_group=process_group)
 
     def _update_site(self, index, site, chunks, state, group):
         return F.svd_update(site.B, site.A, chunks, state, lr=float(group["lr"]), momentum=float(group["momentum"]),
-                     inv_scale=self._inv_scale)
+                     inv_scale=self._grad_coeff)
+
+    def _distributed_unsupported(self, defaults):
+        return ("SVDLoRA forms each layer's m x n step, so it would need the m x n gradient of every "
+                "rank; use OPLoRA, ScaledOPLoRA or RiemannianLoRA for data-parallel training")
 
 
 class RiemannianLoRA(LoRAOptimizer):
@@ -46,19 +54,26 @@ class RiemannianLoRA(LoRAOptimizer):
     a layer whose factors have no gradient is left untouched. The preconditioned gradients are
     written into ``A.grad``/``B.grad`` before the base step. Other parameters: as in
     :class:`OPLoRA`; the base optimizer's hyper-parameters live in the LoRA param group.
+
+    ``max_grad_norm`` clips as ``torch.nn.utils.clip_grad_norm_`` over every ``.grad`` (the factor
+    gradients included: they are what this optimizer steps from), before the preconditioning.
+    Under DDP the factor gradients are already averaged, so it needs no reduction of its own
+    (clipping included).
     """
 
     uses_capture = False
 
     def __init__(self, model: nn.Module, lr: float = 1e-3, *, base: str = "sgd", damping: float = 1e-6,
                  base_kwargs: Optional[dict] = None, other: OtherSpec = "adamw",
-                 other_kwargs: Optional[dict] = None, strict: bool = False):
+                 other_kwargs: Optional[dict] = None, strict: bool = False,
+                 max_grad_norm: Optional[float] = None, skip_nonfinite: bool = False, process_group=None):
         defaults = {
             "lr": _check_real(lr, "lr", low=0.0),
             "damping": _check_real(damping, "damping", low=0.0, low_open=True),
             "base": _check_choice(base, "base", ("sgd", "adamw")),
         }
-        super().__init__(model, defaults, other=other, other_kwargs=other_kwargs, strict=strict)
+        super().__init__(model, defaults, other=other, other_kwargs=other_kwargs, strict=strict,
+                         max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite, process_group=process_group)
         lora = self.lora_group
         inner = _build_inner(base, list(lora["params"]), defaults["lr"], base_kwargs, "base")
         self._share("lora", inner, lora)

@@ -40,6 +40,7 @@ __all__ = [
     "kfac_diag_statistics",
     "svd_update",
     "riemannian_precondition",
+    "grad_sq_norm",
 ]
 
 Chunks = Sequence[Tuple[Tensor, Tensor]]
@@ -84,7 +85,9 @@ class Plan(NamedTuple):
 
 def run_plans(plans: Sequence[Plan], reduce: Optional[Callable[[List[Tensor]], None]] = None) -> List[Update]:
     """Solve the plans of many layers together, one engine run per device (``oplora._backend``
-    picks the ops), and return their updates in order."""
+    picks the ops), and return their updates in order. ``reduce`` (data parallel) is handed to
+    :func:`oplora.optim.engine.solve`: it receives every tensor of each row pass (thin products,
+    diagonal K-FAC sums) to reduce in place before they are used."""
     updates: List[Optional[Update]] = [None] * len(plans)
     by_device: Dict[torch.device, List[int]] = {}
     for i, plan in enumerate(plans):
@@ -184,6 +187,57 @@ def _explicit_grad(chunks: Chunks, dtype: torch.dtype) -> Tensor:
     return sum((g.to(dtype).mT @ x.to(dtype) for x, g in chunks))
 
 
+def _row_blocks(chunks: Chunks, dtype: torch.dtype, block: int) -> List[Tuple[Tensor, Tensor]]:
+    """The rows of every chunk in blocks of at most ``block`` rows, in ``dtype`` (views when the
+    dtype already matches; otherwise one converted copy of the rows in all)."""
+    out = []
+    for x, g in chunks:
+        for lo in range(0, x.shape[0], block):
+            out.append((x[lo:lo + block].to(dtype), g[lo:lo + block].to(dtype)))
+    return out
+
+
+def grad_sq_norm(chunks: Chunks, *, method: str = "auto", block: int = 1024) -> Tensor:
+    """``||G||_F^2`` of a layer's implicit gradient ``G = sum_j sD_j^T X_j`` (m x n), as a 0-dim
+    float64 tensor on the rows' device; computed in float32 (float64 for float64 rows), summed
+    in float64. ``chunks``: pairs ``(X_j, sD_j)`` (T_j x n, T_j x m), T rows in all.
+
+    Three ways to get it, by cost (multiply-adds):
+
+    * ``"rows"``: the T x T row Grams, ``||G||^2 = sum_{i,k} <X_i X_k^T, sD_i sD_k^T>`` over
+      blocks i, k of at most ``block`` rows (``(i, k)`` and ``(k, i)`` counted once, doubled):
+      ``T^2 (m + n) / 2`` work, ``2 block^2`` memory -- the cheaper one for few rows;
+    * ``"explicit"``: G formed in blocks of ``block`` of its m rows (``G[lo:hi] = sum_j
+      sD_j[:, lo:hi]^T X_j``, never all of m x n at once): ``T m n`` work, ``block n`` memory --
+      the cheaper one when ``T (m + n) / 2 > m n``;
+    * the column Grams ``<X^T X, sD^T sD>`` (n x n, m x m) are never cheaper than ``"explicit"``:
+      ``T (n^2 + m^2) >= 2 T m n`` work and ``n^2 + m^2 >= 2 m n`` memory, so they are not used.
+
+    ``"auto"`` (default) picks the cheaper of the first two. Nothing is modified.
+    """
+    if method not in ("auto", "rows", "explicit"):
+        raise ValueError(f"method must be 'auto', 'rows' or 'explicit', got {method!r}")
+    dtype = compute_dtype(*(t for pair in chunks for t in pair))
+    device = chunks[0][0].device
+    rows = sum(x.shape[0] for x, _ in chunks)
+    n, m = chunks[0][0].shape[1], chunks[0][1].shape[1]
+    if method == "auto":
+        method = "rows" if rows * (m + n) <= 2 * m * n else "explicit"
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    if method == "rows":
+        blocks = _row_blocks(chunks, dtype, block)
+        for i, (xi, gi) in enumerate(blocks):
+            total += ((xi @ xi.mT) * (gi @ gi.mT)).sum(dtype=torch.float64)
+            for xk, gk in blocks[i + 1:]:
+                total += 2.0 * ((xi @ xk.mT) * (gi @ gk.mT)).sum(dtype=torch.float64)
+        # Rounding can leave a tiny negative sum when G is (nearly) zero.
+        return total.clamp_min(0.0)
+    for lo in range(0, m, block):
+        g_blk = sum((g[:, lo:lo + block].to(dtype).mT @ x.to(dtype) for x, g in chunks))
+        total += g_blk.square().sum(dtype=torch.float64)
+    return total
+
+
 def _shampoo_diagonals(chunks: Chunks, dtype: torch.dtype, block: int = 256) -> Tuple[Tensor, Tensor]:
     """``diag(G G^T)`` (m,) and ``diag(G^T G)`` (n,) without holding G: rows of G in blocks."""
     m = chunks[0][1].shape[1]
@@ -240,6 +294,8 @@ def update_statistics(
     device: torch.device,
     dtype: torch.dtype,
     inv_scale: float = 1.0,
+    rows: Optional[int] = None,
+    reduce: Optional[Callable[[List[Tensor]], None]] = None,
 ) -> Tuple[Tensor, Tensor]:
     """The EMAs ``d_in`` and ``d_out`` of ``state`` updated by this step's rows (SPEC section 3),
     as new tensors (``state`` is not modified).
@@ -258,20 +314,28 @@ def update_statistics(
     i.e. ``metric_power=0.25``.
 
     The EMAs start at ``init_scale * ones`` (``init_scale * I`` for dense). ``inv_scale`` is the
-    inverse GradScaler loss scale of the captured sD (its statistics scale by its square).
+    multiplier of the captured sD (the inverse GradScaler loss scale, a clipping coefficient,
+    ``1/world`` under data parallelism): its statistics scale by its square.
+
+    Data parallel (K-FAC only): ``rows`` is the row count of all ranks together (default: the
+    local one) and ``reduce`` sums the local sums of squares (or Grams) over the ranks in place
+    before they are scaled; the Shampoo statistics need G itself and take no ``reduce``.
     """
-    rows = sum(x.shape[0] for x, _ in chunks)
+    if rows is None:
+        rows = sum(x.shape[0] for x, _ in chunks)
     d_in, d_out = _statistics_start(state, metric=metric, init_scale=init_scale, n=n, m=m, device=device,
                                     dtype=dtype)
     out_scale = _out_scale(rows, loss_reduction, inv_scale)
     if statistics == "kfac":
-        if metric == "diag":
-            new_in = _sum_squares(chunks, 0, dtype) / rows
-            new_out = _sum_squares(chunks, 1, dtype) * out_scale
-        else:
-            new_in = _grams(chunks, 0, dtype) / rows
-            new_out = _grams(chunks, 1, dtype) * out_scale
+        sums = _sum_squares if metric == "diag" else _grams
+        sum_in, sum_out = sums(chunks, 0, dtype), sums(chunks, 1, dtype)
+        if reduce is not None:
+            reduce([sum_in, sum_out])
+        new_in, new_out = sum_in / rows, sum_out * out_scale
     else:
+        if reduce is not None:
+            raise ValueError("the Shampoo statistics need the m x n gradient G itself; they cannot be "
+                             "reduced over data-parallel ranks from thin products")
         if metric == "diag":
             new_out, new_in = _shampoo_diagonals(chunks, dtype)
         else:
@@ -320,16 +384,23 @@ def plan_scaled_oplora(
     momentum_rank: int,
     seed: int,
     inv_scale: float = 1.0,
+    rows: Optional[int] = None,
+    reduce: Optional[Callable[[List[Tensor]], None]] = None,
 ) -> Plan:
     """One ScaledOPLoRA step of a layer as a :class:`Plan`; see :func:`scaled_oplora_update`.
 
     Diagonal K-FAC statistics are summed in the step's first pass over the rows (the engine runs
     the step itself one pass later, the momentum's first half-step alongside the statistics);
     the other kinds are computed up front by :func:`update_statistics`.
+
+    Data parallel: ``rows`` is the row count of all ranks (default: the local one); the
+    diagonal K-FAC sums are reduced with the engine's products (by ``run_plans``'s ``reduce``),
+    the dense ones here, by ``reduce``, when the plan is built.
     """
     b1, b2 = betas
     dtype = compute_dtype(b)
-    rows = sum(x.shape[0] for x, _ in chunks)
+    if rows is None:
+        rows = sum(x.shape[0] for x, _ in chunks)
     stats: Dict[str, Tensor] = {}
 
     def to_metric(d_in: Tensor, d_out: Tensor):
@@ -351,7 +422,8 @@ def plan_scaled_oplora(
         return plan_oplora(b, a, chunks, state, metric=step_metric, metric_from_stats=from_stats, **common)
     d_in, d_out = update_statistics(state, chunks, beta2=b2, metric=metric, statistics=statistics,
                                     loss_reduction=loss_reduction, init_scale=init_metric_scale,
-                                    n=a.shape[1], m=b.shape[0], device=b.device, dtype=dtype, inv_scale=inv_scale)
+                                    n=a.shape[1], m=b.shape[0], device=b.device, dtype=dtype, inv_scale=inv_scale,
+                                    rows=rows, reduce=reduce)
     return plan_oplora(b, a, chunks, state, metric=to_metric(d_in, d_out), **common)
 
 

@@ -49,7 +49,10 @@ class OPLoRA(LoRAOptimizer):
         momentum_rank: rank of the momentum (default r of each layer).
         start: ``"A"`` or ``"B"``: which half-step LoRSum takes first.
         other, other_kwargs, strict: see :class:`oplora.optim.base.LoRAOptimizer`.
-        seed: seed of the random momentum start (default: drawn from torch's global generator).
+        seed: seed of the random momentum start (default: drawn from torch's global generator;
+            broadcast from rank 0 under torch.distributed).
+        max_grad_norm, skip_nonfinite, process_group: clipping of the implicit gradient, NaN/Inf
+            handling, data-parallel group: see :class:`oplora.optim.base.LoRAOptimizer`.
 
     State per layer (keyed by its B factor): ``step``, ``momentum_U`` (m x k), ``momentum_V``
     (k x n) in the factors' dtype: params + state = 2x the LoRA parameters (Adam: 3x).
@@ -58,12 +61,14 @@ class OPLoRA(LoRAOptimizer):
     def __init__(self, model: nn.Module, lr: float = 1e-3, *, momentum: float = 0.9, dampening: float = 0.0,
                  iters: int = 1, prox: float = 1e-2, momentum_rank: Optional[int] = None, start: str = "A",
                  other: OtherSpec = "adamw", other_kwargs: Optional[dict] = None, strict: bool = False,
-                 seed: Optional[int] = None):
+                 seed: Optional[int] = None, max_grad_norm: Optional[float] = None, skip_nonfinite: bool = False,
+                 process_group=None):
         defaults = _common(lr, iters, prox, momentum_rank, start)
         defaults["momentum"] = _check_real(momentum, "momentum", low=0.0, high=1.0, high_open=True)
         defaults["dampening"] = _check_real(dampening, "dampening", low=0.0, high=1.0)
         defaults["seed"] = self._default_seed(seed)
-        super().__init__(model, defaults, other=other, other_kwargs=other_kwargs, strict=strict)
+        super().__init__(model, defaults, other=other, other_kwargs=other_kwargs, strict=strict,
+                         max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite, process_group=process_group)
 
     def _update_site(self, index, site, chunks, state, group):
         return F.plan_oplora(
@@ -71,7 +76,7 @@ class OPLoRA(LoRAOptimizer):
             lr=float(group["lr"]), momentum=float(group["momentum"]), dampening=float(group["dampening"]),
             iters=int(group["iters"]), prox=float(group["prox"]), start=group["start"],
             momentum_rank=group["momentum_rank"] or site.B.shape[1], seed=self._site_seed(group, index),
-            inv_scale=self._inv_scale,
+            inv_scale=self._grad_coeff,
         )
 
 
@@ -92,7 +97,8 @@ class ScaledOPLoRA(LoRAOptimizer):
         betas: ``(b1, b2)``, each in [0, 1): momentum and statistics EMA.
         damping: > 0, added to the statistics before the power.
         metric_power: p in [0, 1] (1: K-FAC, 1/2: its square root, 0: OPLoRA).
-        iters, prox, momentum_rank, start, other, other_kwargs, strict, seed: as in :class:`OPLoRA`.
+        iters, prox, momentum_rank, start, other, other_kwargs, strict, seed, max_grad_norm,
+            skip_nonfinite, process_group: as in :class:`OPLoRA`.
         metric: ``"diag"`` (vectors, the default) or ``"dense"`` (n x n and m x m EMAs, for small
             layers: memory m^2 + n^2 per layer and an eigen-decomposition per step).
         statistics: ``"kfac"`` (X and g, above) or ``"shampoo"`` (``G G^T`` and ``G^T G``, whose
@@ -103,6 +109,9 @@ class ScaledOPLoRA(LoRAOptimizer):
 
     State per layer: ``step``, ``momentum_U``, ``momentum_V`` (factor dtype) and ``d_in``,
     ``d_out`` (float32; float64 for float64 factors).
+
+    On several data-parallel ranks the K-FAC statistics (diagonal or dense) are summed over the
+    ranks with the global row count; ``statistics="shampoo"`` is refused there (it needs G).
     """
 
     def __init__(self, model: nn.Module, lr: float = 1e-3, *, betas: Tuple[float, float] = (0.9, 0.999),
@@ -110,7 +119,8 @@ class ScaledOPLoRA(LoRAOptimizer):
                  metric: str = "diag", statistics: str = "kfac", loss_reduction: str = "mean",
                  init_metric_scale: float = 1.0, momentum_rank: Optional[int] = None, start: str = "A",
                  other: OtherSpec = "adamw", other_kwargs: Optional[dict] = None, strict: bool = False,
-                 seed: Optional[int] = None):
+                 seed: Optional[int] = None, max_grad_norm: Optional[float] = None, skip_nonfinite: bool = False,
+                 process_group=None):
         defaults = _common(lr, iters, prox, momentum_rank, start)
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"betas must be a pair (b1, b2), got {betas!r}")
@@ -123,7 +133,14 @@ class ScaledOPLoRA(LoRAOptimizer):
         defaults["loss_reduction"] = _check_choice(loss_reduction, "loss_reduction", ("mean", "sum"))
         defaults["init_metric_scale"] = _check_real(init_metric_scale, "init_metric_scale", low=0.0, low_open=True)
         defaults["seed"] = self._default_seed(seed)
-        super().__init__(model, defaults, other=other, other_kwargs=other_kwargs, strict=strict)
+        super().__init__(model, defaults, other=other, other_kwargs=other_kwargs, strict=strict,
+                         max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite, process_group=process_group)
+
+    def _distributed_unsupported(self, defaults):
+        if defaults["statistics"] == "shampoo":
+            return ("statistics='shampoo' needs the m x n gradient G of the whole batch, which never "
+                    "crosses the network; use statistics='kfac'")
+        return super()._distributed_unsupported(defaults)
 
     def _update_site(self, index, site, chunks, state, group):
         return F.plan_scaled_oplora(
@@ -133,5 +150,5 @@ class ScaledOPLoRA(LoRAOptimizer):
             start=group["start"], metric=group["metric"], statistics=group["statistics"],
             loss_reduction=group["loss_reduction"], init_metric_scale=float(group["init_metric_scale"]),
             momentum_rank=group["momentum_rank"] or site.B.shape[1], seed=self._site_seed(group, index),
-            inv_scale=self._inv_scale,
+            inv_scale=self._grad_coeff, rows=self._rows.get(index), reduce=self._reduce,
         )
