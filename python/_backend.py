@@ -87,7 +87,14 @@ def _load_cpp() -> Tuple[Optional[Ops], str]:
 
 
 def _load_triton() -> Tuple[Optional[Ops], str]:
-    return None, "not in this version of oplora: the Triton kernels (oplora_kernels/) are not implemented yet"
+    """The Triton backend, or None and why not. Importing it touches no GPU; the backend only
+    ever receives CUDA tensors (``_DEVICES``), so on a machine without one it is available but
+    never selected, and its reason says so."""
+    try:
+        from . import _triton_ops
+    except ImportError as err:
+        return None, f"Triton kernels unavailable: {err}"
+    return _triton_ops.OPS, _triton_ops.describe()
 
 
 _CPP_OPS, _CPP_REASON = _load_cpp()

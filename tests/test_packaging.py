@@ -2,6 +2,7 @@
 package-dir mapping promises (``python/`` -> ``oplora``, ``oplora_kernels/``) and the
 ``oplora-bench`` console script."""
 
+import os
 import pathlib
 import shutil
 import subprocess
@@ -22,22 +23,46 @@ def test_build_requirements_never_pull_torch():
     assert torch_reqs == ["torch>=2.1"]  # satisfied by the CPU 2.13 here and the CUDA 2.11 on the GPU image
 
 
-def test_wheel_contains_both_packages_and_the_console_script(tmp_path):
+def _pip_wheel(tmp_path, env):
+    """``pip wheel`` of a copy of the source tree (no build products); returns the finished process."""
     src = tmp_path / "src"
     src.mkdir()
     for name in ("pyproject.toml", "setup.py", "CMakeLists.txt", "README.md"):
         shutil.copy(ROOT / name, src / name)
     for name in ("python", "oplora_kernels", "csrc"):
-        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    out = tmp_path / "wheel"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(out), str(src)], check=True, capture_output=True)
-    (wheel,) = out.glob("oplora-*.whl")
-    names = set(zipfile.ZipFile(wheel).namelist())
-    for module in ("oplora/__init__.py", "oplora/reference.py", "oplora/_backend.py", "oplora/lorsum.py",
-                   "oplora/capture.py", "oplora/layers.py", "oplora/optim/__init__.py",
-                   "oplora/optim/functional.py", "oplora/bench/__init__.py", "oplora/bench/__main__.py", "oplora/bench/lorsum.py",
-                   "oplora_kernels/__init__.py"):
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "*.so"))
+    return subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-v",
+                           "-w", str(tmp_path / "wheel"), str(src)], capture_output=True, text=True, env=env)
+
+
+def _build_wheel(tmp_path, env):
+    done = _pip_wheel(tmp_path, env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (wheel,) = (tmp_path / "wheel").glob("oplora-*.whl")
+    return set(zipfile.ZipFile(wheel).namelist()), wheel, done.stdout + done.stderr
+
+
+def test_wheel_contains_both_packages_the_extension_and_the_console_script(tmp_path):
+    names, wheel, _ = _build_wheel(tmp_path, env={**os.environ, "OPLORA_REQUIRE_EXT": "1"})
+    for module in ("oplora/__init__.py", "oplora/reference.py", "oplora/_backend.py", "oplora/_cpu_ops.py",
+                   "oplora/lorsum.py", "oplora/capture.py", "oplora/layers.py", "oplora/optim/__init__.py",
+                   "oplora/optim/functional.py", "oplora/optim/engine.py", "oplora/bench/__init__.py",
+                   "oplora/bench/__main__.py", "oplora/bench/lorsum.py", "oplora_kernels/__init__.py"):
         assert module in names, module
+    assert [n for n in names if n.startswith("oplora/_cpu.") and n.endswith(".so")], sorted(names)
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "oplora-bench = oplora.bench:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+
+
+def test_without_a_compiler_the_wheel_builds_without_the_extension(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "OPLORA_REQUIRE_EXT"}
+    env["CXX"] = str(tmp_path / "no-such-compiler")
+    names, _, log = _build_wheel(tmp_path, env=env)
+    assert "oplora/_backend.py" in names
+    assert not [n for n in names if n.startswith("oplora/_cpu.")]
+    assert "the C++ extension oplora._cpu was not built" in log
+
+
+def test_without_a_compiler_and_require_ext_the_build_fails(tmp_path):
+    env = {**os.environ, "OPLORA_REQUIRE_EXT": "1", "CXX": str(tmp_path / "no-such-compiler")}
+    assert _pip_wheel(tmp_path, env).returncode != 0

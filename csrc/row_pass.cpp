@@ -1,0 +1,219 @@
+// Fused row pass (see row_pass.h for what it computes and why it is laid out this way).
+#include "row_pass.h"
+
+#include <algorithm>
+#include <cstring>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace oplora {
+namespace {
+
+// Column panel width: two 256-bit vectors of T (16 floats, 8 doubles); right-hand sides are padded
+// to a multiple of half a panel.
+template <class T>
+constexpr int kPanel = 64 / static_cast<int>(sizeof(T));
+constexpr int kRows = 4;  // rows (or features) per register block
+
+int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
+
+// C[0:R, k0:k0+KC] = A[0:R, 0:p] @ Q[0:p, k0:k0+KC]  (A rows lda apart, Q and C row-major, width kp).
+// With SQ, also sq[i] += sum_r A[r, i]^2 (the statistics, on the first panel only).
+template <class T, int R, int KC, bool SQ>
+inline void panel_a(const T* __restrict a, int64_t lda, int64_t p, const T* __restrict q, int64_t kp,
+                    int64_t k0, T* __restrict c, T* __restrict sq) {
+    T acc[R][KC] = {};
+    for (int64_t i = 0; i < p; ++i) {
+        const T* qi = q + i * kp + k0;
+        T s = 0;
+        for (int r = 0; r < R; ++r) {
+            const T v = a[r * lda + i];
+            if (SQ) s += v * v;
+            for (int k = 0; k < KC; ++k) acc[r][k] += v * qi[k];
+        }
+        if (SQ) sq[i] += s;
+    }
+    for (int r = 0; r < R; ++r)
+        for (int k = 0; k < KC; ++k) c[r * kp + k0 + k] = acc[r][k];
+}
+
+// out[i0:i0+R, k0:k0+KC] += A[0:tb, i0:i0+R]^T @ P[0:tb, k0:k0+KC]  (A rows lda apart; P, out width kp).
+template <class T, int R, int KC>
+inline void panel_b(const T* __restrict a, int64_t lda, int64_t tb, int64_t i0, const T* __restrict pm,
+                    int64_t kp, int64_t k0, T* __restrict out) {
+    T acc[R][KC] = {};
+    for (int64_t t = 0; t < tb; ++t) {
+        const T* pt = pm + t * kp + k0;
+        const T* at = a + t * lda + i0;
+        for (int r = 0; r < R; ++r) {
+            const T v = at[r];
+            for (int k = 0; k < KC; ++k) acc[r][k] += v * pt[k];
+        }
+    }
+    for (int r = 0; r < R; ++r)
+        for (int k = 0; k < KC; ++k) out[(i0 + r) * kp + k0 + k] += acc[r][k];
+}
+
+// C (tb x kp) = A (tb x p) @ Q (p x kp); sq (p) += column sums of A^2 when sq != nullptr.
+template <class T>
+void block_a(const T* a, int64_t tb, int64_t p, const T* q, int64_t kp, T* c, T* sq) {
+    constexpr int KC = kPanel<T>, KH = kPanel<T> / 2;
+    int64_t t = 0;
+    for (; t + kRows <= tb; t += kRows) {
+        const T* at = a + t * p;
+        T* ct = c + t * kp;
+        int64_t k0 = 0;
+        bool first = true;
+        for (; k0 + KC <= kp; k0 += KC, first = false) {
+            if (sq && first) panel_a<T, kRows, KC, true>(at, p, p, q, kp, k0, ct, sq);
+            else panel_a<T, kRows, KC, false>(at, p, p, q, kp, k0, ct, sq);
+        }
+        if (k0 < kp) {  // kp is a multiple of KH: one half panel left
+            if (sq && first) panel_a<T, kRows, KH, true>(at, p, p, q, kp, k0, ct, sq);
+            else panel_a<T, kRows, KH, false>(at, p, p, q, kp, k0, ct, sq);
+        }
+    }
+    for (; t < tb; ++t) {
+        const T* at = a + t * p;
+        T* ct = c + t * kp;
+        int64_t k0 = 0;
+        bool first = true;
+        for (; k0 + KC <= kp; k0 += KC, first = false) {
+            if (sq && first) panel_a<T, 1, KC, true>(at, p, p, q, kp, k0, ct, sq);
+            else panel_a<T, 1, KC, false>(at, p, p, q, kp, k0, ct, sq);
+        }
+        if (k0 < kp) {
+            if (sq && first) panel_a<T, 1, KH, true>(at, p, p, q, kp, k0, ct, sq);
+            else panel_a<T, 1, KH, false>(at, p, p, q, kp, k0, ct, sq);
+        }
+    }
+}
+
+// out (p x kp) += A (tb x p)^T @ P (tb x kp).
+template <class T>
+void block_b(const T* a, int64_t tb, int64_t p, const T* pm, int64_t kp, T* out) {
+    constexpr int KC = kPanel<T>, KH = kPanel<T> / 2;
+    int64_t i0 = 0;
+    for (; i0 + kRows <= p; i0 += kRows) {
+        int64_t k0 = 0;
+        for (; k0 + KC <= kp; k0 += KC) panel_b<T, kRows, KC>(a, p, tb, i0, pm, kp, k0, out);
+        if (k0 < kp) panel_b<T, kRows, KH>(a, p, tb, i0, pm, kp, k0, out);
+    }
+    for (; i0 < p; ++i0) {
+        int64_t k0 = 0;
+        for (; k0 + KC <= kp; k0 += KC) panel_b<T, 1, KC>(a, p, tb, i0, pm, kp, k0, out);
+        if (k0 < kp) panel_b<T, 1, KH>(a, p, tb, i0, pm, kp, k0, out);
+    }
+}
+
+template <class T>
+void sum_squares(const T* a, int64_t tb, int64_t p, T* sq) {
+    for (int64_t t = 0; t < tb; ++t) {
+        const T* at = a + t * p;
+        for (int64_t i = 0; i < p; ++i) sq[i] += at[i] * at[i];
+    }
+}
+
+// A right-hand side (p x k) copied into a zero-padded p x kp buffer (kp a multiple of half a panel).
+template <class T>
+std::vector<T> padded(const T* q, int64_t p, int64_t k, int64_t kp) {
+    std::vector<T> out(static_cast<size_t>(p * kp), T(0));
+    for (int64_t i = 0; i < p; ++i) std::memcpy(out.data() + i * kp, q + i * k, sizeof(T) * k);
+    return out;
+}
+
+struct Block {
+    int chunk;
+    int64_t row0, rows;
+};
+
+}  // namespace
+
+template <class T>
+void row_pass(const RowPassArgs<T>& args) {
+    const int64_t n = args.n, m = args.m;
+    const bool want_d = args.qd != nullptr && args.kd > 0;
+    const bool want_x = args.qx != nullptr && args.kx > 0;
+    const int64_t kdp = want_d ? round_up(args.kd, kPanel<T> / 2) : 0;
+    const int64_t kxp = want_x ? round_up(args.kx, kPanel<T> / 2) : 0;
+    const std::vector<T> qd = want_d ? padded(args.qd, m, args.kd, kdp) : std::vector<T>();
+    const std::vector<T> qx = want_x ? padded(args.qx, n, args.kx, kxp) : std::vector<T>();
+
+    // Rows per block: the block of X and of G stays in a core's L2 between its two uses.
+    const int64_t wide = std::max<int64_t>(std::max(n, m), 1);
+    const int64_t budget = (192 * 1024) / (static_cast<int64_t>(sizeof(T)) * wide);
+    const int64_t block_rows = std::max<int64_t>(kRows, std::min<int64_t>(128, budget / kRows * kRows));
+    std::vector<Block> blocks;
+    for (size_t j = 0; j < args.rows.size(); ++j)
+        for (int64_t r0 = 0; r0 < args.rows[j]; r0 += block_rows)
+            blocks.push_back({static_cast<int>(j), r0, std::min(block_rows, args.rows[j] - r0)});
+
+    // Threads only where they pay: starting and joining a team costs microseconds (far more on a
+    // loaded machine), so each thread gets at least ~2 MFLOP, and at least one row block.
+    int64_t total_rows = 0;
+    for (int64_t t : args.rows) total_rows += t;
+    const double flops = 2.0 * static_cast<double>(total_rows) * static_cast<double>(n + m) *
+                         static_cast<double>(kdp + kxp) + static_cast<double>(total_rows) * (n + m);
+    int threads = std::max(1, args.threads);
+    threads = static_cast<int>(std::min<double>(threads, std::max(1.0, flops / 2e6)));
+    threads = static_cast<int>(std::min<int64_t>(threads, std::max<size_t>(blocks.size(), 1)));
+    // Per-thread accumulators: px, pd (padded widths), sx, sg, laid out back to back.
+    const int64_t acc_size = n * kdp + m * kxp + (args.stats ? n + m : 0);
+    std::vector<std::vector<T>> acc(threads);
+
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+#ifdef _OPENMP
+        const int tid = omp_get_thread_num();
+        const int nth = omp_get_num_threads();
+#else
+        const int tid = 0, nth = 1;
+#endif
+        std::vector<T>& mine = acc[tid];
+        mine.assign(static_cast<size_t>(acc_size), T(0));
+        T* px = mine.data();
+        T* pd = px + n * kdp;
+        T* sx = pd + m * kxp;
+        T* sg = sx + n;
+        std::vector<T> tmp_d(static_cast<size_t>(block_rows * kdp));
+        std::vector<T> tmp_x(static_cast<size_t>(block_rows * kxp));
+        const size_t lo = blocks.size() * tid / nth, hi = blocks.size() * (tid + 1) / nth;
+        for (size_t b = lo; b < hi; ++b) {
+            const Block& blk = blocks[b];
+            const T* x = args.xs[blk.chunk] + blk.row0 * n;
+            const T* g = args.gs[blk.chunk] + blk.row0 * m;
+            // Read G once: G_b qd (and its squares), then X once: X_b qx (and its squares);
+            // then the products back through the rows just read.
+            if (want_d) block_a(g, blk.rows, m, qd.data(), kdp, tmp_d.data(), args.stats ? sg : nullptr);
+            else if (args.stats) sum_squares(g, blk.rows, m, sg);
+            if (want_x) block_a(x, blk.rows, n, qx.data(), kxp, tmp_x.data(), args.stats ? sx : nullptr);
+            else if (args.stats) sum_squares(x, blk.rows, n, sx);
+            if (want_d) block_b(x, blk.rows, n, tmp_d.data(), kdp, px);
+            if (want_x) block_b(g, blk.rows, m, tmp_x.data(), kxp, pd);
+        }
+    }
+
+    // Sum the per-thread accumulators into the outputs (unpadding the widths).
+    auto total = [&](int64_t offset, int64_t i) {
+        T s = 0;
+        for (int t = 0; t < threads; ++t) s += acc[t][offset + i];
+        return s;
+    };
+    if (want_d)
+        for (int64_t i = 0; i < n; ++i)
+            for (int64_t k = 0; k < args.kd; ++k) args.px[i * args.kd + k] = total(0, i * kdp + k);
+    if (want_x)
+        for (int64_t i = 0; i < m; ++i)
+            for (int64_t k = 0; k < args.kx; ++k) args.pd[i * args.kx + k] = total(n * kdp, i * kxp + k);
+    if (args.stats) {
+        for (int64_t i = 0; i < n; ++i) args.sx[i] = total(n * kdp + m * kxp, i);
+        for (int64_t i = 0; i < m; ++i) args.sg[i] = total(n * kdp + m * kxp + n, i);
+    }
+}
+
+template void row_pass<float>(const RowPassArgs<float>&);
+template void row_pass<double>(const RowPassArgs<double>&);
+
+}  // namespace oplora

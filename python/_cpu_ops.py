@@ -1,0 +1,77 @@
+"""The C++ CPU backend (``oplora._cpu``, built from ``csrc/``) as step-engine :class:`Ops`.
+
+Importing this module imports the extension; ``oplora._backend`` catches the ``ImportError`` and
+reports why. Tensors reach C++ as zero-copy NumPy views (``tensor.numpy()``); outputs are
+allocated here with torch and written in place by C++. The thread count follows
+``torch.get_num_threads()``, so ``torch.set_num_threads`` governs both backends alike.
+
+bf16/fp16 rows are upcast to float32 once per step in :func:`rows` (the policy stated in
+``oplora._backend``); C++ takes float32 and float64 only.
+"""
+
+from __future__ import annotations
+
+from typing import List, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from . import _cpu  # noqa: F401  (ImportError here: the extension is missing)
+from ._backend import Job, Ops, PassResult, SmallProblem
+
+__all__ = ["OPS", "describe"]
+
+
+def describe() -> str:
+    return (f"C++ extension oplora._cpu ({_cpu.__file__}), OpenMP {'on' if _cpu.openmp else 'off'}; "
+            "runs CPU tensors")
+
+
+def _np(t: Tensor):
+    return t.detach().numpy()
+
+
+def rows(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """Captured rows as C++ takes them: ``dtype`` (float32/float64), C-contiguous. A copy only when
+    the dtype or layout differs (bf16/fp16 rows, or a non-contiguous view)."""
+    return t.to(dtype).contiguous()
+
+
+def row_pass(jobs: Sequence[Job]) -> List[PassResult]:
+    threads = torch.get_num_threads()
+    out = []
+    for xs, gs, qd, qx, stats in jobs:
+        n, m = xs[0].shape[1], gs[0].shape[1]
+        dtype = xs[0].dtype
+        px = torch.empty(n, qd.shape[1], dtype=dtype) if qd is not None else None
+        pd = torch.empty(m, qx.shape[1], dtype=dtype) if qx is not None else None
+        sx = torch.empty(n, dtype=dtype) if stats else None
+        sg = torch.empty(m, dtype=dtype) if stats else None
+        arrays = [None if t is None else _np(t) for t in (qd, qx, px, pd, sx, sg)]
+        _cpu.row_pass([_np(x) for x in xs], [_np(g) for g in gs], *arrays, threads=threads)
+        out.append((px, pd, sx, sg))
+    return out
+
+
+def thin_qr(zs: Sequence[Tensor]) -> List[Tuple[Tensor, Tensor]]:
+    out = []
+    for z in zs:
+        z = z.contiguous()
+        p, r = z.shape
+        k = min(p, r)
+        q, rm = torch.empty(p, k, dtype=torch.float64), torch.empty(k, r, dtype=torch.float64)
+        _cpu.thin_qr(_np(z), _np(q), _np(rm))
+        out.append((q, rm))
+    return out
+
+
+def prox_solve(problems: Sequence[SmallProblem]) -> List[Tensor]:
+    out = []
+    for r_mat, y, x0, lam, p in problems:
+        x = torch.empty(r_mat.shape[1], y.shape[1], dtype=torch.float64)
+        _cpu.prox_solve(_np(r_mat.contiguous()), _np(y.contiguous()), _np(x0.contiguous()), float(lam), int(p), _np(x))
+        out.append(x)
+    return out
+
+
+OPS = Ops(name="cpp", rows=rows, row_pass=row_pass, thin_qr=thin_qr, prox_solve=prox_solve)
