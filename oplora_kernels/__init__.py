@@ -1,7 +1,56 @@
-"""Triton kernels for oplora (tall-skinny least-squares half-steps, diagonal K-FAC statistics).
+"""GPU kernels of the oplora step engine: kernels and launchers only.
 
-This package holds kernels and their launchers only: no autograd, no device probing and no work
-at import time. ``oplora._backend`` decides when they run. The kernels are not written yet; until
-they are, ``oplora.backend_info()`` reports the Triton backend as unavailable and every op runs on
-the pure-torch reference (``oplora.reference``).
+No autograd, no device probing and no work at import time: the Triton kernels compile at their
+first launch, and ``oplora._backend`` (through ``oplora._triton_ops``) decides when they run --
+for CUDA tensors, with ``TRITON_INTERPRET=1`` also for CPU tensors (tests).
+
+Modules, one per op of ``oplora._backend.Ops`` (each specified by ``oplora.reference``):
+
+* ``row_pass`` -- Triton. The only op that reads the captured rows X (T x n) and sD (T x m):
+  every thin product of one pass of the LoRSum half-steps of many layers (the step's and the
+  momentum's right-hand sides side by side), plus the diagonal K-FAC column sums of squares, in
+  one read of the rows, for all layers in a handful of launches.
+* ``thin_qr`` -- batched torch (float64 CholeskyQR2 per shape, Householder fallback).
+* ``prox_solve`` -- batched torch (float64 SVD of the r x r factors per shape).
+
+Design: why this blocking, and what is fast for which sizes
+    An OPLoRA step is memory-bound: per pass it must stream X and sD of every layer (2 (m + n) T
+    bytes in bf16), while the math per byte is ``K`` multiply-adds (K = the right-hand side
+    columns, 2r for the step plus the momentum). ``row_pass`` gives each program ``BLOCK_T``
+    rows of one chunk of one layer (default 128), streams those rows once for each tensor it
+    needs, keeps the ``BLOCK_T x K`` intermediate in registers and adds its ``BLOCK_C x K``
+    slices of the result into the output with float32 atomics (see ``row_pass``'s docstring for
+    why that is race-free on a GPU). Two things make this the right blocking for LoRA shapes:
+    rows are independent (any T splits into tiles without a second reduction kernel), and the
+    results are thin (n x K), so the atomic traffic is ``K * 4 / (BLOCK_T * 2)`` of the row
+    traffic in L2, not HBM. A 7B model (224 layers, T = 4096) is ~7000 programs in one launch:
+    plenty of parallelism. A single small layer (T <= 512) has only a few programs; there a
+    smaller ``block_t`` (32-64) fills the GPU better. The thin work between passes is r-sized:
+    it is batched per shape (``thin_qr``, ``prox_solve``) so that it costs a few launches per
+    pass, not a few per layer. Block sizes are untuned until a GPU run (``oplora-bench --suite
+    gpu`` sweeps none; pass ``block_t``/``block_c`` to ``row_pass`` to try others).
+
+    Float32 products use ``tl.dot(..., input_precision="tf32x3")`` on a GPU (three TF32
+    tensor-core products: about float32 accuracy, the torch backend's default fp32 matmul
+    precision); ``"ieee"`` or ``"bf16x3"`` can be passed to ``row_pass``. Float64 rows are sent
+    to the reference by ``oplora._triton_ops``.
+
+The Triton interpreter (``TRITON_INTERPRET=1``), how the tests run these kernels without a GPU
+    * It runs programs one at a time, sequentially: races cannot show, so the atomic reduction
+      is argued correct (``row_pass`` docstring), not demonstrated, on the CPU; the ``cuda``
+      tests check it on a GPU.
+    * Its ``tl.dot`` is a NumPy matmul in the operands' dtype: exact float32 products whatever
+      ``input_precision`` says, and no bfloat16/float16 dot (bfloat16 is stored as uint16 and
+      would be multiplied as integers). The kernel therefore converts every tile to float32
+      before ``tl.dot``, on the GPU too. It accepts only ``input_precision`` in
+      tf32/tf32x3/ieee (``row_pass`` passes ``"ieee"`` there).
+    * Scalars are 1-element arrays; with NumPy >= 2.4 ``int()`` of those raises, so a Python
+      ``for ... in range(0, runtime_bound, step)`` fails inside the interpreter. The kernel's
+      column loops are ``while`` loops under the interpreter and ``for`` loops (software
+      pipelined) on a GPU, selected by the ``WHILE_LOOPS`` constexpr around one shared loop
+      body: the body is what the CPU tests check.
+    * ``tl.multiple_of`` alignment hints are no-ops, and pointers are host addresses: the
+      launcher refuses CPU tensors when the interpreter is off (``ValueError``), since a
+      compiled kernel would dereference them on the device.
+    * It is slow (Python per program and per slice): tests use small shapes and small blocks.
 """

@@ -1,0 +1,425 @@
+"""Fused row pass: every thin product of a LoRSum pass, and the diagonal K-FAC sums, in one read.
+
+For one LoRA layer with captured rows ``X_j`` (T_j x n) and ``G_j`` (T_j x m, the captured
+``s D_j``), right-hand sides ``qd`` (m x Kd) and ``qx`` (n x Kx), the pass computes
+(``oplora.reference.row_pass``)::
+
+    px = sum_j X_j^T (G_j qd)     (n x Kd)     A-side half-steps (step and momentum columns)
+    pd = sum_j G_j^T (X_j qx)     (m x Kx)     B-side half-steps
+    sx = sum_j colsum(X_j^2)      (n,)         diagonal K-FAC statistics
+    sg = sum_j colsum(G_j^2)      (m,)
+
+Blocking. One program owns ``BLOCK_T`` consecutive rows of one chunk of one layer (a *tile*):
+
+1. it streams the tile's rows of G (or X) in ``BLOCK_C``-column slices and accumulates the
+   ``BLOCK_T x Kd`` intermediate ``u = G_tile qd`` (``v = X_tile qx``) in registers;
+2. it streams the tile's rows of X (or G) and adds ``X_tile^T u`` (``G_tile^T v``), one
+   ``BLOCK_C x Kd`` slice at a time, into ``px`` (``pd``) with float32 atomic adds.
+
+A pass with only ``qd`` (or only ``qx``) -- the engine's usual case -- thus reads G once and X
+once, which is the minimum; the K-FAC column sums ride along on whichever read comes first.
+A pass with both reads each row block twice; the second read is issued right after the first by
+the same program, so for the moderate ``BLOCK_T`` used here it mostly hits L2.
+
+Grouped launch. Many layers (different m, n, T, several chunks each) go into one launch: the
+host builds a *segment table* (one int64 record per (layer, chunk): addresses, strides, sizes;
+see ``_F_*``) and a *tile table* (int32 pairs (segment, first row)); program ``i`` reads its
+tile, then its segment, and turns the stored addresses into typed pointers
+(``int -> tl.pointer_type``, as Triton's grouped-GEMM tutorial does). Only what must be a
+compile-time constant splits a group into separate launches: the dtypes of X and G, which
+products are asked for, whether statistics are, and the padded widths of ``qd``/``qx``
+(``BLOCK_KD``/``BLOCK_KX``, powers of two >= 16). A model whose layers share a rank is one
+launch per pass.
+
+Reduction over row blocks. ``px``, ``pd``, ``sx`` and ``sg`` are zeroed by the launcher (one
+``torch.zeros`` for all layers of a launch) and every tile adds its partial sums with
+``tl.atomic_add(..., sem="relaxed")``. On a GPU each add is an atomic read-modify-write in L2,
+so no partial sum is lost however the programs interleave; the relaxed order is enough because
+nothing reads the outputs before the kernel has finished (the next kernel on the stream sees
+all writes). The price is that the order of the float32 additions, hence the last bits of the
+result, may change from run to run (the torch backend's sums are deterministic). Each output
+element receives ``ceil(T / BLOCK_T)`` adds per pass -- 32 at T = 4096, BLOCK_T = 128 --
+negligible against the ``T`` rows' reads that produced them. The interpreter runs programs one
+at a time and so cannot exhibit a race; the argument above is why the kernel needs none.
+
+Precision. Rows are loaded in their own dtype (bf16/fp16/fp32), converted to float32 in
+registers and multiplied with the float32 right-hand sides by ``tl.dot`` with
+``input_precision`` (default ``"tf32x3"`` on a GPU: three TF32 tensor-core products, about
+float32 accuracy; bf16/fp16 rows are exact in TF32, so only the right-hand side's rounding
+matters; ``"ieee"`` is exact float32 FMA, slower). Accumulation is float32. Float64 rows are
+not handled here (``ValueError``): ``oplora._triton_ops`` sends float64 jobs to the reference.
+
+Alignment. When every row pointer of a launch is 16-byte aligned and every row stride a
+multiple of 16 bytes, the launch is compiled with ``ALIGNED`` and tells the compiler so
+(``tl.multiple_of``), which lets it issue 16-byte vector loads; otherwise the same kernel runs
+without the hints.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+__all__ = ["row_pass", "plan_launches", "Launch", "ROW_DTYPES", "MAX_K", "default_precision", "interpreting"]
+
+#: Row dtypes the kernel reads directly (accumulating in float32).
+ROW_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: Widest ``qd``/``qx`` (columns) one program holds in registers; wider ones are split into
+#: column groups that re-read the rows (each group is its own set of tiles).
+MAX_K = 128
+
+_TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+_ELEMENT_SIZE = {torch.float16: 2, torch.bfloat16: 2, torch.float32: 4}
+
+# Segment record: one per (layer, chunk[, column group]), int64 fields at these positions.
+# tl.constexpr so that the kernel reads the same names (host code uses ``.value``).
+_F_X, _F_G, _F_T, _F_XS, _F_GS = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2), tl.constexpr(3), tl.constexpr(4)
+_F_N, _F_M = tl.constexpr(5), tl.constexpr(6)  # columns of X, of G
+_F_QD, _F_LQD, _F_KD = tl.constexpr(7), tl.constexpr(8), tl.constexpr(9)  # qd address, leading dim, columns
+_F_QX, _F_LQX, _F_KX = tl.constexpr(10), tl.constexpr(11), tl.constexpr(12)
+_F_PX, _F_PD, _F_SX, _F_SG = tl.constexpr(13), tl.constexpr(14), tl.constexpr(15), tl.constexpr(16)
+_FIELDS = 17
+
+Job = Tuple[Sequence[Tensor], Sequence[Tensor], Optional[Tensor], Optional[Tensor], bool]
+Result = Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor]]
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return bool(triton.knobs.runtime.interpret)
+
+
+def default_precision() -> str:
+    """``tl.dot`` input precision for float32 operands: ``"tf32x3"`` on a GPU (about float32
+    accuracy on tensor cores), ``"ieee"`` under the interpreter (which computes exact float32
+    products whatever it is told, and accepts only tf32/tf32x3/ieee)."""
+    return "ieee" if interpreting() else "tf32x3"
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _rows_tile(base, stride, offs_t, row_ok, cols, ncols):
+    """The tile's rows restricted to ``cols`` (BLOCK_T x BLOCK_C), float32, zeros outside."""
+    ptrs = base + offs_t[:, None].to(tl.int64) * stride + cols[None, :]
+    mask = row_ok[:, None] & (cols < ncols)[None, :]
+    return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _thin_tile(q, ld, cols, ncols, k, BLOCK_K: tl.constexpr):
+    """Rows ``cols`` of a row-major float32 matrix (leading dimension ``ld``), its first ``k``
+    columns, padded to BLOCK_K (BLOCK_C x BLOCK_K)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    mask = (cols < ncols)[:, None] & (offs_k < k)[None, :]
+    return tl.load(q + cols[:, None].to(tl.int64) * ld + offs_k[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _project_slice(acc, c0, base, stride, offs_t, row_ok, ncols, q, ld, k, sq, DO_SQ: tl.constexpr,
+                   BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    cols = c0 + tl.arange(0, BLOCK_C)
+    tile = _rows_tile(base, stride, offs_t, row_ok, cols, ncols)
+    acc = tl.dot(tile, _thin_tile(q, ld, cols, ncols, k, BLOCK_K), acc, input_precision=PRECISION)
+    if DO_SQ:
+        tl.atomic_add(sq + cols, tl.sum(tile * tile, axis=0), mask=cols < ncols, sem="relaxed")
+    return acc
+
+
+@triton.jit
+def _project(base, stride, offs_t, row_ok, ncols, q, ld, k, sq, DO_SQ: tl.constexpr, BLOCK_T: tl.constexpr,
+             BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, WHILE_LOOPS: tl.constexpr):
+    """``rows @ q`` (BLOCK_T x BLOCK_K, float32) over all ``ncols`` columns; with DO_SQ also
+    adds the column sums of squares of the rows to ``sq``."""
+    acc = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
+    if WHILE_LOOPS:
+        c0 = 0
+        while c0 < ncols:
+            acc = _project_slice(acc, c0, base, stride, offs_t, row_ok, ncols, q, ld, k, sq, DO_SQ, BLOCK_C,
+                                 BLOCK_K, PRECISION)
+            c0 += BLOCK_C
+    else:
+        for c0 in range(0, ncols, BLOCK_C):
+            acc = _project_slice(acc, c0, base, stride, offs_t, row_ok, ncols, q, ld, k, sq, DO_SQ, BLOCK_C,
+                                 BLOCK_K, PRECISION)
+    return acc
+
+
+@triton.jit
+def _scatter_slice(c0, base, stride, offs_t, row_ok, ncols, w, out, ld, k, sq, DO_SQ: tl.constexpr,
+                   BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    cols = c0 + tl.arange(0, BLOCK_C)
+    col_ok = cols < ncols
+    tile = _rows_tile(base, stride, offs_t, row_ok, cols, ncols)
+    if BLOCK_K > 0:
+        offs_k = tl.arange(0, BLOCK_K)
+        part = tl.dot(tl.trans(tile), w, input_precision=PRECISION)
+        ptrs = out + cols[:, None].to(tl.int64) * ld + offs_k[None, :]
+        tl.atomic_add(ptrs, part, mask=col_ok[:, None] & (offs_k < k)[None, :], sem="relaxed")
+    if DO_SQ:
+        tl.atomic_add(sq + cols, tl.sum(tile * tile, axis=0), mask=col_ok, sem="relaxed")
+
+
+@triton.jit
+def _scatter(base, stride, offs_t, row_ok, ncols, w, out, ld, k, sq, DO_SQ: tl.constexpr, BLOCK_C: tl.constexpr,
+             BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, WHILE_LOOPS: tl.constexpr):
+    """``out[:ncols, :k] += rows^T @ w`` (atomic, float32), unless BLOCK_K is 0 (then ``w``,
+    ``out``, ``ld``, ``k`` are unused); with DO_SQ also the column sums of squares of the rows
+    into ``sq``."""
+    if WHILE_LOOPS:
+        c0 = 0
+        while c0 < ncols:
+            _scatter_slice(c0, base, stride, offs_t, row_ok, ncols, w, out, ld, k, sq, DO_SQ, BLOCK_C, BLOCK_K,
+                           PRECISION)
+            c0 += BLOCK_C
+    else:
+        for c0 in range(0, ncols, BLOCK_C):
+            _scatter_slice(c0, base, stride, offs_t, row_ok, ncols, w, out, ld, k, sq, DO_SQ, BLOCK_C, BLOCK_K,
+                           PRECISION)
+
+
+@triton.jit
+def _thin_record(rec, ADDR: tl.constexpr, LD: tl.constexpr, K: tl.constexpr):
+    """A right-hand side from a segment record: float32 pointer, leading dimension, columns."""
+    return tl.load(rec + ADDR).to(tl.pointer_type(tl.float32)), tl.load(rec + LD), tl.load(rec + K)
+
+
+@triton.jit
+def _row_pass_kernel(seg_table, tile_table,
+                     X_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr,
+                     HAS_QD: tl.constexpr, HAS_QX: tl.constexpr, STATS: tl.constexpr,
+                     ALIGNED: tl.constexpr, X_VEC: tl.constexpr, G_VEC: tl.constexpr,
+                     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_KD: tl.constexpr, BLOCK_KX: tl.constexpr,
+                     PRECISION: tl.constexpr, WHILE_LOOPS: tl.constexpr, FIELDS: tl.constexpr):
+    pid = tl.program_id(0)
+    seg = tl.load(tile_table + 2 * pid)
+    row0 = tl.load(tile_table + 2 * pid + 1)
+    rec = seg_table + seg.to(tl.int64) * FIELDS
+    n_rows = tl.load(rec + _F_T)
+    x_stride = tl.load(rec + _F_XS)
+    g_stride = tl.load(rec + _F_GS)
+    n = tl.load(rec + _F_N)
+    m = tl.load(rec + _F_M)
+    x_ptr = tl.load(rec + _F_X).to(tl.pointer_type(X_DTYPE))
+    g_ptr = tl.load(rec + _F_G).to(tl.pointer_type(G_DTYPE))
+    if ALIGNED:
+        # The launcher checked: 16-byte aligned rows, strides a multiple of 16 bytes.
+        x_ptr = tl.multiple_of(x_ptr, 16)
+        g_ptr = tl.multiple_of(g_ptr, 16)
+        x_stride = tl.multiple_of(x_stride, X_VEC)
+        g_stride = tl.multiple_of(g_stride, G_VEC)
+    x_base = x_ptr + row0.to(tl.int64) * x_stride
+    g_base = g_ptr + row0.to(tl.int64) * g_stride
+    offs_t = tl.arange(0, BLOCK_T)
+    row_ok = (row0 + offs_t) < n_rows
+    sx = tl.load(rec + _F_SX).to(tl.pointer_type(tl.float32))
+    sg = tl.load(rec + _F_SG).to(tl.pointer_type(tl.float32))
+
+    # Stage 1: the BLOCK_T x K intermediates, reading G for qd and X for qx.
+    if HAS_QD:
+        qd, ldqd, kd = _thin_record(rec, _F_QD, _F_LQD, _F_KD)
+        u = _project(g_base, g_stride, offs_t, row_ok, m, qd, ldqd, kd, sg, STATS, BLOCK_T, BLOCK_C, BLOCK_KD,
+                     PRECISION, WHILE_LOOPS)
+    if HAS_QX:
+        qx, ldqx, kx = _thin_record(rec, _F_QX, _F_LQX, _F_KX)
+        v = _project(x_base, x_stride, offs_t, row_ok, n, qx, ldqx, kx, sx, STATS, BLOCK_T, BLOCK_C, BLOCK_KX,
+                     PRECISION, WHILE_LOOPS)
+    # Stage 2: the products, reading X for px and G for pd; statistics of a tensor not read yet.
+    if HAS_QD:
+        px = tl.load(rec + _F_PX).to(tl.pointer_type(tl.float32))
+        _scatter(x_base, x_stride, offs_t, row_ok, n, u, px, ldqd, kd, sx, STATS and not HAS_QX, BLOCK_C, BLOCK_KD,
+                 PRECISION, WHILE_LOOPS)
+    if HAS_QX:
+        pd = tl.load(rec + _F_PD).to(tl.pointer_type(tl.float32))
+        _scatter(g_base, g_stride, offs_t, row_ok, m, v, pd, ldqx, kx, sg, STATS and not HAS_QD, BLOCK_C, BLOCK_KX,
+                 PRECISION, WHILE_LOOPS)
+    if STATS and not HAS_QD and not HAS_QX:
+        # Statistics only: BLOCK_K = 0 skips the product (sx, 0 stand in for the unused operands).
+        _scatter(x_base, x_stride, offs_t, row_ok, n, sx, sx, 0, 0, sx, True, BLOCK_C, 0, PRECISION, WHILE_LOOPS)
+        _scatter(g_base, g_stride, offs_t, row_ok, m, sg, sg, 0, 0, sg, True, BLOCK_C, 0, PRECISION, WHILE_LOOPS)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launcher
+# ----------------------------------------------------------------------------------------------
+
+
+def _block_k(k: int) -> int:
+    return max(16, triton.next_power_of_2(k)) if k > 0 else 16
+
+
+def _check_job(i: int, job: Job) -> Tuple[int, int]:
+    """Validate job ``i``; returns (m, n)."""
+    if len(job) != 5:
+        raise ValueError(f"row_pass: job {i} must be (xs, gs, qd, qx, stats), got {len(job)} items")
+    xs, gs, qd, qx, _ = job
+    if len(xs) != len(gs) or not xs:
+        raise ValueError(f"row_pass: job {i} needs as many X chunks as G chunks (at least one), "
+                         f"got {len(xs)} and {len(gs)}")
+    n, m = xs[0].shape[-1], gs[0].shape[-1]
+    device = xs[0].device
+    for j, (x, g) in enumerate(zip(xs, gs)):
+        for name, t, width in (("X", x, n), ("G", g, m)):
+            if t.dim() != 2 or t.shape[1] != width:
+                raise ValueError(f"row_pass: job {i} chunk {j}: {name} must be 2-D with {width} columns, "
+                                 f"got shape {tuple(t.shape)}")
+            if t.dtype not in ROW_DTYPES:
+                raise ValueError(f"row_pass: job {i} chunk {j}: {name} has dtype {t.dtype}; the kernel reads "
+                                 f"{', '.join(str(d) for d in ROW_DTYPES)} (float64 goes to the reference)")
+            if t.numel() and t.stride(1) != 1:
+                raise ValueError(f"row_pass: job {i} chunk {j}: {name} must have unit column stride, "
+                                 f"got strides {t.stride()}")
+            if t.device != device:
+                raise ValueError(f"row_pass: job {i} chunk {j}: {name} is on {t.device}, not {device}")
+        if x.shape[0] != g.shape[0]:
+            raise ValueError(f"row_pass: job {i} chunk {j}: X has {x.shape[0]} rows but G has {g.shape[0]}")
+    for name, q, rows in (("qd", qd, m), ("qx", qx, n)):
+        if q is None:
+            continue
+        if q.dim() != 2 or q.shape[0] != rows:
+            raise ValueError(f"row_pass: job {i}: {name} must be 2-D with {rows} rows, got {tuple(q.shape)}")
+        if q.dtype != torch.float32 or not q.is_contiguous() or q.device != device:
+            raise ValueError(f"row_pass: job {i}: {name} must be a contiguous float32 tensor on {device}, "
+                             f"got {q.dtype} on {q.device} (contiguous: {q.is_contiguous()})")
+    return m, n
+
+
+class Launch(NamedTuple):
+    """One kernel launch of a grouped row pass: its compile-time key and its work."""
+
+    x_dtype: torch.dtype
+    g_dtype: torch.dtype
+    has_qd: bool
+    has_qx: bool
+    stats: bool
+    block_kd: int
+    block_kx: int
+    aligned: bool
+    segments: List[List[int]]  # one int64 record per segment (see _F_*)
+    tiles: List[Tuple[int, int]]  # (segment, first row) per program
+
+
+def _aligned(t: Tensor) -> bool:
+    size = t.element_size()
+    return t.data_ptr() % 16 == 0 and (t.shape[0] <= 1 or (t.stride(0) * size) % 16 == 0)
+
+
+def plan_launches(jobs: Sequence[Job], outputs: Sequence[Result], block_t: int) -> List[Launch]:
+    """The launches a grouped row pass makes: jobs split by compile-time key, one segment per
+    (job, chunk, column group of at most MAX_K columns), one tile per ``block_t`` rows.
+
+    ``outputs[i]`` holds job ``i``'s preallocated (px, pd, sx, sg) (float32, zeroed). Column
+    groups beyond the first carry no statistics, so each row's squares are counted once.
+    """
+    launches: Dict[tuple, Launch] = {}
+    for i, ((xs, gs, qd, qx, stats), (px, pd, sx, sg)) in enumerate(zip(jobs, outputs)):
+        kd_total = qd.shape[1] if qd is not None else 0
+        kx_total = qx.shape[1] if qx is not None else 0
+        groups = max(1, -(-kd_total // MAX_K), -(-kx_total // MAX_K))
+        for grp in range(groups):
+            c0 = grp * MAX_K
+            kd = max(0, min(MAX_K, kd_total - c0))
+            kx = max(0, min(MAX_K, kx_total - c0))
+            do_stats = bool(stats) and grp == 0
+            if not (kd or kx or do_stats):
+                continue
+            for x, g in zip(xs, gs):
+                rows = x.shape[0]
+                if rows == 0:
+                    continue
+                key = (x.dtype, g.dtype, kd > 0, kx > 0, do_stats, _block_k(kd) if kd else 16,
+                       _block_k(kx) if kx else 16, _aligned(x) and _aligned(g))
+                launch = launches.get(key)
+                if launch is None:
+                    launch = launches[key] = Launch(*key, segments=[], tiles=[])
+                rec = [0] * _FIELDS
+                rec[_F_X.value], rec[_F_G.value], rec[_F_T.value] = x.data_ptr(), g.data_ptr(), rows
+                rec[_F_XS.value], rec[_F_GS.value] = x.stride(0), g.stride(0)
+                rec[_F_N.value], rec[_F_M.value] = x.shape[1], g.shape[1]
+                if kd:
+                    rec[_F_QD.value], rec[_F_LQD.value], rec[_F_KD.value] = qd.data_ptr() + 4 * c0, kd_total, kd
+                    rec[_F_PX.value] = px.data_ptr() + 4 * c0
+                if kx:
+                    rec[_F_QX.value], rec[_F_LQX.value], rec[_F_KX.value] = qx.data_ptr() + 4 * c0, kx_total, kx
+                    rec[_F_PD.value] = pd.data_ptr() + 4 * c0
+                if do_stats:
+                    rec[_F_SX.value], rec[_F_SG.value] = sx.data_ptr(), sg.data_ptr()
+                seg = len(launch.segments)
+                launch.segments.append(rec)
+                launch.tiles.extend((seg, r0) for r0 in range(0, rows, block_t))
+    return list(launches.values())
+
+
+def row_pass(jobs: Sequence[Job], *, block_t: int = 128, block_c: int = 64, precision: Optional[str] = None,
+             num_warps: int = 8, num_stages: int = 2) -> List[Result]:
+    """Grouped fused row pass: ``oplora.reference.row_pass`` for every job, in a handful of
+    kernel launches (one per compile-time key, see :func:`plan_launches`).
+
+    ``jobs``: ``(xs, gs, qd, qx, stats)`` per layer -- ``xs`` the chunks ``X_j`` (T_j x n) and
+    ``gs`` the ``G_j`` (T_j x m), float16/bfloat16/float32 (X and G may differ), unit column
+    stride, any row stride; ``qd`` (m x Kd) and ``qx`` (n x Kx) contiguous float32 or None;
+    ``stats`` whether to return the column sums of squares. All tensors of all jobs on one
+    device: a CUDA device, or the CPU under ``TRITON_INTERPRET=1``.
+
+    Returns per job ``(px, pd, sx, sg)``: ``px = sum_j X_j^T (G_j qd)`` (n x Kd),
+    ``pd = sum_j G_j^T (X_j qx)`` (m x Kx), ``sx = sum_j colsum(X_j^2)`` (n),
+    ``sg = sum_j colsum(G_j^2)`` (m), float32 (None for what was not asked), new tensors (views
+    of one buffer per call). Nothing is modified.
+
+    ``block_t`` rows per program (>= 16, power of two), ``block_c`` columns per slice (>= 16,
+    power of two), ``precision`` the ``tl.dot`` input precision for the float32 products
+    (default :func:`default_precision`). Raises ``ValueError`` on shapes that do not chain,
+    unsupported dtypes (float64 included), mixed devices, or CPU tensors outside the
+    interpreter.
+    """
+    for name, b in (("block_t", block_t), ("block_c", block_c)):
+        if b < 16 or b & (b - 1):
+            raise ValueError(f"row_pass: {name} must be a power of two >= 16, got {b}")
+    if not jobs:
+        return []
+    sizes = [_check_job(i, job) for i, job in enumerate(jobs)]
+    device = jobs[0][0][0].device
+    for i, job in enumerate(jobs):
+        if job[0][0].device != device:
+            raise ValueError(f"row_pass: job {i} is on {job[0][0].device}, job 0 on {device}: one device per call")
+    if device.type == "cpu" and not interpreting():
+        raise ValueError("row_pass: CPU tensors run only through the Triton interpreter (TRITON_INTERPRET=1); "
+                         "use a CUDA device, or the torch/C++ backend on the CPU")
+    precision = precision or default_precision()
+
+    # One zeroed float32 buffer for every output of the call.
+    layout = []
+    total = 0
+    for (m, n), (_, _, qd, qx, stats) in zip(sizes, jobs):
+        parts = []
+        for rows, cols, want in ((n, qd.shape[1] if qd is not None else 0, qd is not None),
+                                 (m, qx.shape[1] if qx is not None else 0, qx is not None),
+                                 (n, 1, stats), (m, 1, stats)):
+            parts.append((total, rows, cols) if want else None)
+            total += rows * cols if want else 0
+        layout.append(parts)
+    buf = torch.zeros(total, dtype=torch.float32, device=device)
+    outputs: List[Result] = []
+    for parts in layout:
+        views = [None if p is None else buf[p[0]:p[0] + p[1] * p[2]].view(p[1], p[2]) for p in parts]
+        px, pd, sx, sg = views
+        outputs.append((px, pd, None if sx is None else sx.view(-1), None if sg is None else sg.view(-1)))
+
+    for launch in plan_launches(jobs, outputs, block_t):
+        seg_table = torch.tensor(launch.segments, dtype=torch.int64).to(device)
+        tile_table = torch.tensor(launch.tiles, dtype=torch.int32).to(device)
+        _row_pass_kernel[(len(launch.tiles),)](
+            seg_table, tile_table,
+            X_DTYPE=_TL_DTYPE[launch.x_dtype], G_DTYPE=_TL_DTYPE[launch.g_dtype],
+            HAS_QD=launch.has_qd, HAS_QX=launch.has_qx, STATS=launch.stats, ALIGNED=launch.aligned,
+            X_VEC=16 // _ELEMENT_SIZE[launch.x_dtype], G_VEC=16 // _ELEMENT_SIZE[launch.g_dtype],
+            BLOCK_T=block_t, BLOCK_C=block_c, BLOCK_KD=launch.block_kd, BLOCK_KX=launch.block_kx,
+            PRECISION=precision, WHILE_LOOPS=interpreting(), FIELDS=_FIELDS, num_warps=num_warps, num_stages=num_stages)
+    return outputs
