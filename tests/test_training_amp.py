@@ -61,6 +61,17 @@ def test_a_bf16_model_trains_like_the_float32_model(name):
         assert rel(p, q) < 0.05
 
 
+def autocast_step(model, opt, x, y, enabled):
+    """One step, the forward under bf16 autocast when ``enabled``; the dtypes it captured."""
+    opt.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+        loss = loss_fn(model, x, y)
+    loss.backward()
+    captured = {t.dtype for site in opt._sites for c in site.chunks for t in c[:2]}
+    opt.step()
+    return captured
+
+
 @pytest.mark.parametrize("name", ["oplora", "scaled", "riemannian"])
 def test_autocast_bf16_steps_close_to_float32(name):
     plain, cast = make_model(), make_model()
@@ -68,15 +79,8 @@ def test_autocast_bf16_steps_close_to_float32(name):
     dtypes = set()
     for seed in range(3):
         x, y = batch(seed)
-        opt_plain.zero_grad()
-        loss_fn(plain, x, y).backward()
-        opt_plain.step()
-        opt_cast.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = loss_fn(cast, x, y)
-        loss.backward()
-        dtypes |= {t.dtype for site in opt_cast._sites for c in site.chunks for t in c[:2]}
-        opt_cast.step()
+        autocast_step(plain, opt_plain, x, y, enabled=False)
+        dtypes |= autocast_step(cast, opt_cast, x, y, enabled=True)
     if name != "riemannian":
         assert torch.bfloat16 in dtypes  # the bf16 activations and gradients were captured
     for p, q in zip(cast.parameters(), plain.parameters()):
