@@ -11,100 +11,141 @@
 namespace oplora {
 namespace {
 
-// Column panel width: two 256-bit vectors of T (16 floats, 8 doubles); right-hand sides are padded
-// to a multiple of half a panel.
+// Explicit 256-bit vectors (GCC/Clang vector extensions, no intrinsics): 8 floats or 4 doubles.
+// The panels keep their R x NV accumulators in registers; loads are unaligned (memcpy).
 template <class T>
-constexpr int kPanel = 64 / static_cast<int>(sizeof(T));
-constexpr int kRows = 4;  // rows (or features) per register block
+struct Vec;
+template <>
+struct Vec<float> {
+    typedef float type __attribute__((vector_size(32)));
+};
+template <>
+struct Vec<double> {
+    typedef double type __attribute__((vector_size(32)));
+};
+template <class T>
+constexpr int kLanes = 32 / static_cast<int>(sizeof(T));
+// Column panel width: two vectors (16 floats, 8 doubles); right-hand sides are padded to a
+// multiple of one vector (half a panel).
+template <class T>
+constexpr int kPanel = 2 * kLanes<T>;
+constexpr int kRows = 6;  // rows (or features) per register block: 6 x 2 accumulators + 3 of 16 registers
 
 int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
 
-// C[0:R, k0:k0+KC] = A[0:R, 0:p] @ Q[0:p, k0:k0+KC]  (A rows lda apart, Q and C row-major, width kp).
-// With SQ, also sq[i] += sum_r A[r, i]^2 (the statistics, on the first panel only).
-template <class T, int R, int KC, bool SQ>
-inline void panel_a(const T* __restrict a, int64_t lda, int64_t p, const T* __restrict q, int64_t kp,
-                    int64_t k0, T* __restrict c, T* __restrict sq) {
-    T acc[R][KC] = {};
-    for (int64_t i = 0; i < p; ++i) {
-        const T* qi = q + i * kp + k0;
-        T s = 0;
-        for (int r = 0; r < R; ++r) {
-            const T v = a[r * lda + i];
-            if (SQ) s += v * v;
-            for (int k = 0; k < KC; ++k) acc[r][k] += v * qi[k];
-        }
-        if (SQ) sq[i] += s;
-    }
-    for (int r = 0; r < R; ++r)
-        for (int k = 0; k < KC; ++k) c[r * kp + k0 + k] = acc[r][k];
+template <class V, class T>
+inline V load(const T* p) {
+    V v;
+    std::memcpy(&v, p, sizeof(V));
+    return v;
 }
 
-// out[i0:i0+R, k0:k0+KC] += A[0:tb, i0:i0+R]^T @ P[0:tb, k0:k0+KC]  (A rows lda apart; P, out width kp).
-template <class T, int R, int KC>
+template <class V, class T>
+inline void store(T* p, const V& v) {
+    std::memcpy(p, &v, sizeof(V));
+}
+
+// C[0:R, k0:k0+NV*lanes] = A[0:R, 0:p] @ Q[0:p, k0:...]  (A rows lda apart, Q and C row-major, width kp).
+template <class T, int R, int NV>
+inline void panel_a(const T* __restrict a, int64_t lda, int64_t p, const T* __restrict q, int64_t kp,
+                    int64_t k0, T* __restrict c) {
+    using V = typename Vec<T>::type;
+    constexpr int L = kLanes<T>;
+    V acc[R][NV];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) acc[r][v] = V{};
+    for (int64_t i = 0; i < p; ++i) {
+        const T* qi = q + i * kp + k0;
+        V qv[NV];
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) qv[v] = load<V>(qi + v * L);
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) {
+            const T x = a[r * lda + i];
+#pragma GCC unroll 4
+            for (int v = 0; v < NV; ++v) acc[r][v] += x * qv[v];
+        }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) store(c + r * kp + k0 + v * L, acc[r][v]);
+}
+
+// out[i0:i0+R, k0:k0+NV*lanes] += A[0:tb, i0:i0+R]^T @ P[0:tb, k0:...]  (A rows lda apart; P, out width kp).
+template <class T, int R, int NV>
 inline void panel_b(const T* __restrict a, int64_t lda, int64_t tb, int64_t i0, const T* __restrict pm,
                     int64_t kp, int64_t k0, T* __restrict out) {
-    T acc[R][KC] = {};
+    using V = typename Vec<T>::type;
+    constexpr int L = kLanes<T>;
+    V acc[R][NV];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) acc[r][v] = V{};
     for (int64_t t = 0; t < tb; ++t) {
         const T* pt = pm + t * kp + k0;
         const T* at = a + t * lda + i0;
+        V pv[NV];
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) pv[v] = load<V>(pt + v * L);
+#pragma GCC unroll 8
         for (int r = 0; r < R; ++r) {
-            const T v = at[r];
-            for (int k = 0; k < KC; ++k) acc[r][k] += v * pt[k];
+            const T x = at[r];
+#pragma GCC unroll 4
+            for (int v = 0; v < NV; ++v) acc[r][v] += x * pv[v];
         }
     }
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r)
-        for (int k = 0; k < KC; ++k) out[(i0 + r) * kp + k0 + k] += acc[r][k];
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) {
+            T* o = out + (i0 + r) * kp + k0 + v * L;
+            store(o, load<V>(o) + acc[r][v]);
+        }
 }
 
-// C (tb x kp) = A (tb x p) @ Q (p x kp); sq (p) += column sums of A^2 when sq != nullptr.
+// C (tb x kp) = A (tb x p) @ Q (p x kp).
 template <class T>
-void block_a(const T* a, int64_t tb, int64_t p, const T* q, int64_t kp, T* c, T* sq) {
-    constexpr int KC = kPanel<T>, KH = kPanel<T> / 2;
+void block_a(const T* a, int64_t tb, int64_t p, const T* q, int64_t kp, T* c) {
+    constexpr int KC = kPanel<T>, NV = 2;
     int64_t t = 0;
     for (; t + kRows <= tb; t += kRows) {
-        const T* at = a + t * p;
-        T* ct = c + t * kp;
         int64_t k0 = 0;
-        bool first = true;
-        for (; k0 + KC <= kp; k0 += KC, first = false) {
-            if (sq && first) panel_a<T, kRows, KC, true>(at, p, p, q, kp, k0, ct, sq);
-            else panel_a<T, kRows, KC, false>(at, p, p, q, kp, k0, ct, sq);
-        }
-        if (k0 < kp) {  // kp is a multiple of KH: one half panel left
-            if (sq && first) panel_a<T, kRows, KH, true>(at, p, p, q, kp, k0, ct, sq);
-            else panel_a<T, kRows, KH, false>(at, p, p, q, kp, k0, ct, sq);
-        }
+        for (; k0 + KC <= kp; k0 += KC) panel_a<T, kRows, NV>(a + t * p, p, p, q, kp, k0, c + t * kp);
+        if (k0 < kp) panel_a<T, kRows, 1>(a + t * p, p, p, q, kp, k0, c + t * kp);  // kp: a multiple of one vector
     }
     for (; t < tb; ++t) {
-        const T* at = a + t * p;
-        T* ct = c + t * kp;
         int64_t k0 = 0;
-        bool first = true;
-        for (; k0 + KC <= kp; k0 += KC, first = false) {
-            if (sq && first) panel_a<T, 1, KC, true>(at, p, p, q, kp, k0, ct, sq);
-            else panel_a<T, 1, KC, false>(at, p, p, q, kp, k0, ct, sq);
-        }
-        if (k0 < kp) {
-            if (sq && first) panel_a<T, 1, KH, true>(at, p, p, q, kp, k0, ct, sq);
-            else panel_a<T, 1, KH, false>(at, p, p, q, kp, k0, ct, sq);
-        }
+        for (; k0 + KC <= kp; k0 += KC) panel_a<T, 1, NV>(a + t * p, p, p, q, kp, k0, c + t * kp);
+        if (k0 < kp) panel_a<T, 1, 1>(a + t * p, p, p, q, kp, k0, c + t * kp);
     }
 }
 
-// out (p x kp) += A (tb x p)^T @ P (tb x kp).
+// out (p x kp) += A (tb x p)^T @ P (tb x kp). The block's columns are first packed by groups of
+// kRows features (pack: tb x p), so that the panels read them sequentially: straight down a column
+// of A, rows p * sizeof(T) apart (8 KiB for p = 2048), every line would fall into one L1 set.
 template <class T>
-void block_b(const T* a, int64_t tb, int64_t p, const T* pm, int64_t kp, T* out) {
-    constexpr int KC = kPanel<T>, KH = kPanel<T> / 2;
-    int64_t i0 = 0;
-    for (; i0 + kRows <= p; i0 += kRows) {
-        int64_t k0 = 0;
-        for (; k0 + KC <= kp; k0 += KC) panel_b<T, kRows, KC>(a, p, tb, i0, pm, kp, k0, out);
-        if (k0 < kp) panel_b<T, kRows, KH>(a, p, tb, i0, pm, kp, k0, out);
+void block_b(const T* a, int64_t tb, int64_t p, const T* pm, int64_t kp, T* out, T* pack) {
+    constexpr int KC = kPanel<T>, NV = 2;
+    const int64_t groups = p / kRows;
+    for (int64_t t = 0; t < tb; ++t) {
+        const T* at = a + t * p;
+        for (int64_t g = 0; g < groups; ++g)
+            for (int r = 0; r < kRows; ++r) pack[(g * tb + t) * kRows + r] = at[g * kRows + r];
     }
-    for (; i0 < p; ++i0) {
+    for (int64_t g = 0; g < groups; ++g) {
+        const T* pg = pack + g * tb * kRows;
         int64_t k0 = 0;
-        for (; k0 + KC <= kp; k0 += KC) panel_b<T, 1, KC>(a, p, tb, i0, pm, kp, k0, out);
-        if (k0 < kp) panel_b<T, 1, KH>(a, p, tb, i0, pm, kp, k0, out);
+        for (; k0 + KC <= kp; k0 += KC) panel_b<T, kRows, NV>(pg, kRows, tb, 0, pm, kp, k0, out + g * kRows * kp);
+        if (k0 < kp) panel_b<T, kRows, 1>(pg, kRows, tb, 0, pm, kp, k0, out + g * kRows * kp);
+    }
+    for (int64_t i0 = groups * kRows; i0 < p; ++i0) {
+        int64_t k0 = 0;
+        for (; k0 + KC <= kp; k0 += KC) panel_b<T, 1, NV>(a, p, tb, i0, pm, kp, k0, out);
+        if (k0 < kp) panel_b<T, 1, 1>(a, p, tb, i0, pm, kp, k0, out);
     }
 }
 
@@ -179,6 +220,7 @@ void row_pass(const RowPassArgs<T>& args) {
         T* sg = sx + n;
         std::vector<T> tmp_d(static_cast<size_t>(block_rows * kdp));
         std::vector<T> tmp_x(static_cast<size_t>(block_rows * kxp));
+        std::vector<T> pack(static_cast<size_t>(block_rows * std::max(n, m)));
         const size_t lo = blocks.size() * tid / nth, hi = blocks.size() * (tid + 1) / nth;
         for (size_t b = lo; b < hi; ++b) {
             const Block& blk = blocks[b];
@@ -186,12 +228,12 @@ void row_pass(const RowPassArgs<T>& args) {
             const T* g = args.gs[blk.chunk] + blk.row0 * m;
             // Read G once: G_b qd (and its squares), then X once: X_b qx (and its squares);
             // then the products back through the rows just read.
-            if (want_d) block_a(g, blk.rows, m, qd.data(), kdp, tmp_d.data(), args.stats ? sg : nullptr);
-            else if (args.stats) sum_squares(g, blk.rows, m, sg);
-            if (want_x) block_a(x, blk.rows, n, qx.data(), kxp, tmp_x.data(), args.stats ? sx : nullptr);
-            else if (args.stats) sum_squares(x, blk.rows, n, sx);
-            if (want_d) block_b(x, blk.rows, n, tmp_d.data(), kdp, px);
-            if (want_x) block_b(g, blk.rows, m, tmp_x.data(), kxp, pd);
+            if (want_d) block_a(g, blk.rows, m, qd.data(), kdp, tmp_d.data());
+            if (args.stats) sum_squares(g, blk.rows, m, sg);
+            if (want_x) block_a(x, blk.rows, n, qx.data(), kxp, tmp_x.data());
+            if (args.stats) sum_squares(x, blk.rows, n, sx);
+            if (want_d) block_b(x, blk.rows, n, tmp_d.data(), kdp, px, pack.data());
+            if (want_x) block_b(g, blk.rows, m, tmp_x.data(), kxp, pd, pack.data());
         }
     }
 

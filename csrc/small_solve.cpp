@@ -3,53 +3,78 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
 namespace oplora {
+namespace {
+
+// Dot product of contiguous vectors with four independent partial sums (4 x 4 doubles): the
+// compiler may not reassociate a plain sum (no -ffast-math), so the split is written out.
+double dot(const double* __restrict a, const double* __restrict b, int64_t len) {
+    typedef double V __attribute__((vector_size(32)));
+    V acc[4] = {V{}, V{}, V{}, V{}};
+    int64_t i = 0;
+    for (; i + 16 <= len; i += 16) {
+        for (int u = 0; u < 4; ++u) {
+            V x, y;
+            std::memcpy(&x, a + i + 4 * u, sizeof(V));
+            std::memcpy(&y, b + i + 4 * u, sizeof(V));
+            acc[u] += x * y;
+        }
+    }
+    V sum = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+    double out = (sum[0] + sum[1]) + (sum[2] + sum[3]);
+    for (; i < len; ++i) out += a[i] * b[i];
+    return out;
+}
+
+}  // namespace
 
 void thin_qr(const double* z, int64_t p, int64_t r, double* q, double* rmat) {
     const int64_t k = std::min(p, r);
-    std::vector<double> a(z, z + p * r);  // row-major p x r, reduced in place
-    std::vector<double> vs(static_cast<size_t>(p * k), 0.0);  // reflector j in column j, rows j..p-1
+    // Column-major copy (column c at a[c * p]): every reflector touches whole contiguous columns.
+    std::vector<double> a(static_cast<size_t>(p * r));
+    for (int64_t i = 0; i < p; ++i)
+        for (int64_t c = 0; c < r; ++c) a[c * p + i] = z[i * r + c];
+    std::vector<double> vs(static_cast<size_t>(p * k), 0.0);  // reflector j: vs[j * p + j .. j * p + p)
     std::vector<double> taus(static_cast<size_t>(k), 0.0);
     for (int64_t j = 0; j < k; ++j) {
-        double norm2 = 0.0;
-        for (int64_t i = j; i < p; ++i) norm2 += a[i * r + j] * a[i * r + j];
-        const double norm = std::sqrt(norm2);
+        double* col = a.data() + j * p;
+        const double norm = std::sqrt(dot(col + j, col + j, p - j));
         if (norm == 0.0) continue;  // nothing to annihilate: H_j = I
-        const double head = a[j * r + j];
+        const double head = col[j];
         const double alpha = head >= 0.0 ? -norm : norm;  // the sign that avoids cancellation
-        double vnorm2 = 0.0;
-        for (int64_t i = j; i < p; ++i) {
-            const double v = (i == j) ? head - alpha : a[i * r + j];
-            vs[i * k + j] = v;
-            vnorm2 += v * v;
-        }
+        double* v = vs.data() + j * p;
+        std::copy(col + j, col + p, v + j);
+        v[j] = head - alpha;
+        const double vnorm2 = dot(v + j, v + j, p - j);
         if (vnorm2 == 0.0) continue;
         const double tau = 2.0 / vnorm2;
         taus[j] = tau;
         for (int64_t c = j; c < r; ++c) {
-            double w = 0.0;
-            for (int64_t i = j; i < p; ++i) w += vs[i * k + j] * a[i * r + c];
-            w *= tau;
-            for (int64_t i = j; i < p; ++i) a[i * r + c] -= w * vs[i * k + j];
+            double* ac = a.data() + c * p;
+            const double w = tau * dot(v + j, ac + j, p - j);
+            for (int64_t i = j; i < p; ++i) ac[i] -= w * v[i];
         }
     }
     for (int64_t i = 0; i < k; ++i)
-        for (int64_t c = 0; c < r; ++c) rmat[i * r + c] = c >= i ? a[i * r + c] : 0.0;
-    // Q = H_0 ... H_{k-1} [I_k; 0], applied from the last reflector back.
-    for (int64_t i = 0; i < p; ++i)
-        for (int64_t c = 0; c < k; ++c) q[i * k + c] = (i == c) ? 1.0 : 0.0;
+        for (int64_t c = 0; c < r; ++c) rmat[i * r + c] = c >= i ? a[c * p + i] : 0.0;
+    // Q = H_0 ... H_{k-1} [I_k; 0], applied from the last reflector back (column-major, then out).
+    std::vector<double> qc(static_cast<size_t>(p * k), 0.0);
+    for (int64_t c = 0; c < k; ++c) qc[c * p + c] = 1.0;
     for (int64_t j = k - 1; j >= 0; --j) {
         if (taus[j] == 0.0) continue;
+        const double* v = vs.data() + j * p;
         for (int64_t c = 0; c < k; ++c) {
-            double w = 0.0;
-            for (int64_t i = j; i < p; ++i) w += vs[i * k + j] * q[i * k + c];
-            w *= taus[j];
-            for (int64_t i = j; i < p; ++i) q[i * k + c] -= w * vs[i * k + j];
+            double* qcol = qc.data() + c * p;
+            const double w = taus[j] * dot(v + j, qcol + j, p - j);
+            for (int64_t i = j; i < p; ++i) qcol[i] -= w * v[i];
         }
     }
+    for (int64_t i = 0; i < p; ++i)
+        for (int64_t c = 0; c < k; ++c) q[i * k + c] = qc[c * p + i];
 }
 
 namespace {
