@@ -528,7 +528,8 @@ class LoRAOptimizer(torch.optim.Optimizer):
         is skipped by its optimizer, as with any torch optimizer.)"""
         model = self._model()
         lora = self.lora_group["params"]
-        present = None if model is None else {id(p) for p in model.parameters()}
+        params = [] if model is None else list(model.parameters())
+        present = None if model is None else {id(p) for p in params}
         problems = []
         for index, site in enumerate(self._sites):
             a, b = lora[2 * index], lora[2 * index + 1]
@@ -541,7 +542,7 @@ class LoRAOptimizer(torch.optim.Optimizer):
                                 "(it would silently stop training)")
         if model is not None:
             known = {id(p) for g in self.param_groups for p in g["params"]}
-            unknown = {id(p) for p in model.parameters() if p.requires_grad and id(p) not in known}
+            unknown = {id(p) for p in params if p.requires_grad and id(p) not in known}
             if unknown:
                 added = []
                 for site in find_lora_sites(model)[0]:
