@@ -57,6 +57,7 @@ without the hints.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -93,11 +94,15 @@ def interpreting() -> bool:
     return bool(triton.knobs.runtime.interpret)
 
 
-def default_precision() -> str:
-    """``tl.dot`` input precision for float32 operands: ``"tf32x3"`` on a GPU (about float32
-    accuracy on tensor cores), ``"ieee"`` under the interpreter (which computes exact float32
-    products whatever it is told, and accepts only tf32/tf32x3/ieee)."""
-    return "ieee" if interpreting() else "tf32x3"
+def default_precision(device: torch.device) -> str:
+    """``tl.dot`` input precision for the float32 products on ``device``: ``"tf32x3"`` on an
+    NVIDIA GPU with TF32 (compute capability >= 8.0: three TF32 tensor-core products, about
+    float32 accuracy); ``"ieee"`` elsewhere (older NVIDIA GPUs, ROCm, which accept no tf32x3)
+    and under the interpreter (which computes exact float32 products whatever it is told, and
+    accepts only tf32/tf32x3/ieee)."""
+    if interpreting() or device.type != "cuda" or torch.version.hip is not None:
+        return "ieee"
+    return "tf32x3" if torch.cuda.get_device_capability(device)[0] >= 8 else "ieee"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -319,7 +324,7 @@ def plan_launches(jobs: Sequence[Job], outputs: Sequence[Result], block_t: int) 
     groups beyond the first carry no statistics, so each row's squares are counted once.
     """
     launches: Dict[tuple, Launch] = {}
-    for i, ((xs, gs, qd, qx, stats), (px, pd, sx, sg)) in enumerate(zip(jobs, outputs)):
+    for (xs, gs, qd, qx, stats), (px, pd, sx, sg) in zip(jobs, outputs):
         kd_total = qd.shape[1] if qd is not None else 0
         kx_total = qx.shape[1] if qx is not None else 0
         groups = max(1, -(-kd_total // MAX_K), -(-kx_total // MAX_K))
@@ -375,7 +380,8 @@ def row_pass(jobs: Sequence[Job], *, block_t: int = 128, block_c: int = 64, prec
 
     ``block_t`` rows per program (>= 16, power of two), ``block_c`` columns per slice (>= 16,
     power of two), ``precision`` the ``tl.dot`` input precision for the float32 products
-    (default :func:`default_precision`). Raises ``ValueError`` on shapes that do not chain,
+    (default :func:`default_precision`), ``num_warps``/``num_stages`` Triton's launch options
+    (ignored by the interpreter). Raises ``ValueError`` on shapes that do not chain,
     unsupported dtypes (float64 included), mixed devices, or CPU tensors outside the
     interpreter.
     """
@@ -392,7 +398,7 @@ def row_pass(jobs: Sequence[Job], *, block_t: int = 128, block_c: int = 64, prec
     if device.type == "cpu" and not interpreting():
         raise ValueError("row_pass: CPU tensors run only through the Triton interpreter (TRITON_INTERPRET=1); "
                          "use a CUDA device, or the torch/C++ backend on the CPU")
-    precision = precision or default_precision()
+    precision = precision or default_precision(device)
 
     # One zeroed float32 buffer for every output of the call.
     layout = []
@@ -412,14 +418,23 @@ def row_pass(jobs: Sequence[Job], *, block_t: int = 128, block_c: int = 64, prec
         px, pd, sx, sg = views
         outputs.append((px, pd, None if sx is None else sx.view(-1), None if sg is None else sg.view(-1)))
 
-    for launch in plan_launches(jobs, outputs, block_t):
-        seg_table = torch.tensor(launch.segments, dtype=torch.int64).to(device)
-        tile_table = torch.tensor(launch.tiles, dtype=torch.int32).to(device)
-        _row_pass_kernel[(len(launch.tiles),)](
-            seg_table, tile_table,
-            X_DTYPE=_TL_DTYPE[launch.x_dtype], G_DTYPE=_TL_DTYPE[launch.g_dtype],
-            HAS_QD=launch.has_qd, HAS_QX=launch.has_qx, STATS=launch.stats, ALIGNED=launch.aligned,
-            X_VEC=16 // _ELEMENT_SIZE[launch.x_dtype], G_VEC=16 // _ELEMENT_SIZE[launch.g_dtype],
-            BLOCK_T=block_t, BLOCK_C=block_c, BLOCK_KD=launch.block_kd, BLOCK_KX=launch.block_kx,
-            PRECISION=precision, WHILE_LOOPS=interpreting(), FIELDS=_FIELDS, num_warps=num_warps, num_stages=num_stages)
+    # Triton launches on the current CUDA device: make it the tensors' one.
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        for launch in plan_launches(jobs, outputs, block_t):
+            _launch(launch, device, block_t, block_c, precision, num_warps, num_stages)
     return outputs
+
+
+def _launch(launch: Launch, device: torch.device, block_t: int, block_c: int, precision: str, num_warps: int,
+            num_stages: int) -> None:
+    """One kernel launch: the work tables to the device, then one program per tile."""
+    seg_table = torch.tensor(launch.segments, dtype=torch.int64).to(device)
+    tile_table = torch.tensor(launch.tiles, dtype=torch.int32).to(device)
+    _row_pass_kernel[(len(launch.tiles),)](
+        seg_table, tile_table,
+        X_DTYPE=_TL_DTYPE[launch.x_dtype], G_DTYPE=_TL_DTYPE[launch.g_dtype],
+        HAS_QD=launch.has_qd, HAS_QX=launch.has_qx, STATS=launch.stats, ALIGNED=launch.aligned,
+        X_VEC=16 // _ELEMENT_SIZE[launch.x_dtype], G_VEC=16 // _ELEMENT_SIZE[launch.g_dtype],
+        BLOCK_T=block_t, BLOCK_C=block_c, BLOCK_KD=launch.block_kd, BLOCK_KX=launch.block_kx,
+        PRECISION=precision, WHILE_LOOPS=interpreting(), FIELDS=_FIELDS, num_warps=num_warps,
+        num_stages=num_stages)

@@ -27,9 +27,9 @@ from __future__ import annotations
 from typing import List, Sequence
 
 import torch
+import triton
 from torch import Tensor
 
-import triton
 from oplora_kernels import prox_solve as _prox_solve
 from oplora_kernels import row_pass as _row_pass
 from oplora_kernels import thin_qr as _thin_qr

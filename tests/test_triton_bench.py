@@ -7,7 +7,6 @@ import math
 import os
 
 import pytest
-
 from oplora.bench import SUITES
 from oplora.bench import kernels as bench
 from oplora.bench import main as bench_main

@@ -3,12 +3,11 @@ Jacobi step, low-rank momentum) and ScaledOPLoRA (K-FAC statistics fused into th
 several steps with gradient accumulation, float32 and bfloat16 models. On the CPU the kernels
 run through the Triton interpreter; the ``cuda`` test repeats the comparison on a GPU."""
 
+import oplora
 import pytest
 import torch
-from torch import nn
-
-import oplora
 from oplora import _backend, _triton_ops
+from torch import nn
 
 # Norm-wise relative difference of the trained factors, Triton vs torch backend, by model dtype.
 # float32: the engine is the same, only the order of the float32 sums in the row pass differs.
@@ -43,7 +42,7 @@ def train(name, ops, dtype, device, monkeypatch):
     oplora.add_lora(model, ["a", "b", "c"], r=3, alpha=6)
     opt = OPTIMIZERS[name](model)
     gen = torch.Generator().manual_seed(1)
-    for step in range(STEPS):
+    for _ in range(STEPS):
         opt.zero_grad()
         for micro in range(2):  # gradient accumulation: two chunks of rows per layer
             x = torch.randn(11 + 7 * micro, 13, generator=gen).to(device=device, dtype=dtype)

@@ -4,8 +4,8 @@
 
 import pytest
 import torch
-
 from oplora import reference
+
 from oplora_kernels import prox_solve as ps
 
 TOL = 1e-12  # float64: the same formula, batched; only rounding differs

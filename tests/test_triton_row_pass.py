@@ -9,8 +9,8 @@ in their own dtype, so the only difference is the order of the float32 sums.
 
 import pytest
 import torch
-
 from oplora import _triton_ops, reference
+
 from oplora_kernels import row_pass as rp
 
 # Largest |kernel - reference| / max |reference| per output, by row dtype. The rows are exact in

@@ -5,8 +5,8 @@ rank-deficient, zero and wide matrices, many shapes in one call."""
 
 import pytest
 import torch
-
 from oplora import reference
+
 from oplora_kernels import thin_qr as tq
 
 # Bounds relative to float64 rounding (eps64 ~ 2.2e-16) for the matrices below.

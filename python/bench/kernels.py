@@ -46,9 +46,9 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+import oplora
 import torch
 
-import oplora
 from .. import _backend
 from ..optim import engine
 from ..optim import functional as F
@@ -252,7 +252,7 @@ def lorsum_rows(device: torch.device, smoke: bool, repeats: int, warmup: int) ->
 
 
 def _ms(seconds: float) -> str:
-    return "n/a" if seconds != seconds else f"{1e3 * seconds:.3f}"
+    return "n/a" if math.isnan(seconds) else f"{1e3 * seconds:.3f}"
 
 
 def kernel_table(rows: Sequence[Dict], markdown: bool = False) -> str:
@@ -281,7 +281,8 @@ def targets(rows: Sequence[Dict], svd_rows: Sequence[Dict]) -> List[str]:
         low = svd["torch.svd_lowrank"]
         lines.append(f"LoRSum iters=1 at {lorsum_bench.row_label(lor)}: {lor['speedup_vs_svd']:.0f}x faster than "
                      f"torch.linalg.svd (target >= 1000); svd_lowrank / LoRSum time "
-                     f"{low['time_median_s'] / lor['time_median_s']:.2f} (target > 1); rel err {lor['rel_err']:.1e} vs svd_lowrank {low['rel_err']:.1e}")
+                     f"{low['time_median_s'] / lor['time_median_s']:.2f} (target > 1); rel err "
+                     f"{lor['rel_err']:.1e} vs svd_lowrank {low['rel_err']:.1e}")
     return lines
 
 
@@ -369,7 +370,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
-            raise SystemExit("oplora-bench: the plot needs matplotlib: pip install 'oplora[bench]' (or pass --no-plot)")
+            raise SystemExit("oplora-bench: the plot needs matplotlib: pip install 'oplora[bench]' (or pass --no-plot)"
+                             ) from None
     block = BLOCK_SMOKE if args.smoke else BLOCK_7B
     blocks = args.blocks or (1 if args.smoke else 32)
     r = args.rank or (4 if args.smoke else 16)
