@@ -45,8 +45,9 @@ inline void store(T* p, const V& v) {
     std::memcpy(p, &v, sizeof(V));
 }
 
-// C[0:R, k0:k0+NV*lanes] = A[0:R, 0:p] @ Q[0:p, k0:...]  (A rows lda apart, Q and C row-major, width kp).
-template <class T, int R, int NV>
+// C[0:R, k0:k0+NV*lanes] (+)= A[0:R, 0:p] @ Q[0:p, k0:...]  (A rows lda apart, Q and C row-major,
+// width kp; ACC adds to C instead of overwriting it).
+template <class T, int R, int NV, bool ACC>
 inline void panel_a(const T* __restrict a, int64_t lda, int64_t p, const T* __restrict q, int64_t kp,
                     int64_t k0, T* __restrict c) {
     using V = typename Vec<T>::type;
@@ -71,7 +72,10 @@ inline void panel_a(const T* __restrict a, int64_t lda, int64_t p, const T* __re
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) store(c + r * kp + k0 + v * L, acc[r][v]);
+        for (int v = 0; v < NV; ++v) {
+            T* o = c + r * kp + k0 + v * L;
+            store(o, ACC ? load<V>(o) + acc[r][v] : acc[r][v]);
+        }
 }
 
 // out[i0:i0+R, k0:k0+NV*lanes] += A[0:tb, i0:i0+R]^T @ P[0:tb, k0:...]  (A rows lda apart; P, out width kp).
@@ -107,20 +111,36 @@ inline void panel_b(const T* __restrict a, int64_t lda, int64_t tb, int64_t i0, 
         }
 }
 
-// C (tb x kp) = A (tb x p) @ Q (p x kp).
+// C (tb x kp) = A (tb x p) @ Q (p x kp). The depth p is cut into chunks of kDepth so that the
+// slice of one column panel of Q (kDepth x 2 vectors, 16 KiB) stays in L1 across the row groups.
 template <class T>
 void block_a(const T* a, int64_t tb, int64_t p, const T* q, int64_t kp, T* c) {
     constexpr int KC = kPanel<T>, NV = 2;
-    int64_t t = 0;
-    for (; t + kRows <= tb; t += kRows) {
-        int64_t k0 = 0;
-        for (; k0 + KC <= kp; k0 += KC) panel_a<T, kRows, NV>(a + t * p, p, p, q, kp, k0, c + t * kp);
-        if (k0 < kp) panel_a<T, kRows, 1>(a + t * p, p, p, q, kp, k0, c + t * kp);  // kp: a multiple of one vector
-    }
-    for (; t < tb; ++t) {
-        int64_t k0 = 0;
-        for (; k0 + KC <= kp; k0 += KC) panel_a<T, 1, NV>(a + t * p, p, p, q, kp, k0, c + t * kp);
-        if (k0 < kp) panel_a<T, 1, 1>(a + t * p, p, p, q, kp, k0, c + t * kp);
+    constexpr int64_t kDepth = 16384 / (KC * static_cast<int64_t>(sizeof(T)));
+    for (int64_t i0 = 0; i0 < p; i0 += kDepth) {
+        const int64_t len = std::min(kDepth, p - i0);
+        const T* qi = q + i0 * kp;
+        const bool first = i0 == 0;
+        for (int64_t k0 = 0; k0 < kp; k0 += KC) {
+            const bool half = k0 + KC > kp;  // kp is a multiple of one vector: one half panel at the end
+            int64_t t = 0;
+            for (; t + kRows <= tb; t += kRows) {
+                const T* at = a + t * p + i0;
+                T* ct = c + t * kp;
+                if (half) first ? panel_a<T, kRows, 1, false>(at, p, len, qi, kp, k0, ct)
+                                : panel_a<T, kRows, 1, true>(at, p, len, qi, kp, k0, ct);
+                else first ? panel_a<T, kRows, NV, false>(at, p, len, qi, kp, k0, ct)
+                           : panel_a<T, kRows, NV, true>(at, p, len, qi, kp, k0, ct);
+            }
+            for (; t < tb; ++t) {
+                const T* at = a + t * p + i0;
+                T* ct = c + t * kp;
+                if (half) first ? panel_a<T, 1, 1, false>(at, p, len, qi, kp, k0, ct)
+                                : panel_a<T, 1, 1, true>(at, p, len, qi, kp, k0, ct);
+                else first ? panel_a<T, 1, NV, false>(at, p, len, qi, kp, k0, ct)
+                           : panel_a<T, 1, NV, true>(at, p, len, qi, kp, k0, ct);
+            }
+        }
     }
 }
 
