@@ -7,11 +7,13 @@ rank r (what a truncated SVD would give), without forming an m x n matrix or run
 Public API:
     lorsum(terms, coeffs, init, *, iters=1, prox=0.0, metric=None, precondition=None, start="A")
     OPLoRA, ScaledOPLoRA, SVDLoRA, RiemannianLoRA  -- optimizers built from a model
+    create_optimizer(model, name="oplora" | "scaled" | "svd" | "riemannian", **kwargs)  -- by name
     LoRALinear, add_lora  -- LoRA for plain PyTorch models (PEFT models work as they are)
     backend_info()  -- which implementation runs on which device, and why
 """
 
 from ._backend import backend_info
+from .factory import create_optimizer
 from .layers import LoRALinear, add_lora
 from .lorsum import lorsum
 from .optim import OPLoRA, RiemannianLoRA, ScaledOPLoRA, SVDLoRA
@@ -24,6 +26,7 @@ __all__ = [
     "ScaledOPLoRA",
     "SVDLoRA",
     "RiemannianLoRA",
+    "create_optimizer",
     "LoRALinear",
     "add_lora",
     "backend_info",
