@@ -382,8 +382,8 @@ def row_pass(jobs: Sequence[Job], *, block_t: int = 128, block_c: int = 64, prec
     power of two), ``precision`` the ``tl.dot`` input precision for the float32 products
     (default :func:`default_precision`), ``num_warps``/``num_stages`` Triton's launch options
     (ignored by the interpreter). Raises ``ValueError`` on shapes that do not chain,
-    unsupported dtypes (float64 included), mixed devices, or CPU tensors outside the
-    interpreter.
+    unsupported dtypes (float64 included), mixed devices, CPU tensors outside the interpreter
+    or GPU tensors inside it.
     """
     for name, b in (("block_t", block_t), ("block_c", block_c)):
         if b < 16 or b & (b - 1):
@@ -398,6 +398,11 @@ def row_pass(jobs: Sequence[Job], *, block_t: int = 128, block_c: int = 64, prec
     if device.type == "cpu" and not interpreting():
         raise ValueError("row_pass: CPU tensors run only through the Triton interpreter (TRITON_INTERPRET=1); "
                          "use a CUDA device, or the torch/C++ backend on the CPU")
+    if device.type != "cpu" and interpreting():
+        # The interpreter copies a kernel's tensor arguments to the host, but not the tensors the
+        # segment table points to: it would read device addresses on the host.
+        raise ValueError(f"row_pass: {device.type} tensors cannot run through the Triton interpreter "
+                         "(TRITON_INTERPRET=1); unset it to run the compiled kernel")
     precision = precision or default_precision(device)
 
     # One zeroed float32 buffer for every output of the call.

@@ -10,6 +10,7 @@ import pytest
 from oplora.bench import SUITES
 from oplora.bench import kernels as bench
 from oplora.bench import main as bench_main
+from oplora_kernels import row_pass as rp
 
 PROVIDERS = {"row pass triton", "row pass torch", "oplora step triton", "oplora step torch", "scaled step triton",
              "scaled step torch", "adamw grads+step", "adamw step"}
@@ -17,6 +18,8 @@ PROVIDERS = {"row pass triton", "row pass torch", "oplora step triton", "oplora 
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
+    if not rp.interpreting():
+        pytest.skip("the CPU smoke run needs the Triton interpreter: TRITON_INTERPRET=1")
     out = tmp_path_factory.mktemp("bench")
     argv = ["--suite", "gpu", "--smoke", "--device", "cpu", "--scopes", "q,model", "--out", str(out), "--quiet",
             "--repeats", "1"]

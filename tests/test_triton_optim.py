@@ -3,11 +3,13 @@ Jacobi step, low-rank momentum) and ScaledOPLoRA (K-FAC statistics fused into th
 several steps with gradient accumulation, float32 and bfloat16 models. On the CPU the kernels
 run through the Triton interpreter; the ``cuda`` test repeats the comparison on a GPU."""
 
-import oplora
 import pytest
 import torch
-from oplora import _backend, _triton_ops
 from torch import nn
+
+import oplora
+from oplora import _backend, _triton_ops
+from oplora_kernels import row_pass as rp
 
 # Norm-wise relative difference of the trained factors, Triton vs torch backend, by model dtype.
 # float32: the engine is the same, only the order of the float32 sums in the row pass differs.
@@ -15,6 +17,12 @@ from torch import nn
 # moves a stored entry by one bf16 ulp (2^-8 relative).
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 STEPS = 3
+
+# CPU runs need the interpreter (conftest sets it); GPU runs need the compiled kernels:
+# TRITON_INTERPRET=0 python -m pytest -m cuda tests/test_triton_*.py
+interpreted = pytest.mark.skipif(not rp.interpreting(), reason="CPU tensors run the kernels through the Triton "
+                                 "interpreter: needs TRITON_INTERPRET=1")
+compiled = pytest.mark.skipif(rp.interpreting(), reason="GPU kernels are tested compiled: run with TRITON_INTERPRET=0")
 
 OPTIMIZERS = {
     "oplora": lambda m: oplora.OPLoRA(m, lr=0.05, momentum=0.9, prox=1e-2),
@@ -62,16 +70,19 @@ def assert_close_runs(name, dtype, device, monkeypatch):
         assert err <= TOL[dtype], f"{name} {dtype}: {err:.2e}"
 
 
+@interpreted
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_float32_model_matches_torch_backend(name, monkeypatch):
     assert_close_runs(name, torch.float32, "cpu", monkeypatch)
 
 
+@interpreted
 @pytest.mark.parametrize("name", ["oplora", "scaled"])
 def test_bfloat16_model_matches_torch_backend(name, monkeypatch):
     assert_close_runs(name, torch.bfloat16, "cpu", monkeypatch)
 
 
+@interpreted
 def test_the_factors_move(monkeypatch):
     """Not a vacuous comparison: the steps change every LoRA factor (B starts at zero)."""
     monkeypatch.setattr(_backend, "ops_for", lambda _device: _triton_ops.OPS)
@@ -84,6 +95,7 @@ def test_the_factors_move(monkeypatch):
 
 
 @pytest.mark.cuda
+@compiled
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_cuda_matches_torch_backend(name, dtype, monkeypatch):

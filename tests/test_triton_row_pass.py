@@ -19,6 +19,12 @@ from oplora_kernels import row_pass as rp
 TOL = {torch.float32: 2e-5, torch.float16: 2e-5, torch.bfloat16: 2e-5}
 SMALL_BLOCKS = dict(block_t=16, block_c=16)  # several row tiles and column slices at small sizes
 
+# Kernel launches on CPU tensors need the interpreter (conftest sets it); the GPU tests need the
+# compiled kernels: TRITON_INTERPRET=0 python -m pytest -m cuda tests/test_triton_*.py
+interpreted = pytest.mark.skipif(not rp.interpreting(), reason="CPU tensors run the kernels through the Triton "
+                                 "interpreter: needs TRITON_INTERPRET=1")
+compiled = pytest.mark.skipif(rp.interpreting(), reason="GPU kernels are tested compiled: run with TRITON_INTERPRET=0")
+
 
 def make_job(m, n, rows, kd, kx, stats, dtype=torch.float32, g_dtype=None, device="cpu", seed=0):
     gen = torch.Generator().manual_seed(seed)
@@ -60,6 +66,7 @@ CASES = [
 ]
 
 
+@interpreted
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}x{c[1]}-T{'+'.join(map(str, c[2]))}-kd{c[3]}-kx{c[4]}"
                                                       f"-{'stats' if c[5] else 'nostats'}")
@@ -69,6 +76,7 @@ def test_matches_reference(case, dtype):
     assert_matches(got, expected(job), TOL[dtype])
 
 
+@interpreted
 def test_many_layers_in_one_launch_match_each_layer():
     jobs = [make_job(37, 53, [45, 20], 6, None, True, seed=1),
             make_job(64, 25, [33], 11, None, True, seed=2),
@@ -83,6 +91,7 @@ def test_many_layers_in_one_launch_match_each_layer():
     assert len(launches[0].tiles) == (3 + 2) + 3 + 3 * 1
 
 
+@interpreted
 def test_mixed_jobs_split_by_compile_time_key_only():
     jobs = [make_job(20, 30, [18], 5, None, True, seed=1),
             make_job(22, 31, [19], 4, None, True, dtype=torch.bfloat16, seed=2),
@@ -96,6 +105,7 @@ def test_mixed_jobs_split_by_compile_time_key_only():
     assert len(launches) == 5
 
 
+@interpreted
 def test_wide_right_hand_sides_split_into_column_groups(monkeypatch):
     monkeypatch.setattr(rp, "MAX_K", 16)
     job = make_job(30, 26, [20, 13], 40, 17, True)
@@ -107,6 +117,7 @@ def test_wide_right_hand_sides_split_into_column_groups(monkeypatch):
     assert_matches(got, expected(job), TOL[torch.float32])
 
 
+@interpreted
 def test_strided_and_offset_rows():
     gen = torch.Generator().manual_seed(4)
     big_x = torch.randn(40, 48, generator=gen, dtype=torch.float32).to(torch.bfloat16)
@@ -119,6 +130,7 @@ def test_strided_and_offset_rows():
         assert_matches(got, expected(job), TOL[torch.bfloat16])
 
 
+@interpreted
 def test_default_blocks_and_empty_chunks():
     job = make_job(33, 45, [0, 150, 0], 4, 4, True)
     (got,) = rp.row_pass([job])
@@ -146,10 +158,15 @@ def test_rejects_what_it_cannot_read(monkeypatch):
     with pytest.raises(ValueError, match="block_t must be a power of two"):
         rp.row_pass([good], block_t=24)
     monkeypatch.setattr(rp, "interpreting", lambda: False)
-    with pytest.raises(ValueError, match="Triton interpreter"):
+    with pytest.raises(ValueError, match="CPU tensors run only through the Triton interpreter"):
         rp.row_pass([good])
+    monkeypatch.setattr(rp, "interpreting", lambda: True)
+    meta = ([xs[0].to("meta")], [gs[0].to("meta")], qd.to("meta"), None, False)
+    with pytest.raises(ValueError, match="cannot run through the Triton interpreter"):
+        rp.row_pass([meta])
 
 
+@interpreted
 def test_backend_adapter_sends_float64_to_the_reference_and_keeps_low_precision_rows():
     low = make_job(12, 14, [20], 3, None, True, dtype=torch.bfloat16)
     wide = make_job(12, 14, [20], None, 2, True, dtype=torch.float64)
@@ -165,6 +182,7 @@ def test_backend_adapter_sends_float64_to_the_reference_and_keeps_low_precision_
 
 
 @pytest.mark.cuda
+@compiled
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_cuda_matches_reference(dtype):
     jobs = [make_job(*case, dtype=dtype, device="cuda", seed=i) for i, case in enumerate(CASES)]

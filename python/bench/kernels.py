@@ -46,9 +46,9 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-import oplora
 import torch
 
+import oplora
 from .. import _backend
 from ..optim import engine
 from ..optim import functional as F
@@ -351,13 +351,22 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command-line entry point (``oplora-bench --suite gpu``); returns the exit status 0.
 
-    Raises ``SystemExit`` with the reason when it cannot run: no GPU for a full run, the Triton
-    backend unavailable, or CPU tensors without ``TRITON_INTERPRET=1``.
+    Raises ``SystemExit`` with the reason when it cannot run: unknown ``--scopes``, no GPU for a
+    full run, the Triton backend unavailable, CPU tensors without ``TRITON_INTERPRET=1`` or CUDA
+    tensors with it.
     """
     from oplora_kernels import row_pass as triton_row_pass
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    block = BLOCK_SMOKE if args.smoke else BLOCK_7B
+    shapes = {}
+    for name, m, n in block:
+        shapes.setdefault((m, n), name)  # one layer scope per distinct shape
+    known = [*shapes.values(), "model"]
+    chosen = known if args.scopes is None else [s.strip() for s in args.scopes.split(",") if s.strip()]
+    if not chosen or any(s not in known for s in chosen):
+        raise SystemExit(f"oplora-bench --suite gpu: --scopes {args.scopes!r}: choose from {', '.join(known)}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("oplora-bench --suite gpu: --device cuda but torch sees no CUDA GPU")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -366,13 +375,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if device.type == "cpu" and not (args.smoke and triton_row_pass.interpreting()):
         raise SystemExit("oplora-bench --suite gpu measures on a CUDA GPU; on a CPU only --smoke runs, through the "
                          "Triton interpreter: TRITON_INTERPRET=1 oplora-bench --suite gpu --smoke")
+    if device.type == "cuda" and triton_row_pass.interpreting():
+        raise SystemExit("oplora-bench --suite gpu: TRITON_INTERPRET=1 is set; unset it to measure the compiled "
+                         "kernels on the GPU")
     if not args.no_plot:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
             raise SystemExit("oplora-bench: the plot needs matplotlib: pip install 'oplora[bench]' (or pass --no-plot)"
                              ) from None
-    block = BLOCK_SMOKE if args.smoke else BLOCK_7B
     blocks = args.blocks or (1 if args.smoke else 32)
     r = args.rank or (4 if args.smoke else 16)
     tokens = args.tokens or (48 if args.smoke else 4096)
@@ -387,13 +398,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     bandwidth = measure_bandwidth(device, (1 << 20) * (16 if args.smoke else 2048))
     rows: List[Dict] = []
-    shapes = {}
-    for name, m, n in block:
-        shapes.setdefault((m, n), name)  # one layer scope per distinct shape
-    known = [*shapes.values(), "model"]
-    chosen = known if args.scopes is None else [s.strip() for s in args.scopes.split(",") if s.strip()]
-    if not chosen or any(s not in known for s in chosen):
-        raise SystemExit(f"oplora-bench --suite gpu: --scopes {args.scopes!r}: choose from {', '.join(known)}")
     for (m, n), name in shapes.items():
         if name not in chosen:
             continue
