@@ -49,8 +49,12 @@ The Triton interpreter (``TRITON_INTERPRET=1``), how the tests run these kernels
       column loops are ``while`` loops under the interpreter and ``for`` loops (software
       pipelined) on a GPU, selected by the ``WHILE_LOOPS`` constexpr around one shared loop
       body: the body is what the CPU tests check.
-    * ``tl.multiple_of`` alignment hints are no-ops, and pointers are host addresses: the
-      launcher refuses CPU tensors when the interpreter is off (``ValueError``), since a
-      compiled kernel would dereference them on the device.
+    * ``tl.multiple_of`` alignment hints are no-ops. The interpreter copies a kernel's tensor
+      arguments to the host but cannot follow the addresses in ``row_pass``'s segment table, so
+      the launcher refuses GPU tensors under the interpreter and CPU tensors without it
+      (``ValueError``). Hence the tests: ``python -m pytest`` (conftest sets
+      ``TRITON_INTERPRET=1``) runs the kernels on CPU tensors and skips the GPU ones;
+      ``TRITON_INTERPRET=0 python -m pytest -m cuda tests/test_triton_*.py`` on a GPU machine
+      runs the compiled kernels (and skips the interpreter ones).
     * It is slow (Python per program and per slice): tests use small shapes and small blocks.
 """
