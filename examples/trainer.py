@@ -18,8 +18,8 @@ Why each line:
 * ``max_grad_norm=0.0``: the Trainer's ``clip_grad_norm_`` rescales ``.grad``; OPLoRA steps from
   the captured activations and their gradients, not from the factors' ``.grad``, so the Trainer's
   clipping would clip only the head and measure a norm that is not the one OPLoRA uses. Clip in
-  the optimizer instead (its own ``max_grad_norm``, which works on the implicit full gradient,
-  when your oplora version has it).
+  the optimizer instead: ``create_optimizer(model, "oplora", ..., max_grad_norm=1.0)`` clips the
+  implicit full gradient of every LoRA layer together with the other parameters' ``.grad``.
 * ``gradient_accumulation_steps``: works as it does for AdamW: every micro-batch's backward pass
   is captured, and the step uses all of them, exactly one step on the concatenated batch
   (``tests/test_trainer.py``). The Trainer divides each micro-batch loss by the number of
