@@ -7,6 +7,11 @@ allocated here with torch and written in place by C++. The thread count follows
 
 bf16/fp16 rows are upcast to float32 once per step in :func:`rows` (the policy stated in
 ``oplora._backend``); C++ takes float32 and float64 only.
+
+The r-sized solves run in C++ up to rank ``LAPACK_FROM - 1``: there its unblocked Householder QR
+and Jacobi SVD beat the call overhead of torch's LAPACK ops; from rank ``LAPACK_FROM`` on
+(r = 64 at m = 2048: 5 ms per QR and 6 ms per solve in C++, see bench/results/cpu_step.md) the
+blocked LAPACK routines of ``oplora.reference`` are faster, and take over.
 """
 
 from __future__ import annotations
@@ -17,9 +22,13 @@ import torch
 from torch import Tensor
 
 from . import _cpu  # noqa: F401  (ImportError here: the extension is missing)
+from . import reference
 from ._backend import Job, Ops, PassResult, SmallProblem
 
-__all__ = ["OPS", "describe"]
+__all__ = ["OPS", "describe", "LAPACK_FROM"]
+
+#: rank from which thin_qr and prox_solve use the reference (LAPACK) instead of C++.
+LAPACK_FROM = 48
 
 
 def describe() -> str:
@@ -56,6 +65,9 @@ def row_pass(jobs: Sequence[Job]) -> List[PassResult]:
 def thin_qr(zs: Sequence[Tensor]) -> List[Tuple[Tensor, Tensor]]:
     out = []
     for z in zs:
+        if z.shape[1] >= LAPACK_FROM:
+            out.append(reference.thin_qr(z))
+            continue
         z = z.contiguous()
         p, r = z.shape
         k = min(p, r)
@@ -68,6 +80,9 @@ def thin_qr(zs: Sequence[Tensor]) -> List[Tuple[Tensor, Tensor]]:
 def prox_solve(problems: Sequence[SmallProblem]) -> List[Tensor]:
     out = []
     for r_mat, y, x0, lam, p in problems:
+        if r_mat.shape[1] >= LAPACK_FROM:
+            out.append(reference.prox_solve(r_mat, y, x0, lam, p))
+            continue
         x = torch.empty(r_mat.shape[1], y.shape[1], dtype=torch.float64)
         _cpu.prox_solve(_np(r_mat.contiguous()), _np(y.contiguous()), _np(x0.contiguous()), float(lam), int(p), _np(x))
         out.append(x)

@@ -1,17 +1,21 @@
 """Test configuration shared by every test module.
 
-TRITON_INTERPRET=1 is set before anything can import Triton, so that the Triton kernels run on
-the CPU through the interpreter (correctness only: programs run one at a time, fp32 dots are
-exact, no bf16 tl.dot). Tests marked ``cuda`` need a GPU and are skipped, with the reason,
-without one; no test module touches CUDA at import.
+On a machine without a GPU, TRITON_INTERPRET=1 is set before anything can import Triton, so that
+the Triton kernels run on the CPU through the interpreter (correctness only: programs run one at a
+time, fp32 dots are exact, no bf16 tl.dot). Tests marked ``cuda`` need a GPU and are skipped, with
+the reason, without one; no test module touches CUDA at import.
 """
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+# Before any kernel module is imported: without a GPU the Triton kernels run through the
+# interpreter; with one they compile (and the CUDA-marked tests run them). An explicit
+# TRITON_INTERPRET in the environment wins. torch.cuda.is_available() creates no CUDA context.
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 
 def pytest_collection_modifyitems(config, items):

@@ -229,6 +229,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     repeats = args.repeats or (2 if args.smoke else 7)
     threads = _thread_counts(args.threads)
     info = machine_info(torch.device("cpu"))
+    # Other work on a shared machine shows up in the timings: say what there was.
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    env = f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}"
     command = " ".join(["oplora-bench", *argv])
     print(f"oplora-bench cpu on {info['device_name']}, threads {threads}, torch {info['torch']}; "
           f"{len(cases)} cases x {len(PROVIDERS)} providers, {repeats} repeats", flush=True)
@@ -244,7 +247,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         f.write(f"# One optimizer step per layer: C++ vs torch ops vs SVD (CPU)\n\n"
                 f"- command: `{command}`\n- machine: {info['device_name']}, {os.cpu_count()} cores; "
                 f"thread counts {threads}\n- torch {info['torch']}, Python {info['python']}, oplora {info['oplora']}\n"
-                f"- date: {info['date']}\n- {target_line(rows)}\n"
+                f"- date: {info['date']}; load average at the start {load}; {env}\n- {target_line(rows)}\n"
                 f"- times: median of >= {repeats} steps after {args.warmup} warm-up (min-max in the table); "
                 f"`svd` only up to {args.svd_max} wide\n\n")
         f.write(table(rows, markdown=True) + "\n")
