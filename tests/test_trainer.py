@@ -10,7 +10,9 @@ from the captured activations, not from ``.grad``), then ``optimizer.step()``,
 ``lr_scheduler.step()`` and ``model.zero_grad()``.
 """
 
+import csv
 import os
+import sys
 
 import pytest
 import torch
@@ -195,3 +197,18 @@ def test_trainer_resume_from_checkpoint_reproduces_the_run(tmp_path, name):
     assert len(momentum) == 4
     assert_same(trained_tensors(model, opt), want, rtol=1e-6, atol=1e-7)
     opt.close()
+
+
+def test_trainer_recipe_example_runs(tmp_path):
+    """examples/trainer.py --quick: the recipe fine-tunes the digits MLP on digits it never saw
+    (accuracy 0 before) through the Trainer with each optimizer."""
+    pytest.importorskip("sklearn")
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+    import trainer as recipe
+
+    assert recipe.main(["--quick", "--no-plot", "--out", str(tmp_path)]) == 0
+    with open(tmp_path / "quick" / "trainer.csv") as f:
+        rows = {r["optimizer"]: r for r in csv.DictReader(f)}
+    assert set(rows) == set(recipe.RECIPES)
+    for row in rows.values():
+        assert float(row["test_accuracy"]) > 0.15, row
