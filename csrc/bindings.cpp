@@ -161,14 +161,6 @@ void prox_solve(const py::buffer& rmat, const py::buffer& y, const py::buffer& x
     oplora::prox_solve(rv.ptr, rv.rows, rv.cols, yv.ptr, yv.cols, x0v.ptr, lam, p, xv.ptr);
 }
 
-int max_threads() {
-#ifdef _OPENMP
-    return 1 << 16;
-#else
-    return 1;
-#endif
-}
-
 }  // namespace
 
 PYBIND11_MODULE(_cpu, m) {
@@ -184,5 +176,9 @@ PYBIND11_MODULE(_cpu, m) {
           py::arg("x"),
           "x = argmin ||R x - y||^2 + lam ||x - x0||^2 through the SVD of R (float64); singular values <= \n"
           "s_max * eps * (p + r) keep x0.");
-    m.attr("openmp") = py::bool_(max_threads() > 1);
+#ifdef _OPENMP
+    m.attr("openmp") = py::bool_(true);
+#else
+    m.attr("openmp") = py::bool_(false);
+#endif
 }

@@ -45,6 +45,27 @@ inline void store(T* p, const V& v) {
     std::memcpy(p, &v, sizeof(V));
 }
 
+// R x NV accumulators set to zero, and added to (or written over) R rows of a row-major output.
+template <class V, int R, int NV>
+inline void zero(V (&acc)[R][NV]) {
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) acc[r][v] = V{};
+}
+
+template <class T, class V, int R, int NV, bool ACC>
+inline void flush(const V (&acc)[R][NV], T* out, int64_t ld) {
+    constexpr int L = kLanes<T>;
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) {
+            T* o = out + r * ld + v * L;
+            store(o, ACC ? load<V>(o) + acc[r][v] : acc[r][v]);
+        }
+}
+
 // C[0:R, k0:k0+NV*lanes] (+)= A[0:R, 0:p] @ Q[0:p, k0:...]  (A rows lda apart, Q and C row-major,
 // width kp; ACC adds to C instead of overwriting it).
 template <class T, int R, int NV, bool ACC>
@@ -53,10 +74,7 @@ inline void panel_a(const T* __restrict a, int64_t lda, int64_t p, const T* __re
     using V = typename Vec<T>::type;
     constexpr int L = kLanes<T>;
     V acc[R][NV];
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) acc[r][v] = V{};
+    zero(acc);
     for (int64_t i = 0; i < p; ++i) {
         const T* qi = q + i * kp + k0;
         V qv[NV];
@@ -69,13 +87,7 @@ inline void panel_a(const T* __restrict a, int64_t lda, int64_t p, const T* __re
             for (int v = 0; v < NV; ++v) acc[r][v] += x * qv[v];
         }
     }
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) {
-            T* o = c + r * kp + k0 + v * L;
-            store(o, ACC ? load<V>(o) + acc[r][v] : acc[r][v]);
-        }
+    flush<T, V, R, NV, ACC>(acc, c + k0, kp);
 }
 
 // out[i0:i0+R, k0:k0+NV*lanes] += A[0:tb, i0:i0+R]^T @ P[0:tb, k0:...]  (A rows lda apart; P, out width kp).
@@ -85,10 +97,7 @@ inline void panel_b(const T* __restrict a, int64_t lda, int64_t tb, int64_t i0, 
     using V = typename Vec<T>::type;
     constexpr int L = kLanes<T>;
     V acc[R][NV];
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) acc[r][v] = V{};
+    zero(acc);
     for (int64_t t = 0; t < tb; ++t) {
         const T* pt = pm + t * kp + k0;
         const T* at = a + t * lda + i0;
@@ -102,13 +111,7 @@ inline void panel_b(const T* __restrict a, int64_t lda, int64_t tb, int64_t i0, 
             for (int v = 0; v < NV; ++v) acc[r][v] += x * pv[v];
         }
     }
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) {
-            T* o = out + (i0 + r) * kp + k0 + v * L;
-            store(o, load<V>(o) + acc[r][v]);
-        }
+    flush<T, V, R, NV, true>(acc, out + i0 * kp + k0, kp);
 }
 
 // C (tb x kp) = A (tb x p) @ Q (p x kp). The depth p is cut into chunks of kDepth so that the
