@@ -66,52 +66,31 @@ inline void flush(const V (&acc)[R][NV], T* out, int64_t ld) {
         }
 }
 
-// C[0:R, k0:k0+NV*lanes] (+)= A[0:R, 0:p] @ Q[0:p, k0:...]  (A rows lda apart, Q and C row-major,
-// width kp; ACC adds to C instead of overwriting it).
+// C[0:R, k0:k0+NV*lanes] (+)= A @ Q[0:depth, k0:...] where A is R x depth with element (r, i) at
+// a[r * row_step + i * depth_step]: row_step = lda, depth_step = 1 for G_b qd (rows of A), and
+// row_step = 1, depth_step = lda for X_b^T (G_b qd) (columns of A). Q and C are row-major, width kp;
+// ACC adds to C instead of overwriting it.
 template <class T, int R, int NV, bool ACC>
-inline void panel_a(const T* __restrict a, int64_t lda, int64_t p, const T* __restrict q, int64_t kp,
-                    int64_t k0, T* __restrict c) {
+inline void panel(const T* __restrict a, int64_t row_step, int64_t depth_step, int64_t depth,
+                  const T* __restrict q, int64_t kp, int64_t k0, T* __restrict c) {
     using V = typename Vec<T>::type;
     constexpr int L = kLanes<T>;
     V acc[R][NV];
     zero(acc);
-    for (int64_t i = 0; i < p; ++i) {
+    for (int64_t i = 0; i < depth; ++i) {
         const T* qi = q + i * kp + k0;
+        const T* ai = a + i * depth_step;
         V qv[NV];
 #pragma GCC unroll 4
         for (int v = 0; v < NV; ++v) qv[v] = load<V>(qi + v * L);
 #pragma GCC unroll 8
         for (int r = 0; r < R; ++r) {
-            const T x = a[r * lda + i];
+            const T x = ai[r * row_step];
 #pragma GCC unroll 4
             for (int v = 0; v < NV; ++v) acc[r][v] += x * qv[v];
         }
     }
     flush<T, V, R, NV, ACC>(acc, c + k0, kp);
-}
-
-// out[i0:i0+R, k0:k0+NV*lanes] += A[0:tb, i0:i0+R]^T @ P[0:tb, k0:...]  (A rows lda apart; P, out width kp).
-template <class T, int R, int NV>
-inline void panel_b(const T* __restrict a, int64_t lda, int64_t tb, int64_t i0, const T* __restrict pm,
-                    int64_t kp, int64_t k0, T* __restrict out) {
-    using V = typename Vec<T>::type;
-    constexpr int L = kLanes<T>;
-    V acc[R][NV];
-    zero(acc);
-    for (int64_t t = 0; t < tb; ++t) {
-        const T* pt = pm + t * kp + k0;
-        const T* at = a + t * lda + i0;
-        V pv[NV];
-#pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) pv[v] = load<V>(pt + v * L);
-#pragma GCC unroll 8
-        for (int r = 0; r < R; ++r) {
-            const T x = at[r];
-#pragma GCC unroll 4
-            for (int v = 0; v < NV; ++v) acc[r][v] += x * pv[v];
-        }
-    }
-    flush<T, V, R, NV, true>(acc, out + i0 * kp + k0, kp);
 }
 
 // C (tb x kp) = A (tb x p) @ Q (p x kp). The depth p is cut into chunks of kDepth so that the
@@ -130,18 +109,18 @@ void block_a(const T* a, int64_t tb, int64_t p, const T* q, int64_t kp, T* c) {
             for (; t + kRows <= tb; t += kRows) {
                 const T* at = a + t * p + i0;
                 T* ct = c + t * kp;
-                if (half) first ? panel_a<T, kRows, 1, false>(at, p, len, qi, kp, k0, ct)
-                                : panel_a<T, kRows, 1, true>(at, p, len, qi, kp, k0, ct);
-                else first ? panel_a<T, kRows, NV, false>(at, p, len, qi, kp, k0, ct)
-                           : panel_a<T, kRows, NV, true>(at, p, len, qi, kp, k0, ct);
+                if (half) first ? panel<T, kRows, 1, false>(at, p, 1, len, qi, kp, k0, ct)
+                                : panel<T, kRows, 1, true>(at, p, 1, len, qi, kp, k0, ct);
+                else first ? panel<T, kRows, NV, false>(at, p, 1, len, qi, kp, k0, ct)
+                           : panel<T, kRows, NV, true>(at, p, 1, len, qi, kp, k0, ct);
             }
             for (; t < tb; ++t) {
                 const T* at = a + t * p + i0;
                 T* ct = c + t * kp;
-                if (half) first ? panel_a<T, 1, 1, false>(at, p, len, qi, kp, k0, ct)
-                                : panel_a<T, 1, 1, true>(at, p, len, qi, kp, k0, ct);
-                else first ? panel_a<T, 1, NV, false>(at, p, len, qi, kp, k0, ct)
-                           : panel_a<T, 1, NV, true>(at, p, len, qi, kp, k0, ct);
+                if (half) first ? panel<T, 1, 1, false>(at, p, 1, len, qi, kp, k0, ct)
+                                : panel<T, 1, 1, true>(at, p, 1, len, qi, kp, k0, ct);
+                else first ? panel<T, 1, NV, false>(at, p, 1, len, qi, kp, k0, ct)
+                           : panel<T, 1, NV, true>(at, p, 1, len, qi, kp, k0, ct);
             }
         }
     }
@@ -162,13 +141,13 @@ void block_b(const T* a, int64_t tb, int64_t p, const T* pm, int64_t kp, T* out,
     for (int64_t g = 0; g < groups; ++g) {
         const T* pg = pack + g * tb * kRows;
         int64_t k0 = 0;
-        for (; k0 + KC <= kp; k0 += KC) panel_b<T, kRows, NV>(pg, kRows, tb, 0, pm, kp, k0, out + g * kRows * kp);
-        if (k0 < kp) panel_b<T, kRows, 1>(pg, kRows, tb, 0, pm, kp, k0, out + g * kRows * kp);
+        for (; k0 + KC <= kp; k0 += KC) panel<T, kRows, NV, true>(pg, 1, kRows, tb, pm, kp, k0, out + g * kRows * kp);
+        if (k0 < kp) panel<T, kRows, 1, true>(pg, 1, kRows, tb, pm, kp, k0, out + g * kRows * kp);
     }
     for (int64_t i0 = groups * kRows; i0 < p; ++i0) {
         int64_t k0 = 0;
-        for (; k0 + KC <= kp; k0 += KC) panel_b<T, 1, NV>(a, p, tb, i0, pm, kp, k0, out);
-        if (k0 < kp) panel_b<T, 1, 1>(a, p, tb, i0, pm, kp, k0, out);
+        for (; k0 + KC <= kp; k0 += KC) panel<T, 1, NV, true>(a + i0, 1, p, tb, pm, kp, k0, out + i0 * kp);
+        if (k0 < kp) panel<T, 1, 1, true>(a + i0, 1, p, tb, pm, kp, k0, out + i0 * kp);
     }
 }
 
