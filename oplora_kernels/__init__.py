@@ -4,14 +4,17 @@ No autograd, no device probing and no work at import time: the Triton kernels co
 first launch, and ``oplora._backend`` (through ``oplora._triton_ops``) decides when they run --
 for CUDA tensors, with ``TRITON_INTERPRET=1`` also for CPU tensors (tests).
 
-Modules, one per op of ``oplora._backend.Ops`` (each specified by ``oplora.reference``):
+Modules, for the ops of ``oplora._backend.Ops`` that need one (each specified by
+``oplora.reference``):
 
 * ``row_pass`` -- Triton. The only op that reads the captured rows X (T x n) and sD (T x m):
   every thin product of one pass of the LoRSum half-steps of many layers (the step's and the
   momentum's right-hand sides side by side), plus the diagonal K-FAC column sums of squares, in
   one read of the rows, for all layers in a handful of launches.
 * ``thin_qr`` -- batched torch (float64 CholeskyQR2 per shape, Householder fallback).
-* ``prox_solve`` -- batched torch (float64 SVD of the r x r factors per shape).
+
+The r x r proximal solves need no module of their own: ``oplora.reference.prox_solve`` is
+batched (one SVD per stack of same-shaped problems), and the step engine hands it stacks.
 
 Design: why this blocking, and what is fast for which sizes
     An OPLoRA step is memory-bound: per pass it must stream X and sD of every layer (2 (m + n) T
@@ -26,9 +29,10 @@ Design: why this blocking, and what is fast for which sizes
     traffic in L2, not HBM. A 7B model (224 layers, T = 4096) is ~7000 programs in one launch:
     plenty of parallelism. A single small layer (T <= 512) has only a few programs; there a
     smaller ``block_t`` (32-64) fills the GPU better. The thin work between passes is r-sized:
-    it is batched per shape (``thin_qr``, ``prox_solve``) so that it costs a few launches per
-    pass, not a few per layer. Block sizes are untuned until a GPU run (``oplora-bench --suite
-    gpu`` sweeps none; pass ``block_t``/``block_c`` to ``row_pass`` to try others).
+    it is batched per group of same-shaped layers (``oplora.optim.engine``, ``thin_qr``,
+    ``prox_solve``) so that it costs a few launches per pass, not a few per layer. Block sizes
+    are untuned until a GPU run (``oplora-bench --suite gpu`` sweeps none; pass
+    ``block_t``/``block_c`` to ``row_pass`` to try others).
 
     Float32 products use ``tl.dot(..., input_precision="tf32x3")`` on a GPU (three TF32
     tensor-core products: about float32 accuracy, the torch backend's default fp32 matmul

@@ -76,29 +76,40 @@ def cholesky_qr2(z: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
 
 
 def thin_qr(zs: Sequence[Tensor]) -> List[Tuple[Tensor, Tensor]]:
-    """Reduced QR of every ``Z`` in ``zs`` (each p x r, float64): ``[(Q, R)]`` with ``Q`` (p x k)
-    orthonormal columns and ``R`` (k x r) upper triangular, ``Z = Q R``, ``k = min(p, r)``.
+    """Reduced QR of every ``Z`` in ``zs`` (each p x r, or a stack b x p x r, float64):
+    ``[(Q, R)]`` with ``Q`` (p x k) orthonormal columns and ``R`` (k x r) upper triangular,
+    ``Z = Q R``, ``k = min(p, r)`` (stacked like ``Z``).
 
-    Matrices of one (shape, device) are factored together by :func:`cholesky_qr2`; rejected ones,
-    wide ones (p < r) and non-float64 ones by Householder (``torch.linalg.qr``). Results are new
-    tensors; ``zs`` is not modified.
+    All matrices of one (p, r, device), from every item, are factored together by
+    :func:`cholesky_qr2`; rejected ones by Householder (``torch.linalg.qr``), as are wide
+    (p < r) and non-float64 items. Results are new tensors; ``zs`` is not modified.
     """
     out: List = [None] * len(zs)
     groups: Dict[tuple, List[int]] = {}
     for i, z in enumerate(zs):
-        if z.dim() == 2 and z.dtype == torch.float64 and z.shape[0] >= z.shape[1] >= 1:
-            groups.setdefault((tuple(z.shape), z.device), []).append(i)
+        if z.dim() in (2, 3) and z.dtype == torch.float64 and z.shape[-2] >= z.shape[-1] >= 1:
+            groups.setdefault((tuple(z.shape[-2:]), z.device), []).append(i)
         else:
             out[i] = torch.linalg.qr(z, mode="reduced")
+    stacks = {i: zs[i] if zs[i].dim() == 3 else zs[i].unsqueeze(0) for index in groups.values() for i in index}
     factored = []
     for index in groups.values():
-        q, r_mat, ok = cholesky_qr2(torch.stack([zs[i] for i in index]))
+        parts = [stacks[i] for i in index]
+        q, r_mat, ok = cholesky_qr2(parts[0] if len(parts) == 1 else torch.cat(parts))
         factored.append((index, q, r_mat, ok))
-    if factored:
-        flags = torch.cat([ok for *_, ok in factored]).tolist()  # the one host synchronisation
-        pos = 0
-        for index, q, r_mat, _ in factored:
-            for j, i in enumerate(index):
-                out[i] = (q[j], r_mat[j]) if flags[pos + j] else torch.linalg.qr(zs[i], mode="reduced")
-            pos += len(index)
+    if not factored:
+        return out
+    flags = torch.cat([ok for *_, ok in factored]).tolist()  # the one host synchronisation
+    pos = 0  # into flags
+    for index, q, r_mat, _ in factored:
+        local = 0  # into this group's q, r_mat
+        for i in index:
+            z = stacks[i]
+            qi, ri = q[local:local + len(z)], r_mat[local:local + len(z)]
+            for j in range(len(z)):
+                if not flags[pos + j]:  # q, r_mat are fresh tensors: fill in the fallback
+                    qi[j], ri[j] = torch.linalg.qr(z[j], mode="reduced")
+            pos += len(z)
+            local += len(z)
+            out[i] = (qi, ri) if zs[i].dim() == 3 else (qi[0], ri[0])
     return out

@@ -10,7 +10,10 @@ What a backend provides (:class:`Ops`), the ops of the optimizer step engine
   rows once (``reference.row_pass``); one call for all layers of a step;
 * ``rows(t, dtype)``: the captured rows as ``row_pass`` takes them (see the precision policy);
 * ``thin_qr(Zs)`` and ``prox_solve(problems)``: the float64 r-sized work of the half-steps, one
-  call for all half-steps of a pass (``reference.thin_qr``, ``reference.prox_solve`` per item).
+  call for all half-steps of a pass (``reference.thin_qr``, ``reference.prox_solve`` per item;
+  an item is a stack of same-shaped matrices, one per layer of a group);
+* ``group_layers``: whether the engine stacks same-shaped layers into groups, so that its
+  r-sized work is a few ops per group instead of per layer (``oplora.optim.engine``).
 
 Backends:
 
@@ -62,6 +65,7 @@ class Ops(NamedTuple):
     row_pass: Callable[[Sequence[Job]], List[PassResult]]
     thin_qr: Callable[[Sequence[Tensor]], List[Tuple[Tensor, Tensor]]]
     prox_solve: Callable[[Sequence[SmallProblem]], List[Tensor]]
+    group_layers: bool = True
 
 
 def _torch_rows(t: Tensor, dtype: torch.dtype) -> Tensor:

@@ -63,28 +63,38 @@ def row_pass(jobs: Sequence[Job]) -> List[PassResult]:
 
 
 def thin_qr(zs: Sequence[Tensor]) -> List[Tuple[Tensor, Tensor]]:
+    """``reference.thin_qr`` of every ``Z`` (p x r, or a stack b x p x r), in C++ below rank
+    ``LAPACK_FROM`` (matrix by matrix, into one output stack)."""
     out = []
     for z in zs:
-        if z.shape[1] >= LAPACK_FROM:
+        if z.shape[-1] >= LAPACK_FROM:
             out.append(reference.thin_qr(z))
             continue
         z = z.contiguous()
-        p, r = z.shape
+        p, r = z.shape[-2:]
         k = min(p, r)
-        q, rm = torch.empty(p, k, dtype=torch.float64), torch.empty(k, r, dtype=torch.float64)
-        _cpu.thin_qr(_np(z), _np(q), _np(rm))
+        q = torch.empty(*z.shape[:-2], p, k, dtype=torch.float64)
+        rm = torch.empty(*z.shape[:-2], k, r, dtype=torch.float64)
+        for zi, qi, ri in zip(z.view(-1, p, r), q.view(-1, p, k), rm.view(-1, k, r)):
+            _cpu.thin_qr(_np(zi), _np(qi), _np(ri))
         out.append((q, rm))
     return out
 
 
 def prox_solve(problems: Sequence[SmallProblem]) -> List[Tensor]:
+    """``reference.prox_solve`` of every ``(R, Y, X0, lam, p)`` (matrices or stacks of them, with
+    ``lam`` and ``p`` numbers), in C++ below rank ``LAPACK_FROM``."""
     out = []
     for r_mat, y, x0, lam, p in problems:
-        if r_mat.shape[1] >= LAPACK_FROM:
+        if r_mat.shape[-1] >= LAPACK_FROM:
             out.append(reference.prox_solve(r_mat, y, x0, lam, p))
             continue
-        x = torch.empty(r_mat.shape[1], y.shape[1], dtype=torch.float64)
-        _cpu.prox_solve(_np(r_mat.contiguous()), _np(y.contiguous()), _np(x0.contiguous()), float(lam), int(p), _np(x))
+        k, r = r_mat.shape[-2:]
+        q = y.shape[-1]
+        x = torch.empty(*r_mat.shape[:-2], r, q, dtype=torch.float64)
+        for ri, yi, x0i, xi in zip(r_mat.contiguous().view(-1, k, r), y.contiguous().view(-1, k, q),
+                                   x0.contiguous().view(-1, r, q), x.view(-1, r, q)):
+            _cpu.prox_solve(_np(ri), _np(yi), _np(x0i), float(lam), int(p), _np(xi))
         out.append(x)
     return out
 

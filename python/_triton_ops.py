@@ -15,8 +15,11 @@ kernels compile at their first launch.
   column-strided views). Rows are only read, so a copy loses nothing.
 * ``thin_qr(Zs)``: batched CholeskyQR2 per shape with a Householder fallback
   (``oplora_kernels.thin_qr``).
-* ``prox_solve(problems)``: batched SVD solves per shape (``oplora_kernels.prox_solve``), the
-  reference's formula and rank cutoff.
+* ``prox_solve(problems)``: the batched ``reference.prox_solve`` (one SVD per stack), with the
+  stacks of one shape -- the step's and the momentum's half-steps of a group -- concatenated
+  into one call.
+* ``group_layers``: the engine stacks same-shaped layers, so a step is a few launches per group
+  and pass, however many layers the model has.
 
 The kernels run on CUDA tensors; ``oplora._backend`` dispatches only those here. The same ops
 accept CPU tensors under ``TRITON_INTERPRET=1`` (how the tests exercise them without a GPU).
@@ -24,20 +27,19 @@ accept CPU tensors under ``TRITON_INTERPRET=1`` (how the tests exercise them wit
 
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import Dict, List, Sequence
 
 import torch
 import triton
 from torch import Tensor
 
-from oplora_kernels import prox_solve as _prox_solve
 from oplora_kernels import row_pass as _row_pass
 from oplora_kernels import thin_qr as _thin_qr
 
 from . import reference
-from ._backend import Ops  # defined before _backend imports this module
+from ._backend import Ops, SmallProblem  # defined before _backend imports this module
 
-__all__ = ["OPS", "describe", "rows", "row_pass"]
+__all__ = ["OPS", "describe", "rows", "row_pass", "prox_solve"]
 
 
 def rows(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -65,6 +67,29 @@ def row_pass(jobs: Sequence) -> List:
     return results
 
 
+def prox_solve(problems: Sequence[SmallProblem]) -> List[Tensor]:
+    """``reference.prox_solve`` of every ``(R, Y, X0, lam, p)`` (matrices or stacks), the
+    problems of one shape and device solved in one batched call (their ``lam`` and ``p`` as
+    per-matrix tensors)."""
+    out: List = [None] * len(problems)
+    groups: Dict[tuple, List[int]] = {}
+    for i, (r_mat, y, x0, _, _) in enumerate(problems):
+        groups.setdefault((tuple(r_mat.shape[-2:]), tuple(y.shape[-2:]), r_mat.device), []).append(i)
+    for index in groups.values():
+        if len(index) == 1:
+            out[index[0]] = reference.prox_solve(*problems[index[0]])
+            continue
+        stacks = [[t if t.dim() == 3 else t.unsqueeze(0) for t in problems[i][:3]] for i in index]
+        sizes = [s[0].shape[0] for s in stacks]
+        device = stacks[0][0].device
+        per = [torch.tensor([float(problems[i][j]) for i, size in zip(index, sizes) for _ in range(size)],
+                            dtype=torch.float64, device=device) for j in (3, 4)]
+        x = reference.prox_solve(*(torch.cat([s[j] for s in stacks]) for j in range(3)), *per)
+        for i, part in zip(index, x.split(sizes)):
+            out[i] = part if problems[i][0].dim() == 3 else part[0]
+    return out
+
+
 def describe() -> str:
     """Why the Triton backend is (or is not yet) usable on this machine, without touching CUDA."""
     base = f"Triton {triton.__version__} kernels (oplora_kernels); CUDA tensors"
@@ -75,4 +100,5 @@ def describe() -> str:
     return base
 
 
-OPS = Ops(name="triton", rows=rows, row_pass=row_pass, thin_qr=_thin_qr.thin_qr, prox_solve=_prox_solve.prox_solve)
+OPS = Ops(name="triton", rows=rows, row_pass=row_pass, thin_qr=_thin_qr.thin_qr, prox_solve=prox_solve,
+          group_layers=True)

@@ -37,15 +37,19 @@ def _check_2d(t, name: str, shape_hint: str) -> Tensor:
 def first_nonfinite(tensors: Sequence[Tensor]) -> Optional[int]:
     """Index of the first tensor holding a NaN or Inf, or None when all are finite.
 
-    Fast path: one sum per tensor (a NaN or Inf anywhere makes the sum non-finite), one host sync
-    per device; only when a sum is not finite (a bad value, or an overflowing sum of huge values)
-    are the tensors checked element by element. Shared by ``lorsum`` and the optimizers.
+    Fast path: the 1-norms of all tensors of one device and dtype by one ``torch._foreach_norm``
+    (a NaN or Inf anywhere makes a norm non-finite), one host sync per device; only when a norm
+    is not finite (a bad value, or an overflowing sum of huge values) are the tensors checked
+    element by element. Shared by ``lorsum`` and the optimizers.
     """
-    by_device: dict = {}
+    groups: dict = {}
     for t in tensors:
-        acc = torch.float64 if t.dtype == torch.float64 else torch.float32
-        by_device.setdefault(t.device, []).append(t.sum(dtype=acc).double())
-    if all(bool(torch.isfinite(torch.stack(sums)).all()) for sums in by_device.values()):
+        groups.setdefault(t.device, {}).setdefault(t.dtype, []).append(t)
+    fine = True
+    for by_dtype in groups.values():
+        verdicts = [torch.stack(torch._foreach_norm(ts, 1)).isfinite().all() for ts in by_dtype.values()]
+        fine = fine and bool(torch.stack(verdicts).all())
+    if fine:
         return None
     for index, t in enumerate(tensors):
         if not bool(torch.isfinite(t).all()):

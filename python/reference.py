@@ -61,7 +61,7 @@ Precision policy
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -81,13 +81,16 @@ class Metric:
     (``M = L L^T``). With ``W`` such that ``W^T W = M``: ``weight(F) = W F``,
     ``weight_t(Q) = W^T Q``, ``unweight(Q) = W^-1 Q = M^-1 W^T Q`` (all p x r) and
     ``solve_right(Y) = Y M^-1`` for an r x p ``Y``. Inputs and outputs are float64.
+
+    ``batched=True``: ``m`` is a stack (b x p, or b x p x p) of the metrics of b problems, and
+    the operators take stacks (b x p x r, b x r x p), one metric per problem.
     """
 
-    def __init__(self, m: Optional[Tensor]):
-        self.kind = "identity" if m is None else ("diag" if m.dim() == 1 else "dense")
+    def __init__(self, m: Optional[Tensor], batched: bool = False):
+        self.kind = "identity" if m is None else ("diag" if m.dim() == 1 + batched else "dense")
         if self.kind == "diag":
             self.d = m.double()
-            self.sqrt_d = self.d.sqrt()[:, None]
+            self.sqrt_d = self.d.sqrt().unsqueeze(-1)
         elif self.kind == "dense":
             self.L = torch.linalg.cholesky(m.double())
 
@@ -114,34 +117,42 @@ class Metric:
 
     def solve_right(self, y: Tensor) -> Tensor:
         if self.kind == "diag":
-            return y / self.d
+            return y / self.d.unsqueeze(-2)
         if self.kind == "dense":
             return torch.cholesky_solve(y.mT, self.L).mT
         return y
 
 
-def prox_solve(r_mat: Tensor, y: Tensor, x0: Tensor, lam: float, p: int) -> Tensor:
+def prox_solve(r_mat: Tensor, y: Tensor, x0: Tensor, lam: Union[float, Tensor], p: Union[int, Tensor]) -> Tensor:
     """Solve ``min_X ||R X - Y||^2 + lam ||X - X0||^2`` through the SVD of the small ``R``.
 
-    ``R`` is k x r (k = min(p, r)), ``Y`` k x q, ``X0`` r x q, all float64. Singular values at or
-    below ``s_max * eps64 * (p + r)`` are exact zeros: their directions keep ``X0``. See the
-    module docstring.
+    ``R`` is k x r (k = min(p, r)), ``Y`` k x q, ``X0`` r x q, all float64; ``p`` the rows of the
+    least-squares problem ``R`` came from. Singular values at or below ``s_max * eps64 * (p + r)``
+    are exact zeros: their directions keep ``X0``. See the module docstring.
+
+    Batched: ``R``, ``Y``, ``X0`` may carry the same leading dimensions (a stack of problems, each
+    solved on its own, with its own cutoff); ``lam`` and ``p`` are then numbers shared by all, or
+    float64 tensors of the leading shape.
     """
-    r = x0.shape[0]
+    r = x0.shape[-2]
     u, s, vh = torch.linalg.svd(r_mat, full_matrices=False)
-    keep = s > s.max() * torch.finfo(torch.float64).eps * (p + r)
+    lam = lam.unsqueeze(-1) if isinstance(lam, Tensor) else lam
+    p = p.unsqueeze(-1) if isinstance(p, Tensor) else p
+    keep = s > s.amax(-1, keepdim=True) * torch.finfo(torch.float64).eps * (p + r)
     s2 = s * s
     denom = torch.where(keep, s2 + lam, torch.ones_like(s))
     gain = torch.where(keep, s / denom, torch.zeros_like(s))
     pull = torch.where(keep, s2 / denom, torch.zeros_like(s))
-    solve = vh.mT @ (gain[:, None] * u.mT)  # r x k
-    keep_start = torch.eye(r, dtype=torch.float64, device=x0.device) - vh.mT @ (pull[:, None] * vh)
+    v = vh.mT
+    solve = v @ (gain.unsqueeze(-1) * u.mT)  # r x k
+    keep_start = torch.eye(r, dtype=torch.float64, device=x0.device) - v @ (pull.unsqueeze(-1) * vh)
     return solve @ y + keep_start @ x0
 
 
 def thin_qr(z: Tensor) -> Tuple[Tensor, Tensor]:
     """Reduced QR of a tall-skinny float64 ``Z`` (p x r): ``Q`` (p x k) with orthonormal columns
-    and upper-triangular ``R`` (k x r), ``k = min(p, r)``, ``Z = Q R`` (Householder, LAPACK)."""
+    and upper-triangular ``R`` (k x r), ``k = min(p, r)``, ``Z = Q R`` (Householder, LAPACK).
+    A stack (b x p x r) is factored matrix by matrix."""
     return torch.linalg.qr(z, mode="reduced")
 
 

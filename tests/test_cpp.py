@@ -125,6 +125,24 @@ def test_prox_solve_matches_reference(lam, k, r, rank):
         assert torch.equal(got, x0)  # nothing to solve: the start point, exactly
 
 
+def test_stacks_are_solved_matrix_by_matrix():
+    """The engine hands a group's matrices over as stacks (b x p x r); each is factored and
+    solved as it would be alone, including a zero matrix among full-rank ones."""
+    zs = torch.randn(3, 40, 5, dtype=torch.float64)
+    zs[1] = 0.0
+    ((q, rm),) = cpu_ops.thin_qr([zs])
+    assert q.shape == (3, 40, 5) and rm.shape == (3, 5, 5)
+    for z, qi, ri in zip(zs, q, rm):
+        assert float((qi @ ri - z).norm()) <= 1e-13 * max(1.0, float(z.norm()))
+    r_mat = torch.randn(3, 5, 5, dtype=torch.float64)
+    r_mat[2] = 0.0
+    y, x0 = torch.randn(3, 5, 7, dtype=torch.float64), torch.randn(3, 5, 7, dtype=torch.float64)
+    (got,) = cpu_ops.prox_solve([(r_mat, y, x0, 1e-3, 40)])
+    for i in range(3):
+        assert rel(got[i], reference.prox_solve(r_mat[i], y[i], x0[i], 1e-3, 40)) < 1e-11
+    assert torch.equal(got[2], x0[2])
+
+
 def test_prox_solve_of_an_ill_conditioned_r():
     u, _ = torch.linalg.qr(torch.randn(12, 12, dtype=torch.float64))
     v, _ = torch.linalg.qr(torch.randn(12, 12, dtype=torch.float64))

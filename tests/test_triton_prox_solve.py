@@ -1,12 +1,15 @@
-"""Grouped proximal solves (``oplora_kernels.prox_solve``: batched SVD per shape) against
-``oplora.reference.prox_solve``, problem by problem: full-rank, rank-deficient and zero ``R``,
-``lam = 0`` and ``lam > 0`` side by side in one batch, several shapes in one call."""
+"""Batched proximal solves against ``oplora.reference.prox_solve`` problem by problem: the
+Triton backend's ``prox_solve`` (stacks of one shape merged into one batched reference call,
+``lam``/``p`` per matrix) and the reference itself on stacks. Full-rank, rank-deficient and
+zero ``R``, ``lam = 0`` and ``lam > 0`` side by side in one batch, several shapes in one call,
+single matrices and stacks mixed."""
 
 import pytest
 import torch
-from oplora import reference
 
-from oplora_kernels import prox_solve as ps
+from oplora import _triton_ops, reference
+
+ps = _triton_ops
 
 TOL = 1e-12  # float64: the same formula, batched; only rounding differs
 
@@ -43,10 +46,26 @@ def test_zero_factor_keeps_the_start_point():
     assert torch.equal(x, prob[2])
 
 
-def test_rejects_non_float64():
-    r_mat, y, x0, lam, p = problem(3, 3, 2, 0.0, 10)
-    with pytest.raises(ValueError, match="Y must be float64"):
-        ps.prox_solve([(r_mat, y.float(), x0, lam, p)])
+def test_stacks_and_matrices_mixed():
+    singles = [problem(6, 6, 11, 0.1, 40, seed=i, rank=(None if i % 2 else 2)) for i in range(5)]
+    stack = tuple(torch.stack([prob[j] for prob in singles[:3]]) for j in range(3)) + (0.1, 40)
+    out = ps.prox_solve([stack, singles[3], singles[4]])
+    assert out[0].shape == (3, 6, 11)
+    for x, prob in zip([*out[0], out[1], out[2]], singles[:3] + singles[3:]):
+        want = reference.prox_solve(*prob)
+        assert float((x - want).abs().max()) <= TOL * max(1.0, float(want.abs().max()))
+
+
+def test_reference_on_a_stack_solves_each_problem_with_its_own_cutoff():
+    """One stack holding a full-rank, a rank-deficient and a zero R: each problem keeps the start
+    point exactly along its own zero directions, as the problem alone would."""
+    singles = [problem(5, 5, 7, 0.0, 30, seed=0), problem(5, 5, 7, 0.0, 30, rank=2, seed=1),
+               problem(5, 5, 7, 0.0, 30, rank=0, seed=2)]
+    stacked = reference.prox_solve(*(torch.stack([prob[j] for prob in singles]) for j in range(3)), 0.0, 30)
+    for x, prob in zip(stacked, singles):
+        want = reference.prox_solve(*prob)
+        assert float((x - want).abs().max()) <= TOL * max(1.0, float(want.abs().max()))
+    assert torch.equal(stacked[2], singles[2][2])
 
 
 @pytest.mark.cuda

@@ -1,7 +1,7 @@
 """Grouped thin QR (``oplora_kernels.thin_qr``: batched CholeskyQR2, Householder fallback) against
 the ``oplora.reference.thin_qr`` contract: ``Z = Q R``, orthonormal ``Q``, upper-triangular ``R``,
 for well-conditioned, ill-conditioned (cond 1e4 in float32 factors, SPEC section 2),
-rank-deficient, zero and wide matrices, many shapes in one call."""
+rank-deficient, zero and wide matrices, many shapes in one call, single matrices and stacks mixed."""
 
 import pytest
 import torch
@@ -73,6 +73,23 @@ def test_rank_deficient_zero_and_wide_matrices_fall_back():
     # Rank-deficient: the trailing diagonal of R is rounding noise, as Householder's.
     assert float(torch.diagonal(out[1][1])[2:].abs().max()) <= 1e-12 * float(deficient.abs().max())
     assert float(out[2][1].abs().max()) == 0.0
+
+
+def test_stacks_and_matrices_of_one_shape_are_factored_together():
+    """The engine hands a group's factors over as stacks: two stacks and a single matrix of one
+    shape (one CholeskyQR2 call), one of them rank-deficient (Householder fallback inside a
+    stack), come back stacked like their input."""
+    first = torch.stack([with_condition(40, 6, 1e4, i) for i in range(3)])
+    second = torch.stack([with_condition(40, 6, 10.0, 3), torch.zeros(40, 6, dtype=torch.float64)])
+    second[1, :, :3] = first[0, :, :3]  # rank 3
+    single = with_condition(40, 6, 1e2, 4)
+    other = torch.stack([with_condition(21, 4, 1e2, 5)])
+    out = tq.thin_qr([first, single, second, other])
+    assert [tuple(q.shape) for q, _ in out] == [(3, 40, 6), (40, 6), (2, 40, 6), (1, 21, 4)]
+    pairs = [(z, q, r) for stack, (qs, rs) in zip([first, second, other], [out[0], out[2], out[3]])
+             for z, q, r in zip(stack, qs, rs)] + [(single, *out[1])]
+    for z, q, r_mat in pairs:
+        check_contract(z, q, r_mat)
 
 
 def test_a_rank_deficient_factor_solves_like_the_reference():

@@ -649,8 +649,7 @@ class LoRAOptimizer(torch.optim.Optimizer):
                 pending.append((site, self._update_site(index, site, chunks, self.state.get(site.B, {}), group)))
         solved = iter(F.run_plans([u for _, u in pending if isinstance(u, F.Plan)], self._reduce))
         updates = [(site, next(solved) if isinstance(u, F.Plan) else u) for site, u in pending]
-        for site, update in updates:
-            update.apply(site.B, site.A, self.state[site.B])
+        F.commit([(update, site.B, site.A, self.state[site.B]) for site, update in updates])
 
     def _update_site(self, index: int, site: LoRASite, chunks, state: dict, group: dict):
         """The layer's :class:`~oplora.optim.functional.Update`, or a

@@ -23,23 +23,35 @@ half-step for half-step (same QR-based, rank-deficient-safe solve, same precisio
 products in float32, float64 when anything is float64, the thin work in float64); only the
 order of the floating-point sums differs.
 
+Groups: the r-sized work between passes is a dozen small tensor ops per half-step (weighting by
+the metric, the thin terms' products, the right-hand sides). Done layer by layer that is
+thousands of kernel launches per step on a 7B model (224 layers), each a few microseconds on a
+GPU. So layers whose problems have the same structure -- shapes, dtypes, coefficients, metric
+kinds, schedule (:func:`_signature`) -- form a *group* whose iterates are stacked (b x m x r):
+every r-sized op, ``thin_qr`` and ``prox_solve`` then runs once per group, and a model-wide step
+costs the same number of launches whatever its number of layers (the transformer blocks of a
+model share a handful of shapes). Only ``row_pass`` still sees one job per layer -- its rows are
+separate tensors -- and takes them all in one grouped call. ``Ops.group_layers`` says whether a
+backend wants this (``oplora._backend``); without it each layer is a group of one, which is the
+same code on stacks of one.
+
 Every product that crosses a pass boundary (``row_pass`` results) can be reduced by a hook
-before it is used, which is how data-parallel training will keep replicas in lockstep.
+before it is used, which is how data-parallel training keeps replicas in lockstep.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from ..reference import Metric, compute_dtype
 
-__all__ = ["STATS", "Problem", "Layer", "solve"]
+__all__ = ["STATS", "Problem", "Layer", "StatsRule", "solve", "stack_layers"]
 
-#: ``Problem.metric = STATS``: the metric comes from this step's statistics (``Layer.metric_from_stats``).
+#: ``Problem.metric = STATS``: the metric comes from this step's statistics (``Layer.stats``).
 STATS = "stats"
 
 MetricSpec = Union[None, Tuple[Optional[Tensor], Optional[Tensor]], str]
@@ -66,25 +78,49 @@ class Problem:
     start: str = "A"
 
 
+class StatsRule:
+    """How a layer's metric follows from the column sums of squares of its rows (the diagonal
+    K-FAC statistics), evaluated for a whole group of layers at once.
+
+    ``key``: hashable; layers whose rules have equal ``key`` (and type) may share a group.
+    ``batch(rules, sx, sg)`` (a static method) receives the rules of a group's layers and the
+    stacks ``sx = sum_j colsum(X_j^2)`` (b x n) and ``sg = sum_j colsum(G_j^2)`` (b x m) from
+    their first pass, and returns the stacks ``(M_out, M_in)`` (b x m, b x n; either may be
+    None) of the problems whose metric is :data:`STATS`, or None for no metric. It may record
+    what it computed in the rules (the optimizer's new statistics).
+    """
+
+    key: Hashable = None
+
+    @staticmethod
+    def batch(rules: Sequence["StatsRule"], sx: Tensor, sg: Tensor
+              ) -> Optional[Tuple[Optional[Tensor], Optional[Tensor]]]:
+        raise NotImplementedError
+
+
 @dataclass
 class Layer:
     """A layer's rows (``xs``: X_j T_j x n, ``gs``: G_j T_j x m) and the problems that read them.
 
-    ``metric_from_stats(sx, sg)``, when given, receives ``sum_j colsum(X_j^2)`` (n) and
-    ``sum_j colsum(G_j^2)`` (m) from the first pass and returns the ``(M_out, M_in)`` of the
-    problems whose metric is :data:`STATS`.
+    ``stats``, when given, turns the first pass's column sums of squares into the metric of the
+    problems whose metric is :data:`STATS` (see :class:`StatsRule`).
     """
 
     xs: Sequence[Tensor]
     gs: Sequence[Tensor]
     problems: Sequence[Problem]
-    metric_from_stats: Optional[Callable[[Tensor, Tensor], Tuple[Optional[Tensor], Optional[Tensor]]]] = None
+    stats: Optional[StatsRule] = None
+
+
+def stack_layers(ts: Sequence[Tensor]) -> Tensor:
+    """``torch.stack(ts)``; a view for a single tensor (a group of one copies nothing)."""
+    return ts[0].unsqueeze(0) if len(ts) == 1 else torch.stack(list(ts))
 
 
 @dataclass
 class _Half:
     """A half-step waiting for its product: the QR of the weighted fixed factor and the
-    right-hand side handed to ``row_pass``."""
+    right-hand side handed to ``row_pass`` (stacks over the group's layers)."""
 
     side: str  # "A" or "B"
     r_mat: Tensor
@@ -96,9 +132,10 @@ class _Half:
 
 @dataclass
 class _Run:
-    """A problem in flight: float64 iterates, its schedule of half-steps, its metric."""
+    """A problem of every layer of a group in flight: stacked float64 iterates (b x m x r,
+    b x r x n), stacked thin terms, the schedule of half-steps, the stacked metric."""
 
-    problem: Problem
+    problem: Problem  # the first layer's: the group shares everything but the tensors
     b0: Tensor
     a0: Tensor
     b: Tensor
@@ -126,31 +163,65 @@ def _schedule(iters: int, start: str) -> List[str]:
     return one * iters
 
 
-class _LayerRun:
-    def __init__(self, layer: Layer, ops):
-        self.layer = layer
-        factors = [t for p in layer.problems for t in p.init]
-        self.dtype = compute_dtype(*factors, *layer.xs, *layer.gs)
-        self.xs = [ops.rows(x, self.dtype) for x in layer.xs]
-        self.gs = [ops.rows(g, self.dtype) for g in layer.gs]
-        self.stats_done = layer.metric_from_stats is None
+def _shape(t: Optional[Tensor]) -> Any:
+    return None if t is None else (tuple(t.shape), t.dtype)
+
+
+def _signature(layer: Layer, dtype: torch.dtype) -> Hashable:
+    """What layers must share to be stacked into one group: every shape and dtype, every
+    coefficient, the metric kinds, the schedule, the statistics rule. The tensors' values (and
+    the rows, which ``row_pass`` reads per layer) may differ."""
+    problems = []
+    for p in layer.problems:
+        metric = p.metric if p.metric is None or isinstance(p.metric, str) else tuple(map(_shape, p.metric))
+        problems.append((tuple(map(_shape, p.init)), tuple((_shape(u), _shape(v), float(c), bool(pre))
+                                                           for u, v, c, pre in p.thin),
+                         float(p.data_coeff), bool(p.data_precondition), metric, float(p.lam), int(p.iters),
+                         p.start))
+    stats = None if layer.stats is None else (type(layer.stats), layer.stats.key)
+    return (layer.xs[0].device, dtype, layer.xs[0].shape[1], layer.gs[0].shape[1], stats, tuple(problems))
+
+
+class _Group:
+    """Layers of one signature: their rows (per layer) and their problems' runs (stacked)."""
+
+    def __init__(self, layers: Sequence[Layer], dtype: torch.dtype, ops):
+        self.layers = layers
+        self.dtype = dtype
+        self.xs = [[ops.rows(x, dtype) for x in layer.xs] for layer in layers]
+        self.gs = [[ops.rows(g, dtype) for g in layer.gs] for layer in layers]
+        self.stats_done = layers[0].stats is None
         self.runs = []
-        for p in layer.problems:
-            b0, a0 = p.init
-            run = _Run(problem=p, b0=b0.double(), a0=a0.double(), b=b0.double(), a=a0.double(),
-                       thin=[(u.to(self.dtype), v.to(self.dtype), float(c), bool(pre)) for u, v, c, pre in p.thin],
-                       schedule=_schedule(p.iters, p.start))
+        for j, p in enumerate(layers[0].problems):
+            b0 = stack_layers([layer.problems[j].init[0] for layer in layers]).double()
+            a0 = stack_layers([layer.problems[j].init[1] for layer in layers]).double()
+            thin = [(stack_layers([layer.problems[j].thin[i][0] for layer in layers]).to(dtype),
+                     stack_layers([layer.problems[j].thin[i][1] for layer in layers]).to(dtype), float(c), bool(pre))
+                    for i, (_, _, c, pre) in enumerate(p.thin)]
+            run = _Run(problem=p, b0=b0, a0=a0, b=b0, a=a0, thin=thin, schedule=_schedule(p.iters, p.start))
             if p.metric != STATS:
-                self._set_metric(run, p.metric)
+                metric = p.metric if p.metric is not None else (None, None)
+                stacked = [None if metric[k] is None
+                           else stack_layers([layer.problems[j].metric[k] for layer in layers]) for k in (0, 1)]
+                self._set_metric(run, stacked)
             self.runs.append(run)
 
     @staticmethod
-    def _set_metric(run: _Run, metric: MetricSpec) -> None:
+    def _set_metric(run: _Run, metric: Optional[Sequence[Optional[Tensor]]]) -> None:
         m_out, m_in = metric if metric is not None else (None, None)
-        run.m_out, run.m_in = Metric(m_out), Metric(m_in)
+        run.m_out, run.m_in = Metric(m_out, batched=True), Metric(m_in, batched=True)
 
     def ready(self, run: _Run) -> bool:
         return not run.done and run.m_out is not None
+
+    def take_stats(self, sx: Tensor, sg: Tensor) -> None:
+        """The metric of the :data:`STATS` problems from the first pass's sums (stacks)."""
+        rules = [layer.stats for layer in self.layers]
+        metric = type(rules[0]).batch(rules, sx, sg)
+        self.stats_done = True
+        for run in self.runs:
+            if run.problem.metric == STATS:
+                self._set_metric(run, metric)
 
 
 def _weighted_factor(run: _Run, side: str) -> Tensor:
@@ -169,9 +240,10 @@ def _half(run: _Run, side: str, qmat: Tensor, r_mat: Tensor, dtype: torch.dtype)
 
 
 def _target(run: _Run, half: _Half, product: Tensor, dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor, float, int]:
-    """The half-step's proximal least-squares problem ``(R, Y, X0, lam, p)`` from ``product``
-    (``G^T rhs`` for A, ``G rhs`` for B; q x k): ``Y = Q^T W T`` through the thin terms."""
-    p = half.q_plain.shape[0]
+    """The half-step's proximal least-squares problems ``(R, Y, X0, lam, p)`` (stacks) from
+    ``product`` (``G^T rhs`` for A, ``G rhs`` for B; b x q x k): ``Y = Q^T W T`` through the thin
+    terms."""
+    p = half.q_plain.shape[-2]
     if half.side == "A":
         metric_q, x0 = run.m_in, run.a0
     else:
@@ -184,7 +256,7 @@ def _target(run: _Run, half: _Half, product: Tensor, dtype: torch.dtype) -> Tupl
         if c == 0.0:
             continue
         left, right = (u, v) if half.side == "A" else (v.mT, u.mT)
-        small = (half.q_prec if pre else half.q_plain).to(dtype).mT @ left  # k x k_i
+        small = (half.q_prec if pre else half.q_plain).to(dtype).mT @ left  # b x k x k_i
         # Scale the small factor (in float64) first, as the reference does, against overflow.
         term = ((small.double() * c).to(dtype) @ right).double()
         if pre:
@@ -195,78 +267,100 @@ def _target(run: _Run, half: _Half, product: Tensor, dtype: torch.dtype) -> Tupl
     return half.r_mat, y, x0, run.problem.lam, p
 
 
+def _groups(layers: Sequence[Layer], ops) -> Tuple[List[_Group], List[Tuple[int, int]]]:
+    """The groups of ``layers`` (one per layer unless ``ops.group_layers``) and where each layer
+    went: ``(group, index in group)``."""
+    members: Dict[Hashable, List[int]] = {}
+    dtypes = []
+    for i, layer in enumerate(layers):
+        factors = [t for p in layer.problems for t in p.init]
+        dtype = compute_dtype(*factors, *layer.xs, *layer.gs)
+        dtypes.append(dtype)
+        key = _signature(layer, dtype) if ops.group_layers else i
+        members.setdefault(key, []).append(i)
+    groups, where = [], [(0, 0)] * len(layers)
+    for index in members.values():
+        for pos, i in enumerate(index):
+            where[i] = (len(groups), pos)
+        groups.append(_Group([layers[i] for i in index], dtypes[index[0]], ops))
+    return groups, where
+
+
 def solve(layers: Sequence[Layer], ops, reduce: Optional[Callable[[List[Tensor]], None]] = None
           ) -> List[List[Tuple[Tensor, Tensor]]]:
     """Solve every problem of every layer; returns, per layer, per problem, the new ``(B, A)`` in
-    the dtype of the problem's ``init`` (new tensors; nothing is modified).
+    the dtype of the problem's ``init`` (new tensors, possibly views of one buffer per group;
+    nothing is modified).
 
     ``ops``: the backend (``oplora._backend.ops_for(device)``). Per pass, each of its ops is
-    called once for all layers: ``thin_qr`` on every half-step's weighted factor, ``row_pass`` on
-    every layer's rows, ``prox_solve`` on every half-step's small problem. ``reduce`` (optional)
-    is called with the list of every tensor a pass's ``row_pass`` produced (to reduce in place),
-    before any of them is used.
+    called once for all layers: ``thin_qr`` on every half-step's weighted factors, ``row_pass`` on
+    every layer's rows, ``prox_solve`` on every half-step's small problems (the r-sized ops on
+    stacks, one per group and half-step). ``reduce`` (optional) is called with the list of every
+    tensor a pass's ``row_pass`` produced (to reduce in place), before any of them is used.
     """
-    runs = [_LayerRun(layer, ops) for layer in layers]
+    groups, where = _groups(layers, ops)
     while True:
         # 1. The half-steps every ready problem takes in this pass, and their QRs (one call).
-        todo = [(lr_, run, side) for lr_ in runs for run in lr_.runs if lr_.ready(run)
+        todo = [(grp, run, side) for grp in groups for run in grp.runs if grp.ready(run)
                 for side in run.schedule[run.pos]]
         factored = ops.thin_qr([_weighted_factor(run, side) for _, run, side in todo]) if todo else []
-        for (lr_, run, side), (qmat, r_mat) in zip(todo, factored):
-            run.halves.append(_half(run, side, qmat, r_mat, lr_.dtype))
+        for (grp, run, side), (qmat, r_mat) in zip(todo, factored):
+            run.halves.append(_half(run, side, qmat, r_mat, grp.dtype))
         # 2. One row pass per layer that has anything to compute (one call for all layers).
         jobs, active = [], []
-        for lr_ in runs:
-            want_stats = not lr_.stats_done
-            halves = [h for run in lr_.runs for h in run.halves]
+        for grp in groups:
+            want_stats = not grp.stats_done
+            halves = [h for run in grp.runs for h in run.halves]
+            if not (halves or want_stats):
+                continue
             blocks = {}
             for side in ("A", "B"):
                 offset = 0
                 for h in halves:
                     if h.side == side:
                         h.offset = offset
-                        offset += h.rhs.shape[1]
+                        offset += h.rhs.shape[-1]
                 chosen = [h.rhs for h in halves if h.side == side]
-                blocks[side] = torch.cat(chosen, 1).contiguous() if chosen else None
-            if not (halves or want_stats):
-                continue
-            jobs.append((lr_.xs, lr_.gs, blocks["A"], blocks["B"], want_stats))
-            active.append(lr_)
+                blocks[side] = torch.cat(chosen, -1).contiguous() if chosen else None
+            for i in range(len(grp.layers)):
+                qd, qx = (None if blocks[s] is None else blocks[s][i] for s in ("A", "B"))
+                jobs.append((grp.xs[i], grp.gs[i], qd, qx, want_stats))
+            active.append(grp)
         if not jobs:
             break
         results = ops.row_pass(jobs)
         if reduce is not None:
             reduce([t for res in results for t in res if t is not None])
-        # 3. The statistics' metrics, then every half-step's small solve (one call).
+        # 3. The statistics' metrics, then every half-step's small solves (one call).
         problems, owners = [], []
-        for lr_, (px, pd, sx, sg) in zip(active, results):
-            if not lr_.stats_done:
-                metric = lr_.layer.metric_from_stats(sx, sg)
-                lr_.stats_done = True
-                for run in lr_.runs:
-                    if run.problem.metric == STATS:
-                        lr_._set_metric(run, metric)
-            for run in lr_.runs:
+        start = 0
+        for grp in active:
+            mine = results[start:start + len(grp.layers)]
+            start += len(grp.layers)
+            px, pd, sx, sg = (None if mine[0][k] is None else stack_layers([res[k] for res in mine]) for k in range(4))
+            if not grp.stats_done:
+                grp.take_stats(sx, sg)
+            for run in grp.runs:
                 for half in run.halves:
                     product = px if half.side == "A" else pd
-                    product = product[:, half.offset:half.offset + half.rhs.shape[1]]
-                    problems.append(_target(run, half, product, lr_.dtype))
+                    product = product[..., half.offset:half.offset + half.rhs.shape[-1]]
+                    problems.append(_target(run, half, product, grp.dtype))
                     owners.append((run, half.side))
         for (run, side), x in zip(owners, ops.prox_solve(problems) if problems else []):
             if side == "A":
                 run.a = x
             else:
                 run.b = x.mT
-        for lr_ in active:
-            for run in lr_.runs:
+        for grp in active:
+            for run in grp.runs:
                 if run.halves:
                     run.halves = []
                     run.pos += 1
-    out = []
-    for lr_ in runs:
-        res = []
-        for run in lr_.runs:
+    solved = []
+    for grp in groups:
+        per_run = []
+        for run in grp.runs:
             dt = run.problem.init[0].dtype
-            res.append((run.b.to(dt).contiguous(), run.a.to(dt).contiguous()))
-        out.append(res)
-    return out
+            per_run.append((run.b.to(dt).contiguous(), run.a.to(dt).contiguous()))
+        solved.append(per_run)
+    return [[(b[pos], a[pos]) for b, a in solved[g]] for g, pos in where]

@@ -17,7 +17,7 @@ float64 factors), as Adam keeps its moments.
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -28,6 +28,7 @@ from . import engine
 
 __all__ = [
     "Update",
+    "commit",
     "Plan",
     "run_plans",
     "plan_oplora",
@@ -55,9 +56,45 @@ class Update(NamedTuple):
     state: Dict[str, object]
 
     def apply(self, b: Tensor, a: Tensor, state: Dict) -> None:
-        b.copy_(self.b)
-        a.copy_(self.a)
-        state.update(self.state)
+        """Write this update into the layer's factors and state (see :func:`commit`)."""
+        commit([(self, b, a, state)])
+
+
+def commit(targets: Sequence[Tuple[Update, Tensor, Tensor, Dict]]) -> None:
+    """Write every ``(update, B, A, state)``: the new factors into ``B`` and ``A``, each new state
+    tensor into the existing state tensor of that name when shapes, dtypes and devices agree (in
+    place, as torch optimizers keep their state), the other entries by assignment.
+
+    The copies go through ``torch._foreach_copy_``, a few launches for all layers. A new state
+    tensor that is a view of a larger buffer (the engine solves layers in stacks) is stored as
+    its own copy, so that no state tensor keeps another layer's memory alive.
+    """
+    dst: List[Tensor] = []
+    src: List[Tensor] = []
+    for update, b, a, state in targets:
+        dst += [b, a]
+        src += [update.b, update.a]
+        for name, value in update.state.items():
+            old = state.get(name)
+            if (isinstance(value, Tensor) and isinstance(old, Tensor) and old is not value
+                    and old.shape == value.shape and old.dtype == value.dtype and old.device == value.device):
+                dst.append(old)
+                src.append(value)
+                continue
+            if isinstance(value, Tensor) and value.untyped_storage().nbytes() != value.nbytes:
+                value = value.clone()
+            state[name] = value
+    by_kind: Dict[tuple, Tuple[List[Tensor], List[Tensor]]] = {}
+    for d, s_ in zip(dst, src):
+        pair = by_kind.setdefault((d.device, d.dtype, s_.dtype), ([], []))
+        pair[0].append(d)
+        pair[1].append(s_)
+    for d_list, s_list in by_kind.values():
+        if hasattr(torch, "_foreach_copy_"):
+            torch._foreach_copy_(d_list, s_list)
+        else:  # torch < 2.2
+            for d, s_ in zip(d_list, s_list):
+                d.copy_(s_)
 
 
 def init_momentum(b: Tensor, a: Tensor, rank: int, seed: int) -> Tuple[Tensor, Tensor]:
@@ -114,15 +151,15 @@ def plan_oplora(
     momentum_rank: int,
     seed: int,
     metric: engine.MetricSpec = None,
-    metric_from_stats: Optional[Callable] = None,
+    stats: Optional[engine.StatsRule] = None,
     inv_scale: float = 1.0,
     extra_state: Optional[Dict] = None,
 ) -> Plan:
     """One OPLoRA step of a layer (SPEC section 3) as a :class:`Plan`; see :func:`oplora_update`.
 
-    ``metric`` may be :data:`oplora.optim.engine.STATS` with ``metric_from_stats`` (the
-    ScaledOPLoRA step, whose metric comes from this step's rows). ``extra_state`` is read when
-    the plan finishes (the statistics callback fills it during the solve).
+    ``metric`` may be :data:`oplora.optim.engine.STATS` with a ``stats`` rule (the ScaledOPLoRA
+    step, whose metric comes from this step's rows). ``extra_state`` is read when the plan
+    finishes (the statistics rule fills it during the solve).
     """
     lam = lr * prox
     use_momentum = momentum != 0.0
@@ -141,8 +178,7 @@ def plan_oplora(
         problems.append(engine.Problem(init=(um, vm), thin=[(um, vm, momentum, False)],
                                        data_coeff=(1.0 - dampening) * inv_scale, lam=lam, iters=iters,
                                        start=start))
-    layer = engine.Layer(xs=[x for x, _ in chunks], gs=[g for _, g in chunks], problems=problems,
-                         metric_from_stats=metric_from_stats)
+    layer = engine.Layer(xs=[x for x, _ in chunks], gs=[g for _, g in chunks], problems=problems, stats=stats)
     step = state.get("step", 0) + 1
 
     def finish(solutions: List[Tuple[Tensor, Tensor]]) -> Update:
@@ -267,17 +303,61 @@ def _out_scale(rows: int, loss_reduction: str, inv_scale: float) -> float:
     return (float(rows) if loss_reduction == "mean" else 1.0 / rows) * inv_scale**2
 
 
+def _kfac_diag_ema(d_in: Tensor, d_out: Tensor, sx: Tensor, sg: Tensor, rows: Union[float, Tensor],
+                   out_scale: Union[float, Tensor], beta2: float, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+    """``d_in b2 + (1 - b2) sx / T`` and ``d_out b2 + (1 - b2) sg * out_scale`` in ``dtype``; on
+    single layers or on stacks (b x n, b x m, with ``rows``/``out_scale`` numbers or b x 1)."""
+    new_in = sx.to(dtype) / rows
+    new_out = sg.to(dtype) * out_scale
+    return d_in * beta2 + (1.0 - beta2) * new_in, d_out * beta2 + (1.0 - beta2) * new_out
+
+
 def kfac_diag_statistics(state: Dict, sx: Tensor, sg: Tensor, rows: int, *, beta2: float, loss_reduction: str,
                          init_scale: float, dtype: torch.dtype, inv_scale: float = 1.0) -> Tuple[Tensor, Tensor]:
     """The diagonal K-FAC EMAs ``(d_in, d_out)`` from the column sums of squares of this step's
     rows, ``sx = sum_t x_t^2`` (n) and ``sg = sum_t g_t^2`` (m), as new tensors in ``dtype``:
     ``d_in <- b2 d_in + (1 - b2) sx / T``, ``d_out <- b2 d_out + (1 - b2) c sg`` (see
-    :func:`update_statistics`). ``state`` is not modified."""
+    :func:`update_statistics`). ``state`` is not modified. (The optimizers evaluate the same
+    formula for many layers at once through :class:`KfacDiagRule`.)"""
     d_in, d_out = _statistics_start(state, metric="diag", init_scale=init_scale, n=sx.shape[0], m=sg.shape[0],
                                     device=sx.device, dtype=dtype)
-    new_in = sx.to(dtype) / rows
-    new_out = sg.to(dtype) * _out_scale(rows, loss_reduction, inv_scale)
-    return d_in * beta2 + (1.0 - beta2) * new_in, d_out * beta2 + (1.0 - beta2) * new_out
+    return _kfac_diag_ema(d_in, d_out, sx, sg, rows, _out_scale(rows, loss_reduction, inv_scale), beta2, dtype)
+
+
+class KfacDiagRule(engine.StatsRule):
+    """A layer's diagonal K-FAC statistics as the step engine's :class:`~oplora.optim.engine.StatsRule`:
+    the EMAs of :func:`kfac_diag_statistics` from the step's first pass over the rows, and the
+    metric ``((d_out + damping)^p, (d_in + damping)^p)`` (none when ``p = 0``). The new EMAs are
+    written to ``out["d_in"]``, ``out["d_out"]`` when the engine evaluates the rule."""
+
+    def __init__(self, state: Dict, rows: int, out: Dict, *, beta2: float, loss_reduction: str, init_scale: float,
+                 dtype: torch.dtype, inv_scale: float, damping: float, power: float):
+        self.state, self.rows, self.out = state, rows, out
+        self.out_scale = _out_scale(rows, loss_reduction, inv_scale)
+        self.beta2, self.init_scale, self.dtype, self.damping, self.power = beta2, init_scale, dtype, damping, power
+        self.key = (beta2, init_scale, dtype, damping, power)
+
+    @staticmethod
+    def batch(rules: Sequence["KfacDiagRule"], sx: Tensor, sg: Tensor
+              ) -> Optional[Tuple[Optional[Tensor], Optional[Tensor]]]:
+        first = rules[0]
+        starts = [_statistics_start(rule.state, metric="diag", init_scale=first.init_scale, n=sx.shape[-1],
+                                    m=sg.shape[-1], device=sx.device, dtype=first.dtype) for rule in rules]
+        d_in, d_out = (engine.stack_layers([start[k] for start in starts]) for k in (0, 1))
+        rows, out_scale = (_per_layer([getattr(rule, name) for rule in rules], sx) for name in ("rows", "out_scale"))
+        new_in, new_out = _kfac_diag_ema(d_in, d_out, sx, sg, rows, out_scale, first.beta2, first.dtype)
+        for rule, d_in_i, d_out_i in zip(rules, new_in, new_out):
+            rule.out["d_in"], rule.out["d_out"] = d_in_i, d_out_i
+        if first.power == 0.0:
+            return None
+        return (_diag_metric(new_out, first.damping, first.power), _diag_metric(new_in, first.damping, first.power))
+
+
+def _per_layer(values: Sequence[float], like: Tensor) -> Union[float, Tensor]:
+    """One number per layer of a stack: a float when they are all equal, else a b x 1 tensor."""
+    if all(v == values[0] for v in values):
+        return float(values[0])
+    return torch.tensor(values, dtype=torch.float64, device=like.device)[:, None]
 
 
 def update_statistics(
@@ -345,15 +425,18 @@ def update_statistics(
     return d_in * beta2 + (1.0 - beta2) * new_in, d_out * beta2 + (1.0 - beta2) * new_out
 
 
+def _diag_metric(d: Tensor, damping: float, power: float) -> Tensor:
+    """``(d + damping)^power`` elementwise (any shape); ones for ``power = 0``."""
+    return torch.ones_like(d) if power == 0.0 else (d + damping).pow(power)
+
+
 def metric_from_statistics(d: Tensor, damping: float, power: float) -> Tensor:
     """``(d + damping)^power``: elementwise for a diagonal, by eigen-decomposition for a matrix.
 
     ``power = 0`` gives the identity metric (ones, or I) exactly.
     """
     if d.dim() == 1:
-        if power == 0.0:
-            return torch.ones_like(d)
-        return (d + damping).pow(power)
+        return _diag_metric(d, damping, power)
     if power == 0.0:
         return torch.eye(d.shape[0], dtype=d.dtype, device=d.device)
     sym = 0.5 * (d + d.mT)
@@ -403,28 +486,25 @@ def plan_scaled_oplora(
         rows = sum(x.shape[0] for x, _ in chunks)
     stats: Dict[str, Tensor] = {}
 
-    def to_metric(d_in: Tensor, d_out: Tensor):
-        stats["d_in"], stats["d_out"] = d_in, d_out
-        if metric_power == 0.0:
-            return None
-        return (metric_from_statistics(d_out, damping, metric_power),
-                metric_from_statistics(d_in, damping, metric_power))
-
     common = dict(lr=lr, momentum=b1, dampening=b1, iters=iters, prox=prox, start=start,
                   momentum_rank=momentum_rank, seed=seed, inv_scale=inv_scale, extra_state=stats)
     if metric == "diag" and statistics == "kfac":
-        def from_stats(sx: Tensor, sg: Tensor):
-            return to_metric(*kfac_diag_statistics(state, sx, sg, rows, beta2=b2, loss_reduction=loss_reduction,
-                                                   init_scale=init_metric_scale, dtype=dtype, inv_scale=inv_scale))
-
+        rule = KfacDiagRule(state, rows, stats, beta2=b2, loss_reduction=loss_reduction,
+                            init_scale=init_metric_scale, dtype=dtype, inv_scale=inv_scale, damping=damping,
+                            power=metric_power)
         # With p = 0 the step has no metric: it need not wait for the statistics pass.
         step_metric = engine.STATS if metric_power != 0.0 else None
-        return plan_oplora(b, a, chunks, state, metric=step_metric, metric_from_stats=from_stats, **common)
+        return plan_oplora(b, a, chunks, state, metric=step_metric, stats=rule, **common)
     d_in, d_out = update_statistics(state, chunks, beta2=b2, metric=metric, statistics=statistics,
                                     loss_reduction=loss_reduction, init_scale=init_metric_scale,
                                     n=a.shape[1], m=b.shape[0], device=b.device, dtype=dtype, inv_scale=inv_scale,
                                     rows=rows, reduce=reduce)
-    return plan_oplora(b, a, chunks, state, metric=to_metric(d_in, d_out), **common)
+    stats["d_in"], stats["d_out"] = d_in, d_out
+    step_metric = None
+    if metric_power != 0.0:
+        step_metric = (metric_from_statistics(d_out, damping, metric_power),
+                       metric_from_statistics(d_in, damping, metric_power))
+    return plan_oplora(b, a, chunks, state, metric=step_metric, **common)
 
 
 def scaled_oplora_update(b: Tensor, a: Tensor, chunks: Chunks, state: Dict, **hyper) -> Update:
