@@ -16,7 +16,6 @@
 #include <vector>
 
 #include "row_pass.h"
-#include "small_solve.h"
 
 namespace py = pybind11;
 
@@ -140,42 +139,15 @@ void row_pass(const std::vector<py::buffer>& xs, const std::vector<py::buffer>& 
                               "got buffer format '" + format + "'");
 }
 
-void thin_qr(const py::buffer& z, const py::buffer& q, const py::buffer& r) {
-    View<double> zv(z, "thin_qr", "z", 2, {-1, -1}, false);
-    const int64_t k = std::min(zv.rows, zv.cols);
-    View<double> qv(q, "thin_qr", "q", 2, {zv.rows, k}, true);
-    View<double> rv(r, "thin_qr", "r", 2, {k, zv.cols}, true);
-    py::gil_scoped_release release;
-    oplora::thin_qr(zv.ptr, zv.rows, zv.cols, qv.ptr, rv.ptr);
-}
-
-void prox_solve(const py::buffer& rmat, const py::buffer& y, const py::buffer& x0, double lam, int64_t p,
-                const py::buffer& x) {
-    View<double> rv(rmat, "prox_solve", "r", 2, {-1, -1}, false);
-    View<double> yv(y, "prox_solve", "y", 2, {rv.rows, -1}, false);
-    View<double> x0v(x0, "prox_solve", "x0", 2, {rv.cols, yv.cols}, false);
-    View<double> xv(x, "prox_solve", "x", 2, {rv.cols, yv.cols}, true);
-    if (!(lam >= 0.0)) throw py::value_error("oplora._cpu.prox_solve: lam must be >= 0, got " + std::to_string(lam));
-    if (p < 1) throw py::value_error("oplora._cpu.prox_solve: p must be >= 1, got " + std::to_string(p));
-    py::gil_scoped_release release;
-    oplora::prox_solve(rv.ptr, rv.rows, rv.cols, yv.ptr, yv.cols, x0v.ptr, lam, p, xv.ptr);
-}
-
 }  // namespace
 
 PYBIND11_MODULE(_cpu, m) {
-    m.doc() = "oplora's C++ CPU backend: fused row pass, Householder thin QR, proximal r x r solve";
+    m.doc() = "oplora's C++ CPU backend: the fused row pass of the optimizer step";
     m.def("row_pass", &row_pass, py::arg("xs"), py::arg("gs"), py::arg("qd"), py::arg("qx"), py::arg("px"),
           py::arg("pd"), py::arg("sx"), py::arg("sg"), py::arg("threads") = 1,
           "px = sum_j X_j^T (G_j qd), pd = sum_j G_j^T (X_j qx), sx = sum_j colsum(X_j^2), sg = sum_j colsum(G_j^2),\n"
           "written into the given buffers (None: not computed), one pass over the rows. xs[j]: T_j x n, gs[j]: T_j x m,\n"
           "qd: m x Kd, qx: n x Kx, px: n x Kd, pd: m x Kx; all float32 or all float64, C-contiguous.");
-    m.def("thin_qr", &thin_qr, py::arg("z"), py::arg("q"), py::arg("r"),
-          "Householder reduced QR of a float64 z (p x r) into q (p x k) and r (k x r), k = min(p, r).");
-    m.def("prox_solve", &prox_solve, py::arg("r"), py::arg("y"), py::arg("x0"), py::arg("lam"), py::arg("p"),
-          py::arg("x"),
-          "x = argmin ||R x - y||^2 + lam ||x - x0||^2 through the SVD of R (float64); singular values <= \n"
-          "s_max * eps * (p + r) keep x0.");
 #ifdef _OPENMP
     m.attr("openmp") = py::bool_(true);
 #else

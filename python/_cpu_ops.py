@@ -8,27 +8,22 @@ allocated here with torch and written in place by C++. The thread count follows
 bf16/fp16 rows are upcast to float32 once per step in :func:`rows` (the policy stated in
 ``oplora._backend``); C++ takes float32 and float64 only.
 
-The r-sized solves run in C++ up to rank ``LAPACK_FROM - 1``: there its unblocked Householder QR
-and Jacobi SVD beat the call overhead of torch's LAPACK ops; from rank ``LAPACK_FROM`` on
-(r = 64 at m = 2048: 5 ms per QR and 6 ms per solve in C++, see bench/results/cpu_step.md) the
-blocked LAPACK routines of ``oplora.reference`` are faster, and take over.
+The r-sized float64 work (``thin_qr``, ``prox_solve``) is the reference's (LAPACK through torch):
+the step engine hands it over as stacks of same-shaped layers, on which LAPACK was measured
+faster than the C++ Householder QR and Jacobi SVD this backend used to carry (see csrc/README.md).
 """
 
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import List, Sequence
 
 import torch
 from torch import Tensor
 
 from . import _cpu  # noqa: F401  (ImportError here: the extension is missing)
-from . import reference
-from ._backend import Job, Ops, PassResult, SmallProblem
+from ._backend import TORCH_OPS, Job, Ops, PassResult  # defined before _backend imports this module
 
-__all__ = ["OPS", "describe", "LAPACK_FROM"]
-
-#: rank from which thin_qr and prox_solve use the reference (LAPACK) instead of C++.
-LAPACK_FROM = 48
+__all__ = ["OPS", "describe"]
 
 
 def describe() -> str:
@@ -62,41 +57,4 @@ def row_pass(jobs: Sequence[Job]) -> List[PassResult]:
     return out
 
 
-def thin_qr(zs: Sequence[Tensor]) -> List[Tuple[Tensor, Tensor]]:
-    """``reference.thin_qr`` of every ``Z`` (p x r, or a stack b x p x r), in C++ below rank
-    ``LAPACK_FROM`` (matrix by matrix, into one output stack)."""
-    out = []
-    for z in zs:
-        if z.shape[-1] >= LAPACK_FROM:
-            out.append(reference.thin_qr(z))
-            continue
-        z = z.contiguous()
-        p, r = z.shape[-2:]
-        k = min(p, r)
-        q = torch.empty(*z.shape[:-2], p, k, dtype=torch.float64)
-        rm = torch.empty(*z.shape[:-2], k, r, dtype=torch.float64)
-        for zi, qi, ri in zip(z.view(-1, p, r), q.view(-1, p, k), rm.view(-1, k, r)):
-            _cpu.thin_qr(_np(zi), _np(qi), _np(ri))
-        out.append((q, rm))
-    return out
-
-
-def prox_solve(problems: Sequence[SmallProblem]) -> List[Tensor]:
-    """``reference.prox_solve`` of every ``(R, Y, X0, lam, p)`` (matrices or stacks of them, with
-    ``lam`` and ``p`` numbers), in C++ below rank ``LAPACK_FROM``."""
-    out = []
-    for r_mat, y, x0, lam, p in problems:
-        if r_mat.shape[-1] >= LAPACK_FROM:
-            out.append(reference.prox_solve(r_mat, y, x0, lam, p))
-            continue
-        k, r = r_mat.shape[-2:]
-        q = y.shape[-1]
-        x = torch.empty(*r_mat.shape[:-2], r, q, dtype=torch.float64)
-        for ri, yi, x0i, xi in zip(r_mat.contiguous().view(-1, k, r), y.contiguous().view(-1, k, q),
-                                   x0.contiguous().view(-1, r, q), x.view(-1, r, q)):
-            _cpu.prox_solve(_np(ri), _np(yi), _np(x0i), float(lam), int(p), _np(xi))
-        out.append(x)
-    return out
-
-
-OPS = Ops(name="cpp", rows=rows, row_pass=row_pass, thin_qr=thin_qr, prox_solve=prox_solve)
+OPS = Ops(name="cpp", rows=rows, row_pass=row_pass, thin_qr=TORCH_OPS.thin_qr, prox_solve=TORCH_OPS.prox_solve)

@@ -1,6 +1,6 @@
 """The C++ CPU backend (``oplora._cpu`` via ``oplora._cpu_ops``) against ``oplora.reference``.
 
-Every entry point over odd shapes, both dtypes, several chunks, each output on and off; the
+The fused row pass over odd shapes, both dtypes, several chunks, each output on and off; the
 half-steps of the step engine against ``reference.lorsum`` (prox 0 and > 0, metric on and off,
 B = 0); whole optimizer runs on the C++ ops against the torch ops; bad buffers rejected with the
 message the user sees. ``make test`` sets ``OPLORA_REQUIRE_EXT=1``, so the extension is present.
@@ -94,63 +94,6 @@ def test_row_pass_propagates_nan():
     xs[0][2, 3] = float("nan")
     (px, pd, sx, sg) = cpu_ops.row_pass([(xs, gs, torch.randn(8, 2), torch.randn(9, 2), True)])[0]
     assert torch.isnan(px).any() and torch.isnan(pd).any() and torch.isnan(sx[3]) and torch.isfinite(sg).all()
-
-
-# ------------------------------------------------------------------------------ thin_qr, prox_solve
-
-@pytest.mark.parametrize("p,r,rank", [(50, 6, 6), (50, 6, 3), (4, 7, 4), (9, 9, 0), (1, 1, 1), (300, 16, 16)])
-def test_thin_qr_factors_like_lapack(p, r, rank):
-    z = torch.randn(p, rank, dtype=torch.float64) @ torch.randn(rank, r, dtype=torch.float64)
-    ((q, rm),) = cpu_ops.thin_qr([z])
-    k = min(p, r)
-    assert q.shape == (p, k) and rm.shape == (k, r)
-    assert float((q @ rm - z).norm()) <= 1e-13 * max(1.0, float(z.norm()))
-    if rank == min(p, r):  # Q is unique up to column signs where Z has full column rank
-        q_ref, r_ref = reference.thin_qr(z)
-        signs = torch.sign(torch.diagonal(rm)) * torch.sign(torch.diagonal(r_ref))
-        assert rel(q * signs, q_ref) < 1e-12
-    assert torch.equal(rm, torch.triu(rm))
-    assert float((q.mT @ q - torch.eye(k, dtype=torch.float64)).norm()) < 1e-13 or rank < min(p, r)
-
-
-@pytest.mark.parametrize("lam", [0.0, 1e-3, 0.5])
-@pytest.mark.parametrize("k,r,rank", [(6, 6, 6), (6, 6, 3), (4, 7, 4), (5, 5, 0), (16, 16, 16)])
-def test_prox_solve_matches_reference(lam, k, r, rank):
-    r_mat = torch.randn(k, rank, dtype=torch.float64) @ torch.randn(rank, r, dtype=torch.float64)
-    y, x0 = torch.randn(k, 11, dtype=torch.float64), torch.randn(r, 11, dtype=torch.float64)
-    (got,) = cpu_ops.prox_solve([(r_mat, y, x0, lam, 40)])
-    want = reference.prox_solve(r_mat, y, x0, lam, 40)
-    assert rel(got, want) < 1e-11
-    if rank == 0:
-        assert torch.equal(got, x0)  # nothing to solve: the start point, exactly
-
-
-def test_stacks_are_solved_matrix_by_matrix():
-    """The engine hands a group's matrices over as stacks (b x p x r); each is factored and
-    solved as it would be alone, including a zero matrix among full-rank ones."""
-    zs = torch.randn(3, 40, 5, dtype=torch.float64)
-    zs[1] = 0.0
-    ((q, rm),) = cpu_ops.thin_qr([zs])
-    assert q.shape == (3, 40, 5) and rm.shape == (3, 5, 5)
-    for z, qi, ri in zip(zs, q, rm):
-        assert float((qi @ ri - z).norm()) <= 1e-13 * max(1.0, float(z.norm()))
-    r_mat = torch.randn(3, 5, 5, dtype=torch.float64)
-    r_mat[2] = 0.0
-    y, x0 = torch.randn(3, 5, 7, dtype=torch.float64), torch.randn(3, 5, 7, dtype=torch.float64)
-    (got,) = cpu_ops.prox_solve([(r_mat, y, x0, 1e-3, 40)])
-    for i in range(3):
-        assert rel(got[i], reference.prox_solve(r_mat[i], y[i], x0[i], 1e-3, 40)) < 1e-11
-    assert torch.equal(got[2], x0[2])
-
-
-def test_prox_solve_of_an_ill_conditioned_r():
-    u, _ = torch.linalg.qr(torch.randn(12, 12, dtype=torch.float64))
-    v, _ = torch.linalg.qr(torch.randn(12, 12, dtype=torch.float64))
-    r_mat = u @ torch.diag(torch.logspace(0, -10, 12, dtype=torch.float64)) @ v.mT
-    y, x0 = torch.randn(12, 5, dtype=torch.float64), torch.randn(12, 5, dtype=torch.float64)
-    (got,) = cpu_ops.prox_solve([(r_mat, y, x0, 0.0, 100)])
-    assert rel(r_mat @ got, y) < 1e-6  # cond 1e10 in float64: the residual is still tiny
-    assert rel(got, reference.prox_solve(r_mat, y, x0, 0.0, 100)) < 1e-4
 
 
 # ------------------------------------------------------------------ half-steps vs reference.lorsum
@@ -270,15 +213,3 @@ def test_second_chunk_must_match_the_first():
     args["gs"].append(np.ones((2, 2), np.float32))
     with pytest.raises(ValueError, match=r"xs\[1\] has shape \(2, 4\) but dimension 1 must be 3"):
         _cpu.row_pass(**args)
-
-
-def test_bad_small_solve_buffers_are_rejected():
-    z = np.ones((5, 3))
-    with pytest.raises(ValueError, match=r"q has shape \(5, 2\) but dimension 1 must be 3"):
-        _cpu.thin_qr(z, np.empty((5, 2)), np.empty((3, 3)))
-    with pytest.raises(ValueError, match="z must be float64"):
-        _cpu.thin_qr(z.astype(np.float32), np.empty((5, 3)), np.empty((3, 3)))
-    with pytest.raises(ValueError, match="lam must be >= 0"):
-        _cpu.prox_solve(np.eye(3), np.ones((3, 2)), np.ones((3, 2)), -1.0, 5, np.empty((3, 2)))
-    with pytest.raises(ValueError, match=r"x0 has shape \(2, 2\) but dimension 0 must be 3"):
-        _cpu.prox_solve(np.eye(3), np.ones((3, 2)), np.ones((2, 2)), 0.0, 5, np.empty((3, 2)))

@@ -166,7 +166,9 @@ def test_trainer_gradient_accumulation_equals_the_doubled_batch(tmp_path, name, 
         opt.close()
     lora_b = [k for k in runs[1] if "lora_B" in k]
     assert lora_b and all(runs[1][k].abs().max() > 0 for k in lora_b)  # the factors did move
-    assert_same(runs[2], runs[1], rtol=1e-4, atol=1e-6)
+    # Float32: two chunks are summed in another order than one concatenated batch, and three
+    # steps of lr 0.1 carry that rounding into entries of size ~1e-2 (seen: 3e-6 on one of them).
+    assert_same(runs[2], runs[1], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["oplora", "scaled"])
