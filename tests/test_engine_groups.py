@@ -6,15 +6,13 @@ The model mixes what a group must tolerate: several same-shaped layers with diff
 layer of another shape, and a same-shaped layer that sees only half the rows (its K-FAC scale
 differs from its group's others). Steps use gradient accumulation (two chunks per layer)."""
 
-from unittest import mock
-
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import oplora
 from oplora import _backend
+from oplora.bench._common import count_ops
 from oplora.optim import engine
 
 STEPS = 3
@@ -140,23 +138,6 @@ def test_state_tensors_are_updated_in_place_and_own_their_memory(monkeypatch):
     assert seen
 
 
-class _CountOps(TorchDispatchMode):
-    """Counts the tensor ops that do work (views and metadata ops excluded)."""
-
-    FREE = {"view", "_unsafe_view", "t", "transpose", "slice", "select", "as_strided", "expand", "alias",
-            "unsqueeze", "squeeze", "permute", "detach", "unbind", "split", "split_with_sizes", "narrow",
-            "diagonal", "_reshape_alias", "lift_fresh", "set_"}
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket.__name__ not in self.FREE:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("name", ["oplora", "scaled"])
 def test_triton_step_costs_the_same_launches_for_any_number_of_layers(name, monkeypatch):
     """SPEC section 4's second lever: a model-wide step is a fixed number of launches per group
@@ -170,13 +151,11 @@ def test_triton_step_costs_the_same_launches_for_any_number_of_layers(name, monk
     counts = {}
     for blocks in (2, 7):
         def measure(opt):
-            with mock.patch.object(rp, "_launch", wraps=rp._launch) as launches, _CountOps() as ops:
-                opt.step()
-            counts[blocks] = (ops.count, launches.call_count)
+            counts[blocks] = count_ops(opt.step)
 
         train(name, _triton_ops.OPS, torch.float32, monkeypatch, blocks=blocks, on_step=measure)
     assert counts[2] == counts[7], counts
     passes = 2 if name == "oplora" else 3
     # Per pass, one grouped row-pass launch for all 12-wide layers and one for the head, whose
     # 5-column rows are not 16-byte aligned (a compile-time key of the kernel).
-    assert counts[2][1] == 2 * passes
+    assert counts[2]["triton_launches"] == 2 * passes

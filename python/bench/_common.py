@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as _dt
 import os
@@ -11,8 +12,10 @@ import time
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Callable, Dict, List, Sequence
+from unittest import mock
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def _version(dist: str) -> str:
@@ -91,6 +94,39 @@ def measure(fn: Callable[[], object], device: torch.device, *, warmup: int, repe
         _sync(device)
         samples.append(time.perf_counter() - t0)
     return Timing(samples)
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts the tensor ops that do work: views and metadata-only ops are free."""
+
+    FREE = {"view", "_unsafe_view", "t", "transpose", "slice", "select", "as_strided", "expand", "alias",
+            "unsqueeze", "squeeze", "permute", "detach", "unbind", "split", "split_with_sizes", "narrow",
+            "diagonal", "_reshape_alias", "lift_fresh", "set_"}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ not in self.FREE:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(fn: Callable[[], object]) -> Dict[str, int]:
+    """One call of ``fn``, counting what it launches: ``tensor_ops`` (torch ops that do work --
+    on a GPU each is a kernel launch or a copy, a few only allocate) and ``triton_launches``
+    (launches of the fused row-pass kernel, ``oplora_kernels.row_pass``). The launch overhead of
+    a step is proportional to their sum, whatever the device."""
+    try:
+        from oplora_kernels import row_pass as triton_row_pass
+    except ImportError:  # no Triton: nothing of it can launch
+        triton_row_pass = None
+    patch = (contextlib.nullcontext() if triton_row_pass is None
+             else mock.patch.object(triton_row_pass, "_launch", wraps=triton_row_pass._launch))
+    with patch as launches, _OpCounter() as ops:
+        fn()
+    return {"tensor_ops": ops.count, "triton_launches": 0 if launches is None else launches.call_count}
 
 
 def write_csv(path: str, rows: Sequence[Dict[str, object]]) -> None:

@@ -27,7 +27,10 @@ Bytes and floor: ``bytes`` is what the operation must read and write at the leas
 reads X and G once (``T (m + n)`` elements each), plus the thin operands; AdamW's gradients
 read X and G once. ``floor_s = bytes / bandwidth``, the bandwidth measured on this device with a
 large device-to-device copy (read + write bytes / time). ``x_floor = time / floor_s``;
-``x_adamw`` = time / the ``adamw grads+step`` time of the same scope.
+``x_adamw`` = time / the ``adamw grads+step`` time of the same scope. ``tensor_ops`` and
+``triton_launches``: what one call launches (``oplora.bench._common.count_ops``): the step engine
+stacks same-shaped layers, so the ``model`` scope's step should cost about as many as one
+layer's of each shape together, not 224 layers' worth.
 
 LoRSum vs SVD at 4096 x 4096, r 16 (``oplora.bench.lorsum``): LoRSum iters 0/1/2 vs
 ``torch.linalg.svd`` and ``torch.svd_lowrank`` of the explicit matrix, time and accuracy.
@@ -53,7 +56,7 @@ from .. import _backend
 from ..optim import engine
 from ..optim import functional as F
 from . import lorsum as lorsum_bench
-from ._common import format_table, machine_info, measure, write_csv
+from ._common import count_ops, format_table, machine_info, measure, write_csv
 
 #: (name, m = out features, n = in features) of one transformer block's LoRA layers.
 BLOCK_7B = [("q", 4096, 4096), ("k", 4096, 4096), ("v", 4096, 4096), ("o", 4096, 4096),
@@ -228,10 +231,13 @@ def run_scope(scope: str, layers: List[LoRALayer], r: int, tokens: int, bandwidt
                                   "n": layers[0].n, "r": r, "tokens": tokens, "dtype": str(layers[0].x.dtype),
                                   "bytes": nbytes, "floor_s": nbytes / bandwidth, "note": ""}
         try:
-            timing = measure(setup(), device, warmup=warmup, repeats=repeats)
+            call = setup()
+            timing = measure(call, device, warmup=warmup, repeats=repeats)
+            row.update(count_ops(call))
         except torch.cuda.OutOfMemoryError:
             nan = float("nan")
-            row.update(time_median_s=nan, time_min_s=nan, time_max_s=nan, repeats=0, note="out of memory")
+            row.update(time_median_s=nan, time_min_s=nan, time_max_s=nan, repeats=0, tensor_ops=-1,
+                       triton_launches=-1, note="out of memory")
         else:
             row.update(time_median_s=timing.median, time_min_s=timing.low, time_max_s=timing.high,
                        repeats=len(timing.samples))
@@ -257,10 +263,11 @@ def _ms(seconds: float) -> str:
 
 def kernel_table(rows: Sequence[Dict], markdown: bool = False) -> str:
     header = ["scope", "provider", "layers", "median ms", "min-max ms", "MB moved", "floor ms", "x floor",
-              "x adamw"]
+              "x adamw", "ops + launches"]
     body = [[r["scope"], r["provider"], str(r["layers"]), _ms(r["time_median_s"]),
              f"{_ms(r['time_min_s'])}-{_ms(r['time_max_s'])}", f"{r['bytes'] / 1e6:.1f}", _ms(r["floor_s"]),
-             f"{r['x_floor']:.2f}", f"{r['x_adamw']:.2f}"] for r in rows]
+             f"{r['x_floor']:.2f}", f"{r['x_adamw']:.2f}", f"{r['tensor_ops']} + {r['triton_launches']}"]
+            for r in rows]
     return format_table(header, body, markdown=markdown)
 
 
