@@ -43,10 +43,11 @@ How a half-step is solved, and why
     r x n sum on the right. Every product is (p x r)^T (p x k) or (r x k)(k x q).
 
 The optimizer step (``oplora.optim.engine``) runs the same half-steps on the captured rows
-through three ops of this module, which are also what the C++ and Triton backends implement:
-``row_pass`` (the only op that reads X and sD: every thin product of one half-step of several
-LoRSum problems, plus the diagonal K-FAC statistics, in one pass), ``thin_qr`` and
-``prox_solve``.
+through three ops of this module: ``row_pass`` (the only op that reads X and sD: every thin
+product of one half-step of several LoRSum problems, plus the diagonal K-FAC statistics, in one
+pass; the C++ and Triton backends each have a fused one), ``thin_qr`` and ``prox_solve`` (the
+engine hands them stacks of same-shaped layers' matrices; the Triton backend has a batched
+CholeskyQR2 for ``thin_qr``).
 
 Precision policy
     The big products -- the only ones that read the terms, O((p + q) k r) work -- run in the
