@@ -38,7 +38,7 @@ __all__ = [
     "update_statistics",
     "metric_from_statistics",
     "scaled_oplora_update",
-    "kfac_diag_statistics",
+    "KfacDiagRule",
     "svd_update",
     "riemannian_precondition",
     "grad_sq_norm",
@@ -54,10 +54,6 @@ class Update(NamedTuple):
     b: Tensor
     a: Tensor
     state: Dict[str, object]
-
-    def apply(self, b: Tensor, a: Tensor, state: Dict) -> None:
-        """Write this update into the layer's factors and state (see :func:`commit`)."""
-        commit([(self, b, a, state)])
 
 
 def commit(targets: Sequence[Tuple[Update, Tensor, Tensor, Dict]]) -> None:
@@ -303,32 +299,14 @@ def _out_scale(rows: int, loss_reduction: str, inv_scale: float) -> float:
     return (float(rows) if loss_reduction == "mean" else 1.0 / rows) * inv_scale**2
 
 
-def _kfac_diag_ema(d_in: Tensor, d_out: Tensor, sx: Tensor, sg: Tensor, rows: Union[float, Tensor],
-                   out_scale: Union[float, Tensor], beta2: float, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
-    """``d_in b2 + (1 - b2) sx / T`` and ``d_out b2 + (1 - b2) sg * out_scale`` in ``dtype``; on
-    single layers or on stacks (b x n, b x m, with ``rows``/``out_scale`` numbers or b x 1)."""
-    new_in = sx.to(dtype) / rows
-    new_out = sg.to(dtype) * out_scale
-    return d_in * beta2 + (1.0 - beta2) * new_in, d_out * beta2 + (1.0 - beta2) * new_out
-
-
-def kfac_diag_statistics(state: Dict, sx: Tensor, sg: Tensor, rows: int, *, beta2: float, loss_reduction: str,
-                         init_scale: float, dtype: torch.dtype, inv_scale: float = 1.0) -> Tuple[Tensor, Tensor]:
-    """The diagonal K-FAC EMAs ``(d_in, d_out)`` from the column sums of squares of this step's
-    rows, ``sx = sum_t x_t^2`` (n) and ``sg = sum_t g_t^2`` (m), as new tensors in ``dtype``:
-    ``d_in <- b2 d_in + (1 - b2) sx / T``, ``d_out <- b2 d_out + (1 - b2) c sg`` (see
-    :func:`update_statistics`). ``state`` is not modified. (The optimizers evaluate the same
-    formula for many layers at once through :class:`KfacDiagRule`.)"""
-    d_in, d_out = _statistics_start(state, metric="diag", init_scale=init_scale, n=sx.shape[0], m=sg.shape[0],
-                                    device=sx.device, dtype=dtype)
-    return _kfac_diag_ema(d_in, d_out, sx, sg, rows, _out_scale(rows, loss_reduction, inv_scale), beta2, dtype)
-
-
 class KfacDiagRule(engine.StatsRule):
     """A layer's diagonal K-FAC statistics as the step engine's :class:`~oplora.optim.engine.StatsRule`:
-    the EMAs of :func:`kfac_diag_statistics` from the step's first pass over the rows, and the
-    metric ``((d_out + damping)^p, (d_in + damping)^p)`` (none when ``p = 0``). The new EMAs are
-    written to ``out["d_in"]``, ``out["d_out"]`` when the engine evaluates the rule."""
+    ``d_in <- b2 d_in + (1 - b2) sx / T`` and ``d_out <- b2 d_out + (1 - b2) c sg`` (see
+    :func:`update_statistics`) from the column sums of squares of the step's first pass over the
+    rows, ``sx = sum_t x_t^2`` (n) and ``sg = sum_t g_t^2`` (m), and the metric
+    ``((d_out + damping)^p, (d_in + damping)^p)`` (none when ``p = 0``). :meth:`batch` evaluates
+    the rules of a group's layers on stacks (per-layer ``T`` and ``c`` as a b x 1 tensor when they
+    differ) and writes each layer's new EMAs to its ``out["d_in"]``, ``out["d_out"]``."""
 
     def __init__(self, state: Dict, rows: int, out: Dict, *, beta2: float, loss_reduction: str, init_scale: float,
                  dtype: torch.dtype, inv_scale: float, damping: float, power: float):
@@ -345,7 +323,9 @@ class KfacDiagRule(engine.StatsRule):
                                     m=sg.shape[-1], device=sx.device, dtype=first.dtype) for rule in rules]
         d_in, d_out = (engine.stack_layers([start[k] for start in starts]) for k in (0, 1))
         rows, out_scale = (_per_layer([getattr(rule, name) for rule in rules], sx) for name in ("rows", "out_scale"))
-        new_in, new_out = _kfac_diag_ema(d_in, d_out, sx, sg, rows, out_scale, first.beta2, first.dtype)
+        b2 = first.beta2
+        new_in = d_in * b2 + (1.0 - b2) * (sx.to(first.dtype) / rows)
+        new_out = d_out * b2 + (1.0 - b2) * (sg.to(first.dtype) * out_scale)
         for rule, d_in_i, d_out_i in zip(rules, new_in, new_out):
             rule.out["d_in"], rule.out["d_out"] = d_in_i, d_out_i
         if first.power == 0.0:
@@ -385,8 +365,8 @@ def update_statistics(
     with ``g_t = s D_t`` and ``c = T`` for a mean loss (per-example gradient scale), ``1/T`` for a
     summed loss. ``metric="dense"`` keeps the matrices ``X^T X / T`` (n x n) and ``c g^T g``
     (m x m) instead of their diagonals. (The optimizers compute the diagonal K-FAC sums inside the
-    step's first pass over the rows, :func:`kfac_diag_statistics`; this function is their
-    reference and computes every other kind.)
+    step's first pass over the rows, :class:`KfacDiagRule`; this function is their reference and
+    computes every other kind.)
 
     ``statistics="shampoo"``: the statistics of G itself, ``d_out`` from ``c G G^T`` and ``d_in``
     from ``c G^T G`` (diagonals, or the matrices with ``metric="dense"``, which forms G), with
