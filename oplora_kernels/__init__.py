@@ -31,7 +31,7 @@ Design: why this blocking, and what is fast for which sizes
     smaller ``block_t`` (32-64) fills the GPU better. The thin work between passes is r-sized:
     it is batched per group of same-shaped layers (``oplora.optim.engine``, ``thin_qr``,
     ``prox_solve``) so that it costs a few launches per pass, not a few per layer. Block sizes
-    are untuned until a GPU run (``oplora-bench --suite gpu`` sweeps none; pass
+    are untuned until a GPU run (``oplora-bench --suite kernels`` sweeps none; pass
     ``block_t``/``block_c`` to ``row_pass`` to try others).
 
     Float32 products use ``tl.dot(..., input_precision="tf32x3")`` on a GPU (three TF32

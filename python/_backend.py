@@ -12,8 +12,6 @@ What a backend provides (:class:`Ops`), the ops of the optimizer step engine
 * ``thin_qr(Zs)`` and ``prox_solve(problems)``: the float64 r-sized work of the half-steps, one
   call for all half-steps of a pass (``reference.thin_qr``, ``reference.prox_solve`` per item;
   an item is a stack of same-shaped matrices, one per layer of a group);
-* ``group_layers``: whether the engine stacks same-shaped layers into groups, so that its
-  r-sized work is a few ops per group instead of per layer (``oplora.optim.engine``).
 
 Backends:
 
@@ -44,7 +42,7 @@ from torch import Tensor
 
 from . import reference
 
-__all__ = ["backend_info", "lorsum_impl", "ops_for", "Ops"]
+__all__ = ["backend_info", "ops_for", "Ops"]
 
 ENV_VAR = "OPLORA_BACKEND"
 REQUIRE_EXT_VAR = "OPLORA_REQUIRE_EXT"
@@ -65,7 +63,6 @@ class Ops(NamedTuple):
     row_pass: Callable[[Sequence[Job]], List[PassResult]]
     thin_qr: Callable[[Sequence[Tensor]], List[Tuple[Tensor, Tensor]]]
     prox_solve: Callable[[Sequence[SmallProblem]], List[Tensor]]
-    group_layers: bool = True
 
 
 def _torch_rows(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -147,13 +144,6 @@ def _select(device_type: str) -> str:
 def ops_for(device: torch.device) -> Ops:
     """The step-engine ops that run for tensors on ``device``."""
     return _OPS[_select(torch.device(device).type)]
-
-
-def lorsum_impl(device: torch.device) -> Callable:
-    """The implementation of the public ``oplora.lorsum`` (validated input): the reference on
-    every device. Its terms are arbitrary thin pairs, not captured rows; the fast backends
-    accelerate the optimizer step (:func:`ops_for`), whose rows are the heavy operands."""
-    return reference.lorsum
 
 
 def backend_info() -> dict:

@@ -18,8 +18,6 @@ kernels compile at their first launch.
 * ``prox_solve(problems)``: the batched ``reference.prox_solve`` (one SVD per stack), with the
   stacks of one shape -- the step's and the momentum's half-steps of a group -- concatenated
   into one call.
-* ``group_layers``: the engine stacks same-shaped layers, so a step is a few launches per group
-  and pass, however many layers the model has.
 
 The kernels run on CUDA tensors; ``oplora._backend`` dispatches only those here. The same ops
 accept CPU tensors under ``TRITON_INTERPRET=1`` (how the tests exercise them without a GPU).
@@ -100,5 +98,4 @@ def describe() -> str:
     return base
 
 
-OPS = Ops(name="triton", rows=rows, row_pass=row_pass, thin_qr=_thin_qr.thin_qr, prox_solve=prox_solve,
-          group_layers=True)
+OPS = Ops(name="triton", rows=rows, row_pass=row_pass, thin_qr=_thin_qr.thin_qr, prox_solve=prox_solve)

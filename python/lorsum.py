@@ -10,7 +10,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from . import _backend
+from . import reference
 
 __all__ = ["lorsum"]
 
@@ -160,7 +160,6 @@ def lorsum(
             not positive (definite), a bad ``iters``/``prox``/``start``/``precondition``.
         FloatingPointError: when finite inputs give a result that overflows its dtype (e.g.
             float16 factors whose exact answer exceeds 65504); nothing is returned then.
-        RuntimeError: if ``OPLORA_BACKEND`` asks for a backend that is unavailable.
     """
     if not isinstance(init, (tuple, list)) or len(init) != 2:
         raise ValueError("init must be a pair (B0, A0) of 2-D tensors")
@@ -232,13 +231,12 @@ def lorsum(
         named += [(f"terms[{i}][0] (U)", u), (f"terms[{i}][1] (V)", v)]
     _check_finite(named)
 
-    impl = _backend.lorsum_impl(device)
     overflow = (f"lorsum: the result is not representable in {b0.dtype}: the inputs' scale overflows "
                 "the computation (a target beyond float32 range, or factors that must grow past the "
                 "start point's dtype); rescale the terms or pass float32/float64 factors")
     try:
         with torch.no_grad():
-            b, a = impl(terms, coeffs, (b0, a0), iters=iters_int, prox=prox, metric=metric,
+            b, a = reference.lorsum(terms, coeffs, (b0, a0), iters=iters_int, prox=prox, metric=metric,
                         precondition=precondition, start=start)
     except torch.linalg.LinAlgError as err:
         raise FloatingPointError(overflow) from err

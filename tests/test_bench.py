@@ -68,3 +68,21 @@ def test_bad_case_argument_is_rejected(capsys):
 def test_module_entry_point_prints_help():
     out = subprocess.run([sys.executable, "-m", "oplora.bench", "--help"], capture_output=True, text=True, check=True)
     assert "--smoke" in out.stdout and "--case" in out.stdout
+
+
+def test_module_entry_point_returns_the_exit_code(tmp_path):
+    bad = subprocess.run([sys.executable, "-m", "oplora.bench", "--case", "100x100:200:64"], capture_output=True,
+                         text=True)
+    assert bad.returncode != 0 and "r <= min(m, n)" in bad.stderr
+    ok = subprocess.run([sys.executable, "-m", "oplora.bench", "--case", "48x40:4:16", "--device", "cpu", "--out",
+                         str(tmp_path), "--quiet", "--repeats", "1", "--no-plot"], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_without_matplotlib_the_plot_is_skipped_and_the_tables_written(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    assert bench.main(["--case", "48x40:4:16", "--device", "cpu", "--out", str(tmp_path), "--quiet",
+                       "--repeats", "1"]) == 0
+    assert (tmp_path / "lorsum_cpu.csv").exists() and (tmp_path / "lorsum_cpu.md").exists()
+    assert not (tmp_path / "lorsum_cpu.png").exists()
+    assert "plot skipped: matplotlib is not installed" in capsys.readouterr().out

@@ -12,7 +12,7 @@ pytest.importorskip("oplora._cpu_ops", reason="the C++ extension oplora._cpu is 
 
 def test_cpu_suite_smoke_writes_results(tmp_path):
     assert main(["--suite", "cpu", "--smoke", "--threads", "1,2", "--quiet", "--out", str(tmp_path)]) == 0
-    rows = list(csv.DictReader(open(tmp_path / "cpu_step_smoke.csv")))
+    rows = list(csv.DictReader(open(tmp_path / "cpu_smoke.csv")))
     providers = {(r["m"], r["threads"], r["provider"]) for r in rows}
     for m in ("96", "200"):
         for threads in ("1", "2"):
@@ -22,6 +22,6 @@ def test_cpu_suite_smoke_writes_results(tmp_path):
         assert float(r["time_median_s"]) > 0 and r["device"] == "cpu" and r["command"].startswith("oplora-bench")
         if r["provider"].endswith("cpp"):
             assert float(r["torch_over_cpp"]) > 0
-    md = (tmp_path / "cpu_step_smoke.md").read_text()
+    md = (tmp_path / "cpu_smoke.md").read_text()
     assert "| scaled cpp |" in md and "target case 2048x2048 r16 T2048 at 2 threads not in this run" in md
-    assert (tmp_path / "cpu_step_smoke.png").stat().st_size > 0
+    assert (tmp_path / "cpu_smoke.png").stat().st_size > 0

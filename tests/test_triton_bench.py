@@ -1,4 +1,4 @@
-"""``oplora-bench --suite gpu`` at its --smoke size on the CPU, through the Triton interpreter: it
+"""``oplora-bench --suite kernels`` at its --smoke size on the CPU, through the Triton interpreter: it
 runs end to end, writes CSV + markdown + PNG, and its derived columns are the arithmetic of its
 measured ones (bytes per pass, floor = bytes / bandwidth, ratios)."""
 
@@ -21,22 +21,22 @@ def smoke(tmp_path_factory):
     if not rp.interpreting():
         pytest.skip("the CPU smoke run needs the Triton interpreter: TRITON_INTERPRET=1")
     out = tmp_path_factory.mktemp("bench")
-    argv = ["--suite", "gpu", "--smoke", "--device", "cpu", "--scopes", "q,model", "--out", str(out), "--quiet",
+    argv = ["--suite", "kernels", "--smoke", "--device", "cpu", "--scopes", "q,model", "--out", str(out), "--quiet",
             "--repeats", "1"]
     assert bench_main(argv) == 0
     with open(out / "kernels_cpu_smoke.csv") as f:
         return out, list(csv.DictReader(f))
 
 
-def test_registered_as_the_gpu_suite():
-    assert SUITES["gpu"] == "oplora.bench.kernels"
+def test_registered_as_the_kernels_suite():
+    assert SUITES["kernels"] == "oplora.bench.kernels"
 
 
 def test_smoke_writes_csv_markdown_and_plot(smoke):
     out, rows = smoke
     assert os.path.getsize(out / "kernels_cpu_smoke.png") > 10_000
     md = (out / "kernels_cpu_smoke.md").read_text()
-    assert "oplora-bench --suite gpu --smoke" in md and "SPEC section 4 ratios" in md and "| model |" in md
+    assert "oplora-bench --suite kernels --smoke" in md and "SPEC section 4 ratios" in md and "| model |" in md
     kernel_rows = [r for r in rows if r["scope"] != "lorsum vs svd"]
     assert {(r["scope"], r["provider"]) for r in kernel_rows} == {(s, p) for s in ("layer q", "model")
                                                                   for p in PROVIDERS}

@@ -6,13 +6,16 @@ Suites (``--suite``, each a module of this package with its own ``main(argv)`` a
   matrix on OPLoRA step targets; see :mod:`oplora.bench.lorsum`.
 * ``cpu`` -- one optimizer step per LoRA layer on the C++ backend vs the same math in torch ops
   vs the SVD baseline, at 2 threads and all threads; see :mod:`oplora.bench.cpu`.
-* ``gpu`` -- the fused Triton step of a 7B-shaped LoRA stack against its bandwidth floor, the
+* ``kernels`` -- the fused Triton step of a 7B-shaped LoRA stack against its bandwidth floor, the
   torch path and AdamW, and LoRSum vs SVD at 4096 x 4096 (CUDA); see :mod:`oplora.bench.kernels`.
 * ``memory`` -- optimizer state, capture overhead and peak memory of OPLoRA, ScaledOPLoRA and
   AdamW on the same LoRA model; see :mod:`oplora.bench.memory`.
 
-Results (CSV, markdown table, PNG plot) go to ``bench/results/`` with the machine, versions,
-date and command. ``oplora-bench --suite NAME --help`` lists a suite's options.
+One name per suite: ``--suite NAME`` runs the module ``oplora.bench.NAME``, also reachable as the
+script ``bench/bench_NAME.py``, and writes ``bench/results/NAME[_device].{csv,md,png}`` (CSV and
+markdown always, the PNG plot when matplotlib is installed) with the machine, versions, date and
+command. ``oplora-bench --suite NAME --help`` lists a suite's options. Per-op micro-benchmarks
+(pytest-benchmark) live beside the scripts: ``pytest bench/ --benchmark-only``.
 """
 
 from __future__ import annotations
@@ -25,16 +28,12 @@ from typing import Optional, Sequence
 __all__ = ["main", "SUITES"]
 
 #: suite name -> module (imported only when that suite runs).
-SUITES = {
-    "lorsum": "oplora.bench.lorsum",
-    "cpu": "oplora.bench.cpu",
-    "gpu": "oplora.bench.kernels",
-    "memory": "oplora.bench.memory",
-}
+SUITES = {name: f"oplora.bench.{name}" for name in ("lorsum", "cpu", "kernels", "memory")}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Command-line entry point: run the suite ``--suite`` names (default ``lorsum``)."""
+    """Command-line entry point: run the suite ``--suite`` names (default ``lorsum``); returns its
+    exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--suite", choices=sorted(SUITES), default="lorsum")

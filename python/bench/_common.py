@@ -11,7 +11,7 @@ import statistics
 import time
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 from unittest import mock
 
 import torch
@@ -149,3 +149,27 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[str]], markdown:
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
     fmt = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
     return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows])
+
+
+def write_results(stem: str, rows: Sequence[Dict[str, object]], markdown: str,
+                  plot: Optional[Callable[[str], None]] = None, *, quiet: bool = False) -> List[str]:
+    """Write a suite's results: ``stem.csv`` (``rows``), ``stem.md`` (``markdown``) and, when
+    ``plot`` is given, ``stem.png`` through ``plot(path)``. Without matplotlib the plot is skipped
+    with a message (the CSV and markdown are written all the same). Returns the paths written and
+    prints them unless ``quiet``."""
+    write_csv(stem + ".csv", rows)
+    with open(stem + ".md", "w") as f:
+        f.write(markdown)
+    written = [stem + ".csv", stem + ".md"]
+    if plot is not None:
+        try:
+            import matplotlib
+        except ImportError:
+            print("plot skipped: matplotlib is not installed (pip install 'oplora[bench]')", flush=True)
+        else:
+            matplotlib.use("Agg")
+            plot(stem + ".png")
+            written.append(stem + ".png")
+    if not quiet:
+        print("wrote " + ", ".join(written), flush=True)
+    return written

@@ -30,7 +30,7 @@ import torch
 from .. import _backend
 from ..optim import engine
 from ..optim import functional as F
-from ._common import format_table, machine_info, measure, write_csv
+from ._common import format_table, machine_info, measure, write_results
 
 Case = Tuple[int, int, int, int]  # m, n, r, tokens
 
@@ -158,9 +158,6 @@ def target_line(rows: Sequence[Dict[str, object]]) -> str:
 
 
 def plot(rows: Sequence[Dict[str, object]], path: str, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     threads = sorted({row["threads"] for row in rows})
@@ -240,21 +237,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rows = [{**info, "cpu_threads": row["threads"], "command": command, **row} for row in rows]
     print(table(rows))
     print(target_line(rows))
-    stem = os.path.join(args.out, f"cpu_step{'_smoke' if args.smoke else ''}")
-    write_csv(stem + ".csv", rows)
-    written = [stem + ".csv"]
-    with open(stem + ".md", "w") as f:
-        f.write(f"# One optimizer step per layer: C++ vs torch ops vs SVD (CPU)\n\n"
+    stem = os.path.join(args.out, f"cpu{'_smoke' if args.smoke else ''}")
+    markdown = (f"# One optimizer step per layer: C++ vs torch ops vs SVD (CPU)\n\n"
                 f"- command: `{command}`\n- machine: {info['device_name']}, {os.cpu_count()} cores; "
                 f"thread counts {threads}\n- torch {info['torch']}, Python {info['python']}, oplora {info['oplora']}\n"
                 f"- date: {info['date']}; load average at the start {load}; {env}\n- {target_line(rows)}\n"
                 f"- times: median of >= {repeats} steps after {args.warmup} warm-up (min-max in the table); "
-                f"`svd` only up to {args.svd_max} wide\n\n")
-        f.write(table(rows, markdown=True) + "\n")
-    written.append(stem + ".md")
-    if not args.no_plot:
-        plot(rows, stem + ".png", f"optimizer step per layer on {info['device_name']}, torch {info['torch']}, "
-                                  f"{info['date']}")
-        written.append(stem + ".png")
-    print("wrote " + ", ".join(written))
+                f"`svd` only up to {args.svd_max} wide\n\n" + table(rows, markdown=True) + "\n")
+    title = f"optimizer step per layer on {info['device_name']}, torch {info['torch']}, {info['date']}"
+    write_results(stem, rows, markdown, None if args.no_plot else lambda path: plot(rows, path, title))
     return 0

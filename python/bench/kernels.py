@@ -1,7 +1,7 @@
 """GPU kernels: the fused Triton step against its bandwidth floor, the torch path and AdamW.
 
-``oplora-bench --suite gpu`` (the full run, on a CUDA GPU; one command, nothing to edit) and
-``oplora-bench --suite gpu --smoke`` (tiny sizes; on a CPU through the Triton interpreter when
+``oplora-bench --suite kernels`` (the full run, on a CUDA GPU; one command, nothing to edit) and
+``oplora-bench --suite kernels --smoke`` (tiny sizes; on a CPU through the Triton interpreter when
 ``TRITON_INTERPRET=1`` is set, as the tests do -- seconds, numbers meaningless).
 
 Workload: LoRA layers of a 7B-shaped transformer, ``--blocks`` (32) blocks of q, k, v, o
@@ -56,7 +56,7 @@ from .. import _backend
 from ..optim import engine
 from ..optim import functional as F
 from . import lorsum as lorsum_bench
-from ._common import count_ops, format_table, machine_info, measure, write_csv
+from ._common import count_ops, format_table, machine_info, measure, write_results
 
 #: (name, m = out features, n = in features) of one transformer block's LoRA layers.
 BLOCK_7B = [("q", 4096, 4096), ("k", 4096, 4096), ("v", 4096, 4096), ("o", 4096, 4096),
@@ -295,9 +295,6 @@ def targets(rows: Sequence[Dict], svd_rows: Sequence[Dict]) -> List[str]:
 
 def plot(rows: Sequence[Dict], svd_rows: Sequence[Dict], path: str, title: str) -> None:
     """Per scope, each provider's median time with its bandwidth floor; LoRSum vs SVD times."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     scopes = list(dict.fromkeys(r["scope"] for r in rows))
@@ -331,9 +328,9 @@ def plot(rows: Sequence[Dict], svd_rows: Sequence[Dict], path: str, title: str) 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="oplora-bench --suite gpu", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="oplora-bench --suite kernels", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--suite", default="gpu", help="the suite (this one: gpu)")
+    p.add_argument("--suite", default="kernels", help="the suite (this one: kernels)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="default: cuda when a GPU is visible, else cpu (only with --smoke and TRITON_INTERPRET=1)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, 1 block: seconds (CPU interpreter or GPU)")
@@ -350,13 +347,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-lorsum", action="store_true", help="skip LoRSum vs SVD")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.path.join("bench", "results"), help="output folder (default bench/results)")
-    p.add_argument("--no-plot", action="store_true", help="skip the PNG (needs matplotlib otherwise)")
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG (skipped anyway, with a message, without matplotlib)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Command-line entry point (``oplora-bench --suite gpu``); returns the exit status 0.
+    """Command-line entry point (``oplora-bench --suite kernels``); returns the exit status 0.
 
     Raises ``SystemExit`` with the reason when it cannot run: unknown ``--scopes``, no GPU for a
     full run, the Triton backend unavailable, CPU tensors without ``TRITON_INTERPRET=1`` or CUDA
@@ -373,24 +370,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     known = [*shapes.values(), "model"]
     chosen = known if args.scopes is None else [s.strip() for s in args.scopes.split(",") if s.strip()]
     if not chosen or any(s not in known for s in chosen):
-        raise SystemExit(f"oplora-bench --suite gpu: --scopes {args.scopes!r}: choose from {', '.join(known)}")
+        raise SystemExit(f"oplora-bench --suite kernels: --scopes {args.scopes!r}: choose from {', '.join(known)}")
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("oplora-bench --suite gpu: --device cuda but torch sees no CUDA GPU")
+        raise SystemExit("oplora-bench --suite kernels: --device cuda but torch sees no CUDA GPU")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if _backend._OPS["triton"] is None:
-        raise SystemExit(f"oplora-bench --suite gpu: the Triton backend is unavailable: {_backend._REASONS['triton']}")
+        raise SystemExit(f"oplora-bench --suite kernels: the Triton backend is unavailable: {_backend._REASONS['triton']}")
     if device.type == "cpu" and not (args.smoke and triton_row_pass.interpreting()):
-        raise SystemExit("oplora-bench --suite gpu measures on a CUDA GPU; on a CPU only --smoke runs, through the "
-                         "Triton interpreter: TRITON_INTERPRET=1 oplora-bench --suite gpu --smoke")
+        raise SystemExit("oplora-bench --suite kernels measures on a CUDA GPU; on a CPU only --smoke runs, through the "
+                         "Triton interpreter: TRITON_INTERPRET=1 oplora-bench --suite kernels --smoke")
     if device.type == "cuda" and triton_row_pass.interpreting():
-        raise SystemExit("oplora-bench --suite gpu: TRITON_INTERPRET=1 is set; unset it to measure the compiled "
+        raise SystemExit("oplora-bench --suite kernels: TRITON_INTERPRET=1 is set; unset it to measure the compiled "
                          "kernels on the GPU")
-    if not args.no_plot:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise SystemExit("oplora-bench: the plot needs matplotlib: pip install 'oplora[bench]' (or pass --no-plot)"
-                             ) from None
     blocks = args.blocks or (1 if args.smoke else 32)
     r = args.rank or (4 if args.smoke else 16)
     tokens = args.tokens or (48 if args.smoke else 4096)
@@ -399,7 +390,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 2)
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
     info = machine_info(device)
-    command = " ".join(["oplora-bench", *([] if "--suite" in argv else ["--suite", "gpu"]), *argv])
+    command = " ".join(["oplora-bench", *([] if "--suite" in argv else ["--suite", "kernels"]), *argv])
     print(f"oplora-bench gpu on {info['device_name']} ({device.type}), torch {info['torch']}, triton {info['triton']}; "
           f"backend for {device.type}: {oplora.backend_info()['selected'][device.type]}", flush=True)
 
@@ -430,25 +421,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print("\n".join(summary))
 
     stem = os.path.join(args.out, f"kernels_{device.type}{'_smoke' if args.smoke else ''}")
-    write_csv(stem + ".csv", csv_rows)
-    written = [stem + ".csv"]
-    with open(stem + ".md", "w") as f:
-        f.write(f"# Fused Triton step vs torch path vs AdamW ({device.type})\n\n"
+    markdown = (f"# Fused Triton step vs torch path vs AdamW ({device.type})\n\n"
                 f"- command: `{command}`\n- machine: {info['device_name']}; measured copy bandwidth "
                 f"{bandwidth / 1e9:.1f} GB/s\n"
                 f"- torch {info['torch']}, triton {info['triton']}, Python {info['python']}, oplora {info['oplora']}, "
                 f"float32 matmul precision {info['float32_matmul_precision']}\n- date: {info['date']}\n"
                 f"- workload: {blocks} blocks x {len(block)} LoRA layers, r {r}, {tokens} tokens, {args.dtype}; "
                 f"row pass blocks {args.block_t} x {args.block_c}; medians of {repeats} calls after "
-                f"{warmup} warm-up\n\n## SPEC section 4 ratios\n\n")
-        f.write("\n".join(f"- {line}" for line in summary) + "\n\n## Kernels\n\n")
-        f.write(kernel_table(rows, markdown=True) + "\n")
-        if svd_rows:
-            f.write("\n## LoRSum vs SVD\n\n" + lorsum_bench.table(svd_rows, markdown=True) + "\n")
-    written.append(stem + ".md")
-    if not args.no_plot:
-        plot(rows, svd_rows, stem + ".png", f"oplora kernels on {info['device_name']}, torch {info['torch']}, "
-                                            f"triton {info['triton']}, {info['date']}")
-        written.append(stem + ".png")
-    print("wrote " + ", ".join(written))
+                f"{warmup} warm-up\n\n## SPEC section 4 ratios\n\n"
+                + "\n".join(f"- {line}" for line in summary) + "\n\n## Kernels\n\n"
+                + kernel_table(rows, markdown=True) + "\n")
+    if svd_rows:
+        markdown += "\n## LoRSum vs SVD\n\n" + lorsum_bench.table(svd_rows, markdown=True) + "\n"
+    title = f"oplora kernels on {info['device_name']}, torch {info['torch']}, triton {info['triton']}, {info['date']}"
+    write_results(stem, csv_rows, markdown, None if args.no_plot else lambda path: plot(rows, svd_rows, path, title))
     return 0

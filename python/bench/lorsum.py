@@ -34,7 +34,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 import oplora
-from ._common import format_table, machine_info, measure, write_csv
+from ._common import format_table, machine_info, measure, write_results
 
 MOMENTUM = 0.9
 
@@ -220,9 +220,6 @@ def table(rows: Sequence[Dict[str, object]], markdown: bool = False) -> str:
 def plot(rows: Sequence[Dict[str, object]], path: str, title: str) -> None:
     """Log-log time vs layer size per provider (square layers at the most common r and tokens),
     with LoRSum's speedup over the full SVD annotated, and the accuracy of every provider."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     # Left panel: square layers if the grid has any (else every case, at size sqrt(m n)), at the
@@ -290,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--oversample", type=int, default=8, help="svd_lowrank q = r + oversample (default 8)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.path.join("bench", "results"), help="output folder (default bench/results)")
-    p.add_argument("--no-plot", action="store_true", help="skip the PNG (needs matplotlib otherwise)")
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG (skipped anyway, with a message, without matplotlib)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -304,11 +301,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    if not args.no_plot:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise SystemExit("oplora-bench: the plot needs matplotlib: pip install 'oplora[bench]' (or pass --no-plot)")
     cases = args.case or (SMOKE_GRID if args.smoke else (CUDA_GRID if device.type == "cuda" else CPU_GRID))
     repeats = args.repeats or (2 if args.smoke else 5)
     info = machine_info(device)
@@ -323,22 +315,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(table(rows))
 
     stem = os.path.join(args.out, f"lorsum_{device.type}{'_smoke' if args.smoke else ''}")
-    write_csv(stem + ".csv", rows)
-    written = [stem + ".csv"]
-    with open(stem + ".md", "w") as f:
-        f.write(f"# LoRSum vs SVD ({device.type})\n\n"
+    markdown = (f"# LoRSum vs SVD ({device.type})\n\n"
                 f"- command: `{command}`\n- machine: {info['device_name']}, {info['cpu_threads']} CPU threads\n"
                 f"- torch {info['torch']}, triton {info['triton']}, Python {info['python']}, oplora {info['oplora']}, "
                 f"float32 matmul precision {info['float32_matmul_precision']}\n"
                 f"- date: {info['date']}\n- step: ||lr step|| = {args.step_ratio} ||B0 A0||, momentum {MOMENTUM}, "
                 f"prox {args.prox}; times are medians of >= {repeats} calls (>= 3 where they add up past 15 s; "
                 f"the CSV has the count) after {args.warmup} warm-up; "
-                "SVD times exclude forming T (the `form T` row)\n\n")
-        f.write(table(rows, markdown=True) + "\n")
-    written.append(stem + ".md")
-    if not args.no_plot:
-        plot(rows, stem + ".png", f"LoRSum vs SVD on {info['device_name']} ({info['cpu_threads']} threads), "
-                                  f"torch {info['torch']}, {info['date']}")
-        written.append(stem + ".png")
-    print("wrote " + ", ".join(written))
+                "SVD times exclude forming T (the `form T` row)\n\n" + table(rows, markdown=True) + "\n")
+    title = (f"LoRSum vs SVD on {info['device_name']} ({info['cpu_threads']} threads), "
+             f"torch {info['torch']}, {info['date']}")
+    write_results(stem, rows, markdown, None if args.no_plot else lambda path: plot(rows, path, title))
     return 0

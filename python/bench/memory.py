@@ -45,7 +45,7 @@ from torch import nn
 
 import oplora
 
-from ._common import format_table, machine_info, write_csv
+from ._common import format_table, machine_info, write_results
 
 __all__ = ["MemoryTrace", "Phase", "LoRABench", "measure", "main", "OPTIMIZERS"]
 
@@ -312,9 +312,6 @@ def table(rows: Sequence[Dict[str, object]], markdown: bool = False) -> str:
 
 
 def plot(rows: Sequence[Dict[str, object]], path: str, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     keys = [("lora_param_bytes", "LoRA params"), ("state_bytes", "optimizer state"),
@@ -352,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also run this many steps and report live-byte growth from step 10 (0: skip)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
     p.add_argument("--out", default=os.path.join("bench", "results"), help="output folder (default bench/results)")
-    p.add_argument("--no-plot", action="store_true", help="skip the PNG (needs matplotlib otherwise)")
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG (skipped anyway, with a message, without matplotlib)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     return p
 
@@ -394,24 +391,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not args.quiet:
         print(table(rows))
     stem = os.path.join(args.out, f"memory_{device.type}{'_smoke' if args.smoke else ''}")
-    write_csv(stem + ".csv", rows)
     measure_how = ("torch.cuda.memory_allocated / max_memory_allocated" if device.type == "cuda" else
                    "torch.profiler memory events of c10's CPU allocator (bytes of live tensor storages)")
-    with open(stem + ".md", "w") as f:
-        f.write(f"# Optimizer memory ({device.type})\n\n"
+    markdown = (f"# Optimizer memory ({device.type})\n\n"
                 f"- command: `{command}`\n- machine: {info['device_name']}, {info['cpu_threads']} CPU threads\n"
                 f"- torch {info['torch']}, Python {info['python']}, oplora {info['oplora']}; date: {info['date']}\n"
                 f"- model: {size.label()} ({len(LoRABench.TARGETS)} LoRA layers per block: "
                 f"{', '.join(LoRABench.TARGETS)}), float32; step {args.steps} measured\n"
                 f"- live bytes from {measure_how}\n"
                 "- capture overhead = held after backward minus AdamW's (AdamW holds the factor gradients "
-                "only); one copy of X, D = sum over LoRA layers of T (n + m) elements\n\n")
-        f.write(table(rows, markdown=True) + "\n")
-    written = [stem + ".csv", stem + ".md"]
-    if not args.no_plot:
-        plot(rows, stem + ".png", f"optimizer memory, {size.label()}, on {info['device_name']} "
-                                  f"({device.type}), torch {info['torch']}, {info['date']}")
-        written.append(stem + ".png")
-    if not args.quiet:
-        print("wrote " + ", ".join(written))
+                "only); one copy of X, D = sum over LoRA layers of T (n + m) elements\n\n"
+                + table(rows, markdown=True) + "\n")
+    title = (f"optimizer memory, {size.label()}, on {info['device_name']} ({device.type}), "
+             f"torch {info['torch']}, {info['date']}")
+    write_results(stem, rows, markdown, None if args.no_plot else lambda path: plot(rows, path, title),
+                  quiet=args.quiet)
     return 0

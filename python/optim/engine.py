@@ -31,9 +31,8 @@ kinds, schedule (:func:`_signature`) -- form a *group* whose iterates are stacke
 every r-sized op, ``thin_qr`` and ``prox_solve`` then runs once per group, and a model-wide step
 costs the same number of launches whatever its number of layers (the transformer blocks of a
 model share a handful of shapes). Only ``row_pass`` still sees one job per layer -- its rows are
-separate tensors -- and takes them all in one grouped call. ``Ops.group_layers`` says whether a
-backend wants this (``oplora._backend``); without it each layer is a group of one, which is the
-same code on stacks of one.
+separate tensors -- and takes them all in one grouped call. A layer whose signature no other
+layer shares is a group of one: the same code on stacks of one (views, no copies).
 
 Every product that crosses a pass boundary (``row_pass`` results) can be reduced by a hook
 before it is used, which is how data-parallel training keeps replicas in lockstep.
@@ -268,15 +267,15 @@ def _target(run: _Run, half: _Half, product: Tensor, dtype: torch.dtype) -> Tupl
 
 
 def _groups(layers: Sequence[Layer], ops) -> Tuple[List[_Group], List[Tuple[int, int]]]:
-    """The groups of ``layers`` (one per layer unless ``ops.group_layers``) and where each layer
-    went: ``(group, index in group)``."""
+    """The groups of ``layers`` (by :func:`_signature`) and where each layer went:
+    ``(group, index in group)``."""
     members: Dict[Hashable, List[int]] = {}
     dtypes = []
     for i, layer in enumerate(layers):
         factors = [t for p in layer.problems for t in p.init]
         dtype = compute_dtype(*factors, *layer.xs, *layer.gs)
         dtypes.append(dtype)
-        key = _signature(layer, dtype) if ops.group_layers else i
+        key = _signature(layer, dtype)
         members.setdefault(key, []).append(i)
     groups, where = [], [(0, 0)] * len(layers)
     for index in members.values():
