@@ -1,4 +1,4 @@
-"""``oplora.lorsum``: the public LoRSum entry point (validation, then the backend's kernel)."""
+"""``oplora.lorsum``: the public LoRSum entry point (validation, then the reference, ``oplora.reference.lorsum``)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from . import reference
+from ._checks import first_nonfinite
 
 __all__ = ["lorsum"]
 
@@ -32,29 +33,6 @@ def _check_2d(t, name: str, shape_hint: str) -> Tensor:
     if t.dim() != 2:
         raise ValueError(f"{name} must be 2-D ({shape_hint}), got shape {tuple(t.shape)}")
     return t
-
-
-def first_nonfinite(tensors: Sequence[Tensor]) -> Optional[int]:
-    """Index of the first tensor holding a NaN or Inf, or None when all are finite.
-
-    Fast path: the 1-norms of all tensors of one device and dtype by one ``torch._foreach_norm``
-    (a NaN or Inf anywhere makes a norm non-finite), one host sync per device; only when a norm
-    is not finite (a bad value, or an overflowing sum of huge values) are the tensors checked
-    element by element. Shared by ``lorsum`` and the optimizers.
-    """
-    groups: dict = {}
-    for t in tensors:
-        groups.setdefault(t.device, {}).setdefault(t.dtype, []).append(t)
-    fine = True
-    for by_dtype in groups.values():
-        verdicts = [torch.stack(torch._foreach_norm(ts, 1)).isfinite().all() for ts in by_dtype.values()]
-        fine = fine and bool(torch.stack(verdicts).all())
-    if fine:
-        return None
-    for index, t in enumerate(tensors):
-        if not bool(torch.isfinite(t).all()):
-            return index
-    return None
 
 
 def _check_finite(named: Sequence[Tuple[str, Tensor]]) -> None:

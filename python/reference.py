@@ -19,7 +19,8 @@ factor ``M = L L^T`` of a dense one). Their normal equations are SPEC's
 ``(B^T M_out B + lam I) A = lam A0 + B^T M_out T`` and
 ``B (A M_in A^T + lam I) = lam B0 + T M_in A^T``. The B-half-step is the A-half-step of the
 transposed problem (``T^T = sum c_i V_i^T U_i^T``), so both go through one function,
-``_half_step``.
+``_half_step``, whose stages (:func:`thin_qr`, :func:`half_rhs`, :func:`prox_solve`) are also
+the optimizer step engine's: there is one implementation of a half-step.
 
 How a half-step is solved, and why
     Forming ``B^T M B`` squares the condition number of the factor: in float32 at cond 1e4 the
@@ -67,7 +68,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-__all__ = ["lorsum", "compute_dtype", "row_pass", "thin_qr", "prox_solve", "Metric"]
+__all__ = ["lorsum", "compute_dtype", "row_pass", "thin_qr", "prox_solve", "half_operators", "half_rhs", "Metric"]
 
 
 def compute_dtype(*tensors: Optional[Tensor]) -> torch.dtype:
@@ -188,42 +189,68 @@ def row_pass(
     return px, pd, sx, sg
 
 
+def half_operators(metric: Metric, qmat: Tensor, preconditioned: bool) -> Tuple[Tensor, Optional[Tensor]]:
+    """The left operators of a half-step whose weighted fixed factor is ``W F = Q R``:
+    ``W^T Q`` for plain terms and, when any term is ``preconditioned``, ``W^-1 Q = M^-1 W^T Q``
+    (float64, p x k, or stacks)."""
+    return metric.weight_t(qmat), metric.unweight(qmat) if preconditioned else None
+
+
+def half_rhs(
+    q_plain: Tensor,
+    q_prec: Optional[Tensor],
+    terms: Sequence[Tuple[Tensor, Tensor, float, bool]],
+    metric_q: Metric,
+    dtype: torch.dtype,
+    known: Tuple[Optional[Tensor], Optional[Tensor]] = (None, None),
+) -> Tensor:
+    """The right-hand side ``Y = Q^T W T`` of a half-step (float64, k x q, or stacks), with
+    ``T = sum_i c_i L_i R_i`` over ``terms`` ``(L_i p x k_i, R_i k_i x q, c_i, precondition_i)``
+    in the compute ``dtype``; a preconditioned term is ``M_p^-1 L_i R_i M_q^-1``.
+
+    ``known``: float64 parts of ``(Y_plain, Y_prec)`` computed elsewhere -- the optimizer step's
+    data term, whose product with the rows comes from ``row_pass``. Each term's small factor
+    ``Q'^T L_i`` (k x k_i) is scaled by ``c_i`` in float64 before the product with ``R_i``, so
+    that a term of huge entries with a tiny coefficient does not overflow the compute dtype; the
+    sums are float64.
+    """
+    y_plain, y_prec = known
+    for left, right, c, pre in terms:
+        if c == 0.0:
+            continue
+        small = (q_prec if pre else q_plain).to(dtype).mT @ left  # k x k_i
+        term = ((small.double() * c).to(dtype) @ right).double()
+        if pre:
+            y_prec = term if y_prec is None else y_prec + term
+        else:
+            y_plain = term if y_plain is None else y_plain + term
+    if y_prec is None:
+        return y_plain if y_plain is not None else q_plain.new_zeros(*q_plain.shape[:-2], q_plain.shape[-1],
+                                                                     terms[0][1].shape[-1])
+    y_prec = metric_q.solve_right(y_prec)
+    return y_prec if y_plain is None else y_plain + y_prec
+
+
 def _half_step(
     f: Tensor,
     x0: Tensor,
-    lefts: Sequence[Tensor],
-    rights: Sequence[Tensor],
-    coeffs: Sequence[float],
-    precondition: Sequence[bool],
+    terms: Sequence[Tuple[Tensor, Tensor, float, bool]],
     metric_p: Metric,
     metric_q: Metric,
     lam: float,
 ) -> Tensor:
-    """``argmin_X ||W_p (F X - T)||^2 + lam ||X - X0||^2`` with ``T = sum c_i L_i' R_i'``.
+    """``argmin_X ||W_p (F X - T)||^2 + lam ||X - X0||^2`` with ``T`` the sum of ``terms`` (see
+    :func:`half_rhs`). ``F`` p x r and ``X0`` r x q are float64; the terms are in the compute
+    dtype, the only operands the big products touch. Returns X (r x q, float64).
 
-    ``F`` p x r and ``X0`` r x q are float64; ``L_i`` p x k_i and ``R_i`` k_i x q are in the
-    compute dtype, the only operands the big products touch. A preconditioned term is
-    ``M_p^-1 L_i R_i M_q^-1``. Returns X (r x q, float64).
+    The optimizer step engine (``oplora.optim.engine``) runs the same three stages --
+    :func:`thin_qr` of the weighted factor, :func:`half_rhs`, :func:`prox_solve` -- with the
+    products of the captured rows from ``row_pass`` in between.
     """
-    dtype = lefts[0].dtype
-    p, q = f.shape[0], x0.shape[1]
     qmat, r_mat = thin_qr(metric_p.weight(f))
-    k = qmat.shape[1]
-    q_plain = metric_p.weight_t(qmat).to(dtype)
-    q_prec = metric_p.unweight(qmat).to(dtype) if any(precondition) else None
-    y_plain = lefts[0].new_zeros(k, q)
-    y_prec = lefts[0].new_zeros(k, q) if q_prec is not None else None
-    for left, right, c, pre in zip(lefts, rights, coeffs, precondition):
-        if c == 0.0:
-            continue
-        small = (q_prec if pre else q_plain).mT @ left  # k x k_i
-        # Scale the small factor (in float64) before the product, so that a term of huge
-        # entries with a tiny coefficient does not overflow the compute dtype.
-        (y_prec if pre else y_plain).addmm_((small.double() * c).to(dtype), right)
-    y = y_plain.double()
-    if y_prec is not None:
-        y = y + metric_q.solve_right(y_prec.double())
-    return prox_solve(r_mat, y, x0, lam, p)
+    q_plain, q_prec = half_operators(metric_p, qmat, any(t[3] for t in terms))
+    y = half_rhs(q_plain, q_prec, terms, metric_q, terms[0][0].dtype)
+    return prox_solve(r_mat, y, x0, lam, f.shape[0])
 
 
 def lorsum(
@@ -253,15 +280,15 @@ def lorsum(
     m_out, m_in = Metric(metric[0]), Metric(metric[1])
     us = [u.to(dtype) for u, _ in terms]
     vs = [v.to(dtype) for _, v in terms]
+    a_terms = list(zip(us, vs, coeffs, precondition))
+    b_terms = list(zip([v.mT for v in vs], [u.mT for u in us], coeffs, precondition))
     b0_64, a0_64 = b0.double(), a0.double()
 
     def a_step(b: Tensor) -> Tensor:
-        return _half_step(b, a0_64, us, vs, coeffs, precondition, m_out, m_in, lam)
+        return _half_step(b, a0_64, a_terms, m_out, m_in, lam)
 
     def b_step(a: Tensor) -> Tensor:
-        vts = [v.mT for v in vs]
-        uts = [u.mT for u in us]
-        return _half_step(a.mT, b0_64.mT, vts, uts, coeffs, precondition, m_in, m_out, lam).mT
+        return _half_step(a.mT, b0_64.mT, b_terms, m_in, m_out, lam).mT
 
     if iters == 0:
         a, b = a_step(b0_64), b_step(a0_64)

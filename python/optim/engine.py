@@ -18,10 +18,11 @@ layer's rows once for all of them through the backend's grouped ``row_pass``
   gathers them with the momentum's first half-step and the step runs one pass behind.
 
 Between passes the backend's ``thin_qr`` factors the weighted fixed factor and ``prox_solve``
-solves the r x r proximal least-squares problem. The math is ``oplora.reference.lorsum``'s,
-half-step for half-step (same QR-based, rank-deficient-safe solve, same precision policy:
-products in float32, float64 when anything is float64, the thin work in float64); only the
-order of the floating-point sums differs.
+solves the r x r proximal least-squares problem. A half-step is ``oplora.reference``'s own:
+the engine calls its stages (``half_operators``, ``half_rhs``) and the backend's versions of
+``thin_qr`` and ``prox_solve``, with the product of the rows from ``row_pass`` in between (same
+precision policy: products in float32, float64 when anything is float64, the thin work in
+float64); only the order of the floating-point sums in the row products differs.
 
 Groups: the r-sized work between passes is a dozen small tensor ops per half-step (weighting by
 the metric, the thin terms' products, the right-hand sides). Done layer by layer that is
@@ -41,11 +42,13 @@ before it is used, which is how data-parallel training keeps replicas in lockste
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Hashable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
+from .. import reference
+from .._checks import group_by
 from ..reference import Metric, compute_dtype
 
 __all__ = ["STATS", "Problem", "Layer", "StatsRule", "solve", "stack_layers"]
@@ -232,51 +235,32 @@ def _weighted_factor(run: _Run, side: str) -> Tensor:
 
 def _half(run: _Run, side: str, qmat: Tensor, r_mat: Tensor, dtype: torch.dtype) -> _Half:
     metric = run.m_out if side == "A" else run.m_in
-    q_plain = metric.weight_t(qmat)
-    q_prec = metric.unweight(qmat) if run.needs_prec else None
+    q_plain, q_prec = reference.half_operators(metric, qmat, run.needs_prec)
     rhs = (q_prec if run.problem.data_precondition else q_plain).to(dtype)
     return _Half(side, r_mat, q_plain, q_prec, rhs)
 
 
 def _target(run: _Run, half: _Half, product: Tensor, dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor, float, int]:
     """The half-step's proximal least-squares problems ``(R, Y, X0, lam, p)`` (stacks) from
-    ``product`` (``G^T rhs`` for A, ``G rhs`` for B; b x q x k): ``Y = Q^T W T`` through the thin
-    terms."""
-    p = half.q_plain.shape[-2]
+    ``product`` (``G^T rhs`` for A, ``G rhs`` for B; b x q x k): ``Y`` by the reference's
+    :func:`~oplora.reference.half_rhs`, the data term's part being the product."""
     if half.side == "A":
         metric_q, x0 = run.m_in, run.a0
+        terms = run.thin
     else:
         metric_q, x0 = run.m_out, run.b0.mT
-    y_plain = product.double().mT * run.problem.data_coeff
-    y_prec = None
-    if run.problem.data_precondition:
-        y_plain, y_prec = torch.zeros_like(y_plain), y_plain
-    for u, v, c, pre in run.thin:
-        if c == 0.0:
-            continue
-        left, right = (u, v) if half.side == "A" else (v.mT, u.mT)
-        small = (half.q_prec if pre else half.q_plain).to(dtype).mT @ left  # b x k x k_i
-        # Scale the small factor (in float64) first, as the reference does, against overflow.
-        term = ((small.double() * c).to(dtype) @ right).double()
-        if pre:
-            y_prec = term if y_prec is None else y_prec + term
-        else:
-            y_plain = y_plain + term
-    y = y_plain if y_prec is None else y_plain + metric_q.solve_right(y_prec)
-    return half.r_mat, y, x0, run.problem.lam, p
+        terms = [(v.mT, u.mT, c, pre) for u, v, c, pre in run.thin]
+    data = product.double().mT * run.problem.data_coeff
+    known = (None, data) if run.problem.data_precondition else (data, None)
+    y = reference.half_rhs(half.q_plain, half.q_prec, terms, metric_q, dtype, known)
+    return half.r_mat, y, x0, run.problem.lam, half.q_plain.shape[-2]
 
 
 def _groups(layers: Sequence[Layer], ops) -> Tuple[List[_Group], List[Tuple[int, int]]]:
     """The groups of ``layers`` (by :func:`_signature`) and where each layer went:
     ``(group, index in group)``."""
-    members: Dict[Hashable, List[int]] = {}
-    dtypes = []
-    for i, layer in enumerate(layers):
-        factors = [t for p in layer.problems for t in p.init]
-        dtype = compute_dtype(*factors, *layer.xs, *layer.gs)
-        dtypes.append(dtype)
-        key = _signature(layer, dtype)
-        members.setdefault(key, []).append(i)
+    dtypes = [compute_dtype(*(t for p in layer.problems for t in p.init), *layer.xs, *layer.gs) for layer in layers]
+    members = group_by(range(len(layers)), lambda i: _signature(layers[i], dtypes[i]))
     groups, where = [], [(0, 0)] * len(layers)
     for index in members.values():
         for pos, i in enumerate(index):
