@@ -56,3 +56,13 @@ def test_linear_task_quick_run_writes_results(tmp_path):
     best = {name: min(v for (n, _), v in finals.items() if n == name) for name in ("OPLoRA", "SGD")}
     assert math.isfinite(best["SGD"]) and best["OPLoRA"] < 0.2 * best["SGD"], best
     assert "| OPLoRA |" in (out / "linear_task.md").read_text()
+
+
+def test_quickstart_runs_and_its_loss_falls():
+    import subprocess
+
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "quickstart.py")], capture_output=True,
+                         text=True, check=True).stdout
+    losses = [float(line.split()[-1]) for line in out.splitlines() if line.startswith("step")]
+    assert len(losses) == 5 and all(b < a for a, b in zip(losses, losses[1:])), out
+    assert losses[-1] < 0.05 * losses[0] and losses[-1] < 0.5, out
