@@ -1,20 +1,22 @@
-"""GPU kernels of the oplora step engine: kernels and launchers only.
+"""GPU kernels of the oplora step engine: Triton kernels and their launchers only.
 
 No autograd, no device probing and no work at import time: the Triton kernels compile at their
-first launch, and ``oplora._backend`` (through ``oplora._triton_ops``) decides when they run --
-for CUDA tensors, with ``TRITON_INTERPRET=1`` also for CPU tensors (tests).
+first launch, and ``oplora._backend`` (through ``oplora._triton_ops``, which it imports when a
+CUDA tensor first needs it) decides when they run -- for CUDA tensors, with
+``TRITON_INTERPRET=1`` also for CPU tensors (tests).
 
-Modules, for the ops of ``oplora._backend.Ops`` that need one (each specified by
+Modules, for the ops of ``oplora._ops.Ops`` that need a kernel (each specified by
 ``oplora.reference``):
 
-* ``row_pass`` -- Triton. The only op that reads the captured rows X (T x n) and sD (T x m):
-  every thin product of one pass of the LoRSum half-steps of many layers (the step's and the
-  momentum's right-hand sides side by side), plus the diagonal K-FAC column sums of squares, in
-  one read of the rows, for all layers in a handful of launches.
-* ``thin_qr`` -- batched torch (float64 CholeskyQR2 per shape, Householder fallback).
+* ``row_pass`` -- the only op that reads the captured rows X (T x n) and sD (T x m): every thin
+  product of one pass of the LoRSum half-steps of many layers (the step's and the momentum's
+  right-hand sides side by side), plus the diagonal K-FAC column sums of squares, in one read of
+  the rows, for all layers in a handful of launches.
 
-The r x r proximal solves need no module of their own: ``oplora.reference.prox_solve`` is
-batched (one SVD per stack of same-shaped problems), and the step engine hands it stacks.
+The Triton backend's other ops are plain torch and live in the package: ``thin_qr`` is the
+batched float64 CholeskyQR2 of ``oplora._cholqr``, and the r x r proximal solves are
+``oplora.reference.prox_solve``, batched (one SVD per stack of same-shaped problems), on the
+stacks the step engine hands over.
 
 Design: why this blocking, and what is fast for which sizes
     An OPLoRA step is memory-bound: per pass it must stream X and sD of every layer (2 (m + n) T
@@ -58,7 +60,7 @@ The Triton interpreter (``TRITON_INTERPRET=1``), how the tests run these kernels
       the launcher refuses GPU tensors under the interpreter and CPU tensors without it
       (``ValueError``). Hence the tests: ``python -m pytest`` (conftest sets
       ``TRITON_INTERPRET=1``) runs the kernels on CPU tensors and skips the GPU ones;
-      ``TRITON_INTERPRET=0 python -m pytest -m cuda tests/test_triton_*.py`` on a GPU machine
-      runs the compiled kernels (and skips the interpreter ones).
+      ``TRITON_INTERPRET=0 python -m pytest -m cuda tests/`` on a GPU machine runs the compiled
+      kernels (and skips the interpreter ones).
     * It is slow (Python per program and per slice): tests use small shapes and small blocks.
 """

@@ -1,9 +1,10 @@
 """The C++ CPU backend (``oplora._cpu``, built from ``csrc/``) as step-engine :class:`Ops`.
 
-Importing this module imports the extension; ``oplora._backend`` catches the ``ImportError`` and
-reports why. Tensors reach C++ as zero-copy NumPy views (``tensor.numpy()``); outputs are
-allocated here with torch and written in place by C++. The thread count follows
-``torch.get_num_threads()``, so ``torch.set_num_threads`` governs both backends alike.
+Importing this module imports the extension; ``oplora._backend`` imports it with ``oplora`` (the
+extension is small), catches the ``ImportError`` and reports why. Tensors reach C++ as zero-copy
+NumPy views (``tensor.numpy()``); outputs are allocated here with torch and written in place by
+C++. The thread count follows ``torch.get_num_threads()``, so ``torch.set_num_threads`` governs
+both backends alike.
 
 bf16/fp16 rows are upcast to float32 once per step in :func:`rows` (the policy stated in
 ``oplora._backend``); C++ takes float32 and float64 only.
@@ -21,7 +22,7 @@ import torch
 from torch import Tensor
 
 from . import _cpu  # noqa: F401  (ImportError here: the extension is missing)
-from ._backend import TORCH_OPS, Job, Ops, PassResult  # defined before _backend imports this module
+from ._ops import TORCH_OPS, Job, Ops, PassResult
 
 __all__ = ["OPS", "describe"]
 

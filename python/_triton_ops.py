@@ -1,8 +1,9 @@
-"""The Triton backend's step-engine ops (``oplora._backend.Ops``), from ``oplora_kernels``.
+"""The Triton backend's step-engine ops (``oplora._ops.Ops``), from ``oplora_kernels``.
 
-``oplora._backend._load_triton`` imports this module; an ``ImportError`` here (Triton not
-installed) makes the backend unavailable with that reason. Importing it touches no GPU: the
-kernels compile at their first launch.
+``oplora._backend`` imports this module (and with it Triton) only when a CUDA tensor first needs
+it, or when this backend is asked for by name; an ``ImportError`` here (Triton not installed)
+makes the backend unavailable with that reason. Importing it touches no GPU: the kernels compile
+at their first launch.
 
 * ``row_pass(jobs)``: every float16/bfloat16/float32 job of the call goes through the grouped
   fused kernel (``oplora_kernels.row_pass``: rows read in their own dtype, float32
@@ -14,7 +15,7 @@ kernels compile at their first launch.
   stride; a contiguous copy in the compute dtype otherwise (float64 compute, other dtypes,
   column-strided views). Rows are only read, so a copy loses nothing.
 * ``thin_qr(Zs)``: batched CholeskyQR2 per shape with a Householder fallback
-  (``oplora_kernels.thin_qr``).
+  (``oplora._cholqr``, plain torch).
 * ``prox_solve(problems)``: the batched ``reference.prox_solve`` (one SVD per stack), with the
   stacks of one shape -- the step's and the momentum's half-steps of a group -- concatenated
   into one call.
@@ -32,10 +33,9 @@ import triton
 from torch import Tensor
 
 from oplora_kernels import row_pass as _row_pass
-from oplora_kernels import thin_qr as _thin_qr
 
-from . import reference
-from ._backend import Ops, SmallProblem  # defined before _backend imports this module
+from . import _cholqr, reference
+from ._ops import Job, Ops, PassResult, SmallProblem
 
 __all__ = ["OPS", "describe", "rows", "row_pass", "prox_solve"]
 
@@ -48,9 +48,11 @@ def rows(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t.to(dtype).contiguous()
 
 
-def row_pass(jobs: Sequence) -> List:
+def row_pass(jobs: Sequence[Job], **launch) -> List[PassResult]:
     """``reference.row_pass(*job)`` for every job ``(xs, gs, qd, qx, stats)``: the float64 ones
-    by the reference, all others in one grouped kernel call (see the module docstring)."""
+    by the reference, all others in one grouped kernel call (see the module docstring).
+    ``launch``: options of ``oplora_kernels.row_pass.row_pass`` (``block_t``, ``block_c``,
+    ``precision``); the step engine passes none."""
     results: List = [None] * len(jobs)
     fast, fast_index = [], []
     for i, job in enumerate(jobs):
@@ -60,7 +62,7 @@ def row_pass(jobs: Sequence) -> List:
         else:
             fast.append(job)
             fast_index.append(i)
-    for i, res in zip(fast_index, _row_pass.row_pass(fast)):
+    for i, res in zip(fast_index, _row_pass.row_pass(fast, **launch)):
         results[i] = res
     return results
 
@@ -98,4 +100,4 @@ def describe() -> str:
     return base
 
 
-OPS = Ops(name="triton", rows=rows, row_pass=row_pass, thin_qr=_thin_qr.thin_qr, prox_solve=prox_solve)
+OPS = Ops(name="triton", rows=rows, row_pass=row_pass, thin_qr=_cholqr.thin_qr, prox_solve=prox_solve)

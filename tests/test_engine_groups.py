@@ -81,10 +81,7 @@ def lora_factors(model):
 
 
 def backends():
-    out = [("torch", _backend.TORCH_OPS)]
-    if _backend._OPS["cpp"] is not None:
-        out.append(("cpp", _backend._OPS["cpp"]))
-    return out
+    return [(name, _backend.load(name)) for name in ("torch", "cpp") if _backend.load(name) is not None]
 
 
 @pytest.mark.parametrize("backend", [name for name, _ in backends()])
@@ -112,7 +109,7 @@ def test_groups_follow_the_signature():
 
     diag = (torch.ones(6, dtype=torch.float64), None)
     layers = [layer(6, 5), layer(6, 5), layer(7, 5), layer(6, 5, coeff=2.0), layer(6, 5, metric=diag), layer(6, 5)]
-    groups, where = engine._groups(layers, _backend.TORCH_OPS)
+    groups, where = engine._groups(layers, _backend.load("torch"))
     assert [len(g.layers) for g in groups] == [3, 1, 1, 1]
     assert where == [(0, 0), (0, 1), (1, 0), (2, 0), (3, 0), (0, 2)]
 
@@ -134,7 +131,7 @@ def test_state_tensors_are_updated_in_place_and_own_their_memory(monkeypatch):
                     assert value.untyped_storage().nbytes() == value.nbytes, key
                     assert seen[(id(state), key)] is value, key
 
-    train("scaled", _backend.TORCH_OPS, torch.float32, monkeypatch, on_step=check)
+    train("scaled", _backend.load("torch"), torch.float32, monkeypatch, on_step=check)
     assert seen
 
 

@@ -44,7 +44,8 @@ def _build_wheel(tmp_path, env):
 
 def test_wheel_contains_both_packages_the_extension_and_the_console_script(tmp_path):
     names, wheel, _ = _build_wheel(tmp_path, env={**os.environ, "OPLORA_REQUIRE_EXT": "1"})
-    for module in ("oplora/__init__.py", "oplora/reference.py", "oplora/_backend.py", "oplora/_cpu_ops.py",
+    for module in ("oplora/__init__.py", "oplora/reference.py", "oplora/_backend.py", "oplora/_ops.py",
+                   "oplora/_cholqr.py", "oplora/_cpu_ops.py",
                    "oplora/lorsum.py", "oplora/capture.py", "oplora/layers.py", "oplora/optim/__init__.py",
                    "oplora/optim/functional.py", "oplora/optim/engine.py", "oplora/bench/__init__.py",
                    "oplora/bench/__main__.py", "oplora/bench/lorsum.py", "oplora_kernels/__init__.py"):

@@ -91,10 +91,10 @@ def run(cases: Sequence[Case], thread_counts: Sequence[int], *, repeats: int, wa
         seed: int, progress: bool) -> List[Dict[str, object]]:
     from tqdm.auto import tqdm
 
-    cpp = _backend._OPS["cpp"]
+    cpp = _backend.load("cpp")
     if cpp is None:
-        raise SystemExit(f"oplora-bench --suite cpu: the C++ backend is unavailable: {_backend._REASONS['cpp']}")
-    ops = {"cpp": cpp, "torch": _backend.TORCH_OPS}
+        raise SystemExit(f"oplora-bench --suite cpu: the C++ backend is unavailable: {_backend.reason('cpp')}")
+    ops = {"cpp": cpp, "torch": _backend.load("torch")}
     rows: List[Dict[str, object]] = []
     total = len(cases) * len(thread_counts) * len(PROVIDERS)
     bar = tqdm(total=total, disable=not progress, desc="cpu step", unit="run", file=sys.stderr)

@@ -192,7 +192,7 @@ def providers(layers: Sequence[LoRALayer], r: int, block_t: int, block_c: int
     that only one provider's extra memory (the torch path's float32 rows) is alive at once."""
     from oplora_kernels import row_pass as triton_row_pass
 
-    triton_ops, torch_ops = _backend._OPS["triton"], _backend.TORCH_OPS
+    triton_ops, torch_ops = _backend.load("triton"), _backend.load("torch")
 
     def row_pass_triton():
         jobs = row_pass_jobs(layers, r, triton_ops)
@@ -222,7 +222,7 @@ def run_scope(scope: str, layers: List[LoRALayer], r: int, tokens: int, bandwidt
               repeats: int, warmup: int, block_t: int, block_c: int, log: Callable[[str], None]) -> List[Dict]:
     """Time every provider on one scope; one row each. A provider that runs out of GPU memory
     gets a row with NaN times and the note ``out of memory``."""
-    warm_states(layers, r, _backend._OPS["triton"])
+    warm_states(layers, r, _backend.load("triton"))
     rows = []
     for name, setup in providers(layers, r, block_t, block_c).items():
         log(f"  {scope}: {name}")
@@ -374,8 +374,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("oplora-bench --suite kernels: --device cuda but torch sees no CUDA GPU")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if _backend._OPS["triton"] is None:
-        raise SystemExit(f"oplora-bench --suite kernels: the Triton backend is unavailable: {_backend._REASONS['triton']}")
+    if _backend.load("triton") is None:
+        raise SystemExit(f"oplora-bench --suite kernels: the Triton backend is unavailable: {_backend.reason('triton')}")
     if device.type == "cpu" and not (args.smoke and triton_row_pass.interpreting()):
         raise SystemExit("oplora-bench --suite kernels measures on a CUDA GPU; on a CPU only --smoke runs, through the "
                          "Triton interpreter: TRITON_INTERPRET=1 oplora-bench --suite kernels --smoke")

@@ -1,13 +1,15 @@
 """Grouped thin QR of many tall-skinny float64 matrices: batched CholeskyQR2, Householder fallback.
+The ``thin_qr`` of the Triton backend (``oplora._triton_ops``).
 
 The step engine factors, every pass, the weighted fixed factor ``Z = W F`` (p x r, float64) of
 every half-step of every layer -- hundreds of small QRs per pass on a 7B model. LAPACK/cuSOLVER
 Householder QR (``torch.linalg.qr``) runs them one launch sequence per matrix. Here the matrices
 of one shape are stacked and factored together by CholeskyQR2, all in float64 batched torch ops
 (a batched Gram, ``cholesky_ex``, a triangular solve, twice): a few launches per shape, whatever
-the number of layers. This is plain torch, not Triton: at r <= 128 the work is a batched GEMM and
-r x r factorizations that cuBLAS/cuSOLVER already do well in float64, and the engine hands the
-matrices over in float64 (see ``oplora.reference``'s precision policy).
+the number of layers. This is plain torch, not Triton (it runs, and is tested, on any device
+without Triton): at r <= 128 the work is a batched GEMM and r x r factorizations that
+cuBLAS/cuSOLVER already do well in float64, and the engine hands the matrices over in float64
+(see ``oplora.reference``'s precision policy).
 
 CholeskyQR2 (Fukaya, Nakatsukasa, Yanagisawa, Yamamoto 2014)::
 
