@@ -35,14 +35,53 @@ from __future__ import annotations
 import sys
 import weakref
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from .layers import LoRALinear
 
-__all__ = ["LoRASite", "Unsupported", "find_lora_sites", "Capture"]
+__all__ = ["LoRASite", "Folded", "Unsupported", "find_lora_sites", "Capture", "CAPTURE_MODES"]
+
+
+@dataclass(eq=False)
+class Folded:
+    """Captured rows folded into the dense gradient: ``g = sum_j sD_j^T X_j`` (m x n, float32;
+    float64 for float64 rows) and their number ``rows``; with the statistics the optimizer needs
+    (``stats``): ``"diag"``, their column sums of squares ``sx`` (n,) and ``sg`` (m,) (diagonal
+    K-FAC); ``"dense"``, the Grams ``gram_x = X^T X`` (n x n) and ``gram_g = sD^T sD`` (m x m)."""
+
+    g: Tensor
+    rows: int = 0
+    sx: Optional[Tensor] = None
+    sg: Optional[Tensor] = None
+    gram_x: Optional[Tensor] = None
+    gram_g: Optional[Tensor] = None
+
+    @staticmethod
+    def empty(m: int, n: int, dtype: torch.dtype, device: torch.device, stats: Optional[str]) -> "Folded":
+        zeros = lambda *shape: torch.zeros(shape, dtype=dtype, device=device)  # noqa: E731
+        if stats == "diag":
+            return Folded(zeros(m, n), sx=zeros(n), sg=zeros(m))
+        if stats == "dense":
+            return Folded(zeros(m, n), gram_x=zeros(n, n), gram_g=zeros(m, m))
+        return Folded(zeros(m, n))
+
+    def add(self, x: Tensor, g: Tensor) -> None:
+        """Fold the rows ``x`` (T x n), ``g`` (T x m) in: one GEMM (two more for dense statistics)."""
+        x, g = x.to(self.g.dtype), g.to(self.g.dtype)
+        self.g.addmm_(g.mT, x)
+        self.rows += x.shape[0]
+        if self.sx is not None:
+            self.sx += x.square().sum(0)
+            self.sg += g.square().sum(0)
+        if self.gram_x is not None:
+            self.gram_x.addmm_(x.mT, x)
+            self.gram_g.addmm_(g.mT, g)
+
+    def tensors(self) -> List[Tensor]:
+        return [t for t in (self.g, self.sx, self.sg, self.gram_x, self.gram_g) if t is not None]
 
 
 @dataclass(eq=False)
@@ -50,7 +89,10 @@ class LoRASite:
     """One LoRA branch: ``lora_A`` (weight A, r x n) and ``lora_B`` (weight B, m x r).
 
     ``chunks`` holds the captured ``(X, sD, s)`` triples since the last step: X (T_j x n) and
-    sD (T_j x m) detached, in the dtype the forward pass used.
+    sD (T_j x m) detached, in the dtype the forward pass used, rows without gradient dropped;
+    ``folded`` the rows already folded into the dense gradient (:class:`Folded`), or None. The
+    layer's gradient is ``folded.g + sum_j sD_j^T X_j``. ``modified`` names a problem found at a
+    fold (a captured X changed in place), for the step to raise.
     """
 
     name: str
@@ -60,6 +102,8 @@ class LoRASite:
     adapter: Optional[str] = None
     chunks: List[Tuple[Tensor, Tensor, float]] = field(default_factory=list)
     x_versions: List[int] = field(default_factory=list, repr=False)  # X's version counter at capture
+    folded: Optional[Folded] = None
+    modified: bool = False
     _pending: List[Tensor] = field(default_factory=list, repr=False)
 
     @property
@@ -75,10 +119,31 @@ class LoRASite:
         s = self.layer.scaling
         return float(s[self.adapter] if self.adapter is not None else s)
 
+    @property
+    def rows(self) -> int:
+        """Rows captured since the last step, held or folded."""
+        return sum(x.shape[0] for x, _, _ in self.chunks) + (self.folded.rows if self.folded is not None else 0)
+
+    def fold(self, stats: Optional[str] = None) -> None:
+        """Fold every held chunk into :attr:`folded` and release it."""
+        if not self.chunks:
+            return
+        if self.folded is None:
+            x, g, _ = self.chunks[0]
+            dtype = torch.float64 if any(t.dtype == torch.float64 for c in self.chunks for t in c[:2]) else torch.float32
+            self.folded = Folded.empty(g.shape[1], x.shape[1], dtype, x.device, stats)
+        for (x, g, _), version in zip(self.chunks, self.x_versions):
+            self.modified = self.modified or x._version != version
+            self.folded.add(x, g)
+        self.chunks.clear()
+        self.x_versions.clear()
+
     def clear(self) -> None:
         self.chunks.clear()
         self.x_versions.clear()
         self._pending.clear()
+        self.folded = None
+        self.modified = False
 
 
 @dataclass
@@ -170,21 +235,46 @@ def _accumulates(node) -> bool:
         return False
 
 
+CAPTURE_MODES = ("auto", "rows", "dense")
+
+
+def _x_key(x: Tensor) -> tuple:
+    """Identifies the memory of a captured X (q, k and v of a block capture the same one)."""
+    return x.untyped_storage().data_ptr(), x.storage_offset(), tuple(x.shape)
+
+
 class Capture:
     """Hooks that record ``(X, sD, s)`` for each site; removed by :meth:`close`.
 
-    The hooks hold the sites, never the optimizer, so an optimizer that owns a ``Capture`` can be
-    garbage collected; a ``weakref.finalize`` on the owner then removes the hooks.
+    ``mode`` says what is held between backward and step (SPEC section 3): ``"rows"`` keeps every
+    chunk; ``"dense"`` folds each chunk into the layer's m x n float32 gradient as it arrives
+    (:meth:`LoRASite.fold`: one GEMM) and releases it; ``"auto"`` (default) holds the rows until
+    they would cost more bytes than the dense gradient -- a captured X that several layers share
+    (q, k, v of a block) counted once, rows in the dtype held -- and then folds them, so a layer
+    holds ``min(T (m + n), m n)`` numbers however many micro-batches accumulate. ``stats``: what
+    the fold also keeps for the optimizer's statistics (:class:`Folded`: ``"diag"`` m + n more
+    numbers, ``"dense"`` n^2 + m^2; None: nothing). Rows whose branch
+    gradient is exactly zero (padding, masked labels) carry nothing: they are dropped as they
+    arrive, so they are neither held nor counted.
+
+    The hooks hold the sites and this object, never the optimizer, so an optimizer that owns a
+    ``Capture`` can be garbage collected; a ``weakref.finalize`` on the owner then removes the hooks.
     """
 
-    def __init__(self, sites: List[LoRASite], owner: object = None):
+    def __init__(self, sites: List[LoRASite], owner: object = None, *, mode: str = "auto",
+                 stats: Optional[str] = None):
+        if mode not in CAPTURE_MODES:
+            raise ValueError(f"capture must be one of {', '.join(map(repr, CAPTURE_MODES))}, got {mode!r}")
         self.sites = sites
+        self.mode = mode
+        self.stats = stats
+        self._users: Dict[tuple, int] = {}  # captured X -> how many held chunks share it
         self._handles: List = []
         for site in sites:
             self._handles.append(site.lora_A.register_forward_pre_hook(self._input_hook(site)))
             self._handles.append(site.lora_B.register_forward_hook(self._output_hook(site)))
         if owner is not None:
-            self._finalizer = weakref.finalize(owner, Capture._remove, self._handles, sites)
+            self._finalizer = weakref.finalize(owner, Capture._remove, self._handles, sites, self._users)
 
     @staticmethod
     def _check_module(site: LoRASite, module: nn.Module, expected: nn.Module) -> None:
@@ -203,8 +293,7 @@ class Capture:
                 site._pending.append(args[0].detach())
         return hook
 
-    @staticmethod
-    def _output_hook(site: LoRASite):
+    def _output_hook(self, site: LoRASite):
         def hook(module, args, output):
             Capture._check_module(site, module, site.lora_B)
             if not site._pending:
@@ -217,35 +306,70 @@ class Capture:
             if x.shape[0] == 0:
                 return None  # no rows (an empty micro-batch, an expert with no tokens): nothing to add
             scaling = site.scaling
-            version = x._version
             # B's gradient accumulator: the pair is recorded only by a backward pass that accumulates
             # into the factors' .grad (loss.backward()), not by torch.autograd.grad(loss, inputs) or
             # backward(inputs=...) passes that merely flow through the layer.
             accumulator = site.B.view_as(site.B).grad_fn.next_functions[0][0]
+            version = x._version
 
             def grad_hook(grad: Tensor) -> None:
-                if not _accumulates(accumulator):
-                    return
-                site.chunks.append((x, grad.detach().reshape(-1, grad.shape[-1]), scaling))
-                site.x_versions.append(version)
+                if _accumulates(accumulator):
+                    self._add(site, x, version, grad.detach().reshape(-1, grad.shape[-1]), scaling)
 
             output.register_hook(grad_hook)
             return None
         return hook
 
+    def _add(self, site: LoRASite, x: Tensor, version: int, g: Tensor, scaling: float) -> None:
+        """Hold a chunk (its rows with gradient), then fold the site's rows when the mode says so."""
+        live = g.ne(0).any(1)
+        if not bool(live.all()):
+            keep = live.nonzero().squeeze(1)
+            if keep.numel() == 0:
+                return
+            x, g = x.index_select(0, keep), g.index_select(0, keep)
+            version = x._version
+        site.chunks.append((x, g, scaling))
+        site.x_versions.append(version)
+        key = _x_key(x)
+        self._users[key] = self._users.get(key, 0) + 1
+        if self.mode == "rows":
+            return
+        held = sum(x.nbytes / self._users.get(_x_key(x), 1) + g.nbytes for x, g, _ in site.chunks)
+        dense = site.B.shape[0] * site.A.shape[1] * (8 if g.dtype == torch.float64 else 4)
+        if self.mode == "dense" or held > dense:
+            for x, _, _ in site.chunks:
+                key = _x_key(x)
+                self._users[key] -= 1
+                if not self._users[key]:
+                    del self._users[key]
+            site.fold(self.stats)
+
+    def held_bytes(self) -> int:
+        """Bytes held for the next step: every captured X once (however many layers share it),
+        every captured sD and every folded gradient and statistic."""
+        xs = {_x_key(x): x.nbytes for site in self.sites for x, _, _ in site.chunks}
+        rest = sum(g.nbytes for site in self.sites for _, g, _ in site.chunks)
+        rest += sum(t.nbytes for site in self.sites if site.folded is not None for t in site.folded.tensors())
+        return sum(xs.values()) + rest
+
     @staticmethod
-    def _remove(handles: List, sites: List[LoRASite]) -> None:
+    def _remove(handles: List, sites: List[LoRASite], users: Dict) -> None:
         for h in handles:
             h.remove()
         handles.clear()
+        Capture._release(sites, users)
+
+    @staticmethod
+    def _release(sites: List[LoRASite], users: Dict) -> None:
         for site in sites:
             site.clear()
+        users.clear()
 
     def clear(self) -> None:
         """Release every captured tensor (the hooks stay)."""
-        for site in self.sites:
-            site.clear()
+        Capture._release(self.sites, self._users)
 
     def close(self) -> None:
         """Remove every hook and release every captured tensor."""
-        Capture._remove(self._handles, self.sites)
+        Capture._remove(self._handles, self.sites, self._users)

@@ -253,17 +253,9 @@ def _half_step(
     return prox_solve(r_mat, y, x0, lam, f.shape[0])
 
 
-def lorsum(
-    terms: Sequence[Tuple[Tensor, Tensor]],
-    coeffs: Sequence[float],
-    init: Tuple[Tensor, Tensor],
-    *,
-    iters: int = 1,
-    prox: float = 0.0,
-    metric: Optional[Tuple[Optional[Tensor], Optional[Tensor]]] = None,
-    precondition: Optional[Sequence[bool]] = None,
-    start: str = "A",
-) -> Tuple[Tensor, Tensor]:
+def lorsum(terms: Sequence[Tuple[Tensor, Tensor]], coeffs: Sequence[float], init: Tuple[Tensor, Tensor], *,
+           iters: int = 1, prox: float = 0.0, metric: Optional[Tuple[Optional[Tensor], Optional[Tensor]]] = None,
+           precondition: Optional[Sequence[bool]] = None, start: str = "A") -> Tuple[Tensor, Tensor]:
     """Reference LoRSum: rank-r factors ``(B, A)`` of ``T = sum_i c_i T_i`` by alternating
     proximal least squares. Same contract as :func:`oplora.lorsum`, without input validation.
 

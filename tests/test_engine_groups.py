@@ -19,12 +19,12 @@ STEPS = 3
 WIDTH = 12
 
 OPTIMIZERS = {
-    "oplora": lambda m: oplora.OPLoRA(m, lr=0.05, momentum=0.9, prox=1e-2),
-    "oplora_jacobi_rank2": lambda m: oplora.OPLoRA(m, lr=0.05, momentum=0.8, momentum_rank=2, iters=0),
-    "oplora_iters2_start_b": lambda m: oplora.OPLoRA(m, lr=0.05, momentum=0.0, iters=2, start="B"),
-    "scaled": lambda m: oplora.ScaledOPLoRA(m, lr=0.02, metric_power=0.5),
-    "scaled_sum_power0": lambda m: oplora.ScaledOPLoRA(m, lr=0.02, metric_power=0.0, loss_reduction="sum"),
-    "scaled_dense": lambda m: oplora.ScaledOPLoRA(m, lr=0.02, metric="dense"),
+    "oplora": lambda m, **kw: oplora.OPLoRA(m, **kw, lr=0.05, momentum=0.9, prox=1e-2),
+    "oplora_jacobi_rank2": lambda m, **kw: oplora.OPLoRA(m, **kw, lr=0.05, momentum=0.8, momentum_rank=2, iters=0),
+    "oplora_iters2_start_b": lambda m, **kw: oplora.OPLoRA(m, **kw, lr=0.05, momentum=0.0, iters=2, start="B"),
+    "scaled": lambda m, **kw: oplora.ScaledOPLoRA(m, **kw, lr=0.02, metric_power=0.5),
+    "scaled_sum_power0": lambda m, **kw: oplora.ScaledOPLoRA(m, **kw, lr=0.02, metric_power=0.0, loss_reduction="sum"),
+    "scaled_dense": lambda m, **kw: oplora.ScaledOPLoRA(m, **kw, lr=0.02, metric="dense"),
 }
 
 
@@ -60,10 +60,10 @@ def micro_batches(steps, dtype, seed=1):
               .to(dtype)) for k in range(2)] for _ in range(steps)]
 
 
-def train(name, ops, dtype, monkeypatch, blocks=3, on_step=None):
+def train(name, ops, dtype, monkeypatch, blocks=3, on_step=None, capture="rows"):
     monkeypatch.setattr(_backend, "ops_for", lambda _device: ops)
     model = build(blocks, dtype)
-    opt = OPTIMIZERS[name](model)
+    opt = OPTIMIZERS[name](model, capture=capture)
     for step, batch in enumerate(micro_batches(STEPS, dtype)):
         opt.zero_grad()
         for x, y in batch:
@@ -84,14 +84,15 @@ def backends():
     return [(name, _backend.load(name)) for name in ("torch", "cpp") if _backend.load(name) is not None]
 
 
+@pytest.mark.parametrize("capture", ["rows", "dense"])
 @pytest.mark.parametrize("backend", [name for name, _ in backends()])
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
-def test_grouped_step_equals_the_layer_by_layer_step(name, backend, monkeypatch):
+def test_grouped_step_equals_the_layer_by_layer_step(name, backend, capture, monkeypatch):
     ops = dict(backends())[backend]
-    grouped, _ = train(name, ops, torch.float64, monkeypatch)
+    grouped, _ = train(name, ops, torch.float64, monkeypatch, capture=capture)
     with monkeypatch.context() as patch:  # every layer its own signature: groups of one
         patch.setattr(engine, "_signature", lambda layer, dtype: id(layer))
-        single, _ = train(name, ops, torch.float64, patch)
+        single, _ = train(name, ops, torch.float64, patch, capture=capture)
     before = lora_factors(build(3, torch.float64))
     for g, s, b in zip(lora_factors(grouped), lora_factors(single), before):
         assert float((g - s).norm()) <= 1e-11 * float(s.norm()), name

@@ -61,12 +61,15 @@ def peft_net(dropout=0.0, rslora=False, adapters=("default",)):
 
 
 def check_gradient_identity(opt):
-    """autograd's grad_A, grad_B equal B^T G, G A^T with G from the captured chunks."""
+    """autograd's grad_A, grad_B equal B^T G, G A^T with G from the captured chunks (and the rows
+    folded into the dense gradient)."""
     checked = 0
     for site in opt._sites:
-        if not site.chunks:
+        if not site.rows:
             continue
         g = sum(sd.double().T @ x.double() for x, sd, _ in site.chunks)
+        if site.folded is not None:
+            g = g + site.folded.g.double()
         a, b = site.A.detach().double(), site.B.detach().double()
         torch.testing.assert_close(site.A.grad.double(), b.T @ g, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(site.B.grad.double(), g @ a.T, rtol=1e-10, atol=1e-12)
@@ -129,7 +132,7 @@ def test_add_lora_bad_input(kwargs, error, match):
 def test_captured_pairs_reproduce_autograd_factor_gradients(make, dropout, rslora):
     model = make(dropout=dropout, rslora=rslora)
     model.train()
-    opt = oplora.OPLoRA(model, lr=0.1)
+    opt = oplora.OPLoRA(model, lr=0.1, capture="rows")
     x = torch.randn(5, 4, 12, dtype=torch.float64)
     model(x).square().mean().backward()
     assert check_gradient_identity(opt) == 2
@@ -174,25 +177,25 @@ def test_peft_inactive_adapter_is_neither_trained_nor_captured():
 
 def test_nothing_captured_without_backward_or_under_no_grad():
     model = lora_net()
-    opt = oplora.OPLoRA(model)
+    opt = oplora.OPLoRA(model, capture="rows")
     x = torch.randn(4, 12, dtype=torch.float64)
     with torch.no_grad():
         model(x)
     model(x)  # graph built, never back-propagated
-    assert all(not s.chunks and not s._pending for s in opt._sites)
+    assert all(not s.rows and not s._pending for s in opt._sites)
     model(x).sum().backward()
     assert all(len(s.chunks) == 1 for s in opt._sites)
     opt.zero_grad()
-    assert all(not s.chunks for s in opt._sites)
+    assert all(not s.rows for s in opt._sites)
     model(x).sum().backward()
     opt.step()
-    assert all(not s.chunks for s in opt._sites)
+    assert all(not s.rows for s in opt._sites)
 
 
 def test_module_called_twice_captures_both_calls():
     layer = oplora.LoRALinear(nn.Linear(6, 6, dtype=torch.float64), r=2)
     nn.init.normal_(layer.lora_B.weight)
-    opt = oplora.OPLoRA(layer)
+    opt = oplora.OPLoRA(layer, capture="rows")
     layer(torch.tanh(layer(torch.randn(5, 6, dtype=torch.float64)))).sum().backward()
     assert len(opt._sites[0].chunks) == 2
     assert check_gradient_identity(opt) == 1
@@ -209,7 +212,7 @@ def test_close_and_garbage_collection_remove_the_hooks():
     opt.close()
     assert hook_count() == 0
     model(torch.randn(3, 12, dtype=torch.float64)).sum().backward()
-    assert all(not s.chunks for s in opt._sites)
+    assert all(not s.rows for s in opt._sites)
     opt = oplora.ScaledOPLoRA(model)
     assert hook_count() == 4
     del opt
@@ -278,7 +281,7 @@ def test_nonfinite_capture_raises_naming_the_layer_and_moves_nothing():
 
 def test_capture_holds_the_tensors_autograd_holds_without_copies():
     layer = oplora.LoRALinear(nn.Linear(12, 6, dtype=torch.float64), r=2)
-    opt = oplora.OPLoRA(layer)
+    opt = oplora.OPLoRA(layer, capture="rows")
     x = torch.randn(3, 5, 12, dtype=torch.float64)
     layer(x).sum().backward()
     (cx, _, _), = opt._sites[0].chunks
@@ -298,7 +301,7 @@ def test_dora_adapters_are_not_captured_as_plain_lora():
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_activation_checkpointing_captures_each_call_once(reentrant):
     model = lora_net()
-    opt = oplora.OPLoRA(model)
+    opt = oplora.OPLoRA(model, capture="rows")
     x = torch.randn(5, 12, dtype=torch.float64, requires_grad=True)
     torch.utils.checkpoint.checkpoint(model, x, use_reentrant=reentrant).square().sum().backward()
     assert all(len(site.chunks) == 1 for site in opt._sites)

@@ -51,4 +51,4 @@ def test_trainer_runs_the_optimizer_and_its_scheduler(tmp_path, name):
     assert opt.state[lora_b]["step"] == 6
     assert not torch.equal(lora_b, before[0]) and not torch.equal(head, before[1])
     assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)  # the schedule ran to its end
-    assert all(not site.chunks for site in opt._sites)
+    assert all(not site.rows for site in opt._sites)

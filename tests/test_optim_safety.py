@@ -85,7 +85,7 @@ def test_grad_scaler_skips_an_overflowing_step_whole(name):
     scaler.update()
     assert same(model, opt, snap)
     assert scaler.get_scale() == 2.0**9
-    assert all(not site.chunks for site in opt._sites)
+    assert all(not site.rows for site in opt._sites)
 
 
 def test_unscale_before_step_is_refused_and_moves_nothing():
@@ -103,12 +103,12 @@ def test_unscale_before_step_is_refused_and_moves_nothing():
 
 def test_input_gradients_and_partial_backward_are_not_captured():
     model = make_model()
-    opt = oplora.OPLoRA(model)
+    opt = oplora.OPLoRA(model, capture="rows")
     x, y = batch()
     x.requires_grad_(True)
     torch.autograd.grad(loss_fn(model, x, y), x)
     loss_fn(model, x, y).backward(inputs=[x])
-    assert all(not site.chunks for site in opt._sites)
+    assert all(not site.rows for site in opt._sites)
     loss_fn(model, x, y).backward()
     assert all(len(site.chunks) == 1 for site in opt._sites)
 
@@ -119,7 +119,7 @@ def test_empty_micro_batch_adds_nothing(name):
     opt, opt_twin = OPTIMIZERS[name](model), OPTIMIZERS[name](twin)
     x, y = batch()
     loss_fn(model, x[:0], y[:0]).sum().backward()  # zero rows (the mean is NaN; nothing flows)
-    assert all(not site.chunks for site in opt._sites)
+    assert all(not site.rows for site in opt._sites)
     for p in model.parameters():
         p.grad = None
     loss_fn(model, x, y).backward()
@@ -132,7 +132,7 @@ def test_empty_micro_batch_adds_nothing(name):
 
 def test_input_changed_in_place_after_backward_is_refused():
     model = make_model()
-    opt = oplora.OPLoRA(model, lr=0.05)
+    opt = oplora.OPLoRA(model, lr=0.05, capture="rows")  # folded rows no longer read X
     x, y = batch()
     loss_fn(model, x, y).backward()
     x.mul_(2.0)  # a reused input buffer refilled before step()

@@ -162,7 +162,7 @@ def test_trainer_gradient_accumulation_equals_the_doubled_batch(tmp_path, name, 
             trainer.loss_is_scaled_for_ga = False
         trainer.train()
         runs[accumulate] = trained_tensors(model, opt)
-        assert all(not site.chunks for site in opt._sites)
+        assert all(not site.rows for site in opt._sites)
         opt.close()
     lora_b = [k for k in runs[1] if "lora_B" in k]
     assert lora_b and all(runs[1][k].abs().max() > 0 for k in lora_b)  # the factors did move

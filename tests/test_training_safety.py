@@ -56,7 +56,7 @@ def test_skip_nonfinite_skips_the_step_whole_and_counts_it(name):
             backward(model, *poisoned())
             opt.step()
             assert same(model, opt, snap)
-            assert all(not site.chunks for site in opt._sites)
+            assert all(not site.rows for site in opt._sites)
     assert opt.skipped_steps == 1
     for p, q in zip(model.parameters(), twin.parameters()):
         assert torch.equal(p, q)
@@ -85,9 +85,10 @@ def test_skip_nonfinite_must_be_a_bool(bad):
         oplora.OPLoRA(make_model(), skip_nonfinite=bad)
 
 
-def test_a_layer_on_mixed_devices_is_refused_naming_it():
+@pytest.mark.parametrize("capture, held", [("rows", "captured X"), ("dense", "folded gradient")])
+def test_a_layer_on_mixed_devices_is_refused_naming_it(capture, held):
     model = make_model()
-    opt = oplora.OPLoRA(model, lr=0.05)
+    opt = oplora.OPLoRA(model, lr=0.05, capture=capture)
     backward(model, *batch())
     kept = [p.detach().clone() for p in model[2].parameters()]
     # Moving a module between backward() and step(), keeping the Parameter objects (as
@@ -97,10 +98,10 @@ def test_a_layer_on_mixed_devices_is_refused_naming_it():
         model[0].to("meta")
     finally:
         torch.__future__.set_swap_module_params_on_conversion(False)
-    with pytest.raises(RuntimeError, match=r"LoRA layer '0' mixes devices: B on meta, captured X on cpu"):
+    with pytest.raises(RuntimeError, match=rf"LoRA layer '0' mixes devices: B on meta, {held} on cpu"):
         opt.step()
     assert all(torch.equal(p, q) for p, q in zip(model[2].parameters(), kept))
-    assert not opt.state and all(not site.chunks for site in opt._sites)
+    assert not opt.state and all(not site.rows for site in opt._sites)
 
 
 def refused(model, opt, match):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import csv
 import datetime as _dt
@@ -173,3 +174,35 @@ def write_results(stem: str, rows: Sequence[Dict[str, object]], markdown: str,
     if not quiet:
         print("wrote " + ", ".join(written), flush=True)
     return written
+
+
+def save_figure(fig, path: str, title: str) -> None:
+    """Title, tighten, save (110 dpi) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def suite_parser(suite: str, doc: str, prog: str = "") -> argparse.ArgumentParser:
+    """The argument parser of the suite ``suite`` (``doc``: its module docstring), with the
+    options every suite shares: ``--suite``, ``--out``, ``--no-plot``."""
+    p = argparse.ArgumentParser(prog=prog or f"oplora-bench --suite {suite}", description=doc.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--suite", default=suite, help=f"the suite (this one: {suite}; oplora-bench --help lists them)")
+    p.add_argument("--out", default=os.path.join("bench", "results"), help="output folder (default bench/results)")
+    p.add_argument("--no-plot", action="store_true",
+                   help="skip the PNG (skipped anyway, with a message, without matplotlib)")
+    return p
+
+
+def markdown_header(title: str, command: str, info: Dict[str, object], *, machine: str = "",
+                    notes: Sequence[str] = ()) -> str:
+    """The head of a suite's markdown results: title, the command, the machine (``machine`` is
+    appended to its name), the versions, the date, then ``notes`` as bullets."""
+    lines = [f"# {title}", "", f"- command: `{command}`", f"- machine: {info['device_name']}{machine}",
+             f"- torch {info['torch']}, triton {info['triton']}, Python {info['python']}, oplora {info['oplora']}, "
+             f"float32 matmul precision {info['float32_matmul_precision']}", f"- date: {info['date']}"]
+    return "\n".join(lines + [f"- {note}" for note in notes]) + "\n\n"

@@ -28,9 +28,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .. import _backend
+from ..capture import Folded
 from ..optim import engine
 from ..optim import functional as F
-from ._common import format_table, machine_info, measure, write_results
+from ._common import format_table, machine_info, markdown_header, measure, save_figure, suite_parser, write_results
 
 Case = Tuple[int, int, int, int]  # m, n, r, tokens
 
@@ -74,6 +75,14 @@ SCALED = dict(lr=1e-3, betas=(0.9, 0.999), damping=0.1, metric_power=1.0, iters=
 OPLORA = dict(lr=1e-2, momentum=0.9, dampening=0.0, iters=1, prox=1e-2, start="A", seed=0)
 
 
+def _svd_step(b, a, chunks):
+    """One SVDLoRA step of the layer, forming its gradient from the rows (as the optimizer folds them)."""
+    folded = Folded.empty(b.shape[0], a.shape[1], torch.float32, b.device, None)
+    for x, g in chunks:
+        folded.add(x, g)
+    return F.plan_svd(b, a, folded, {}, lr=1e-2, momentum=0.0).finish([])
+
+
 def _step_fn(kind: str, ops, b, a, chunks, r: int):
     """A closure taking one whole step of the layer on ``ops`` (nothing is written)."""
     plan_fn = F.plan_scaled_oplora if kind == "scaled" else F.plan_oplora
@@ -109,7 +118,7 @@ def run(cases: Sequence[Case], thread_counts: Sequence[int], *, repeats: int, wa
                     if max(m, n) > svd_max:
                         bar.update()
                         continue
-                    fn = lambda: F.svd_update(b, a, chunks, {}, lr=1e-2, momentum=0.0)  # noqa: E731
+                    fn = lambda: _svd_step(b, a, chunks)  # noqa: E731
                 else:
                     kind, backend = name.split()
                     fn = _step_fn(kind, ops[backend], b, a, chunks, r)
@@ -182,16 +191,11 @@ def plot(rows: Sequence[Dict[str, object]], path: str, title: str) -> None:
         ax.set_title(f"{t} thread{'s' if t > 1 else ''}")
         ax.grid(True, axis="y", which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, title)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="oplora-bench --suite cpu", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--suite", default="cpu")
+    p = suite_parser("cpu", __doc__)
     p.add_argument("--smoke", action="store_true", help="tiny cases, 2 repeats: seconds")
     p.add_argument("--case", action="append", type=parse_case, metavar="MxN:R:TOKENS",
                    help="run these cases instead of the default grid (repeatable)")
@@ -201,8 +205,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--svd-max", type=int, default=2048, help="largest m or n for the SVD baseline (default 2048)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=os.path.join("bench", "results"), help="output folder (default bench/results)")
-    p.add_argument("--no-plot", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -238,12 +240,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(table(rows))
     print(target_line(rows))
     stem = os.path.join(args.out, f"cpu{'_smoke' if args.smoke else ''}")
-    markdown = (f"# One optimizer step per layer: C++ vs torch ops vs SVD (CPU)\n\n"
-                f"- command: `{command}`\n- machine: {info['device_name']}, {os.cpu_count()} cores; "
-                f"thread counts {threads}\n- torch {info['torch']}, Python {info['python']}, oplora {info['oplora']}\n"
-                f"- date: {info['date']}; load average at the start {load}; {env}\n- {target_line(rows)}\n"
-                f"- times: median of >= {repeats} steps after {args.warmup} warm-up (min-max in the table); "
-                f"`svd` only up to {args.svd_max} wide\n\n" + table(rows, markdown=True) + "\n")
+    markdown = markdown_header(
+        "One optimizer step per layer: C++ vs torch ops vs SVD (CPU)", command, info,
+        machine=f", {os.cpu_count()} cores; thread counts {threads}",
+        notes=[f"load average at the start {load}; {env}", target_line(rows),
+               f"times: median of >= {repeats} steps after {args.warmup} warm-up (min-max in the table); "
+               f"`svd` only up to {args.svd_max} wide"]) + table(rows, markdown=True) + "\n"
     title = f"optimizer step per layer on {info['device_name']}, torch {info['torch']}, {info['date']}"
     write_results(stem, rows, markdown, None if args.no_plot else lambda path: plot(rows, path, title))
     return 0

@@ -34,7 +34,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 import oplora
-from ._common import format_table, machine_info, measure, write_results
+from ._common import format_table, machine_info, markdown_header, measure, save_figure, suite_parser, write_results
 
 MOMENTUM = 0.9
 
@@ -264,16 +264,11 @@ def plot(rows: Sequence[Dict[str, object]], path: str, title: str) -> None:
     ax2.set_title("accuracy against the rank-r optimum")
     ax2.grid(True, axis="y", which="both", alpha=0.3)
     ax2.legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, title)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="oplora-bench", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--suite", default="lorsum", help="which benchmark suite (oplora-bench --help lists them)")
+    p = suite_parser("lorsum", __doc__, prog="oplora-bench")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="default: cuda when a GPU is visible, else cpu")
     p.add_argument("--smoke", action="store_true", help="tiny grid, 2 repeats: finishes in well under a minute")
@@ -286,8 +281,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prox", type=float, default=0.0, help="LoRSum proximal weight (default 0)")
     p.add_argument("--oversample", type=int, default=8, help="svd_lowrank q = r + oversample (default 8)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=os.path.join("bench", "results"), help="output folder (default bench/results)")
-    p.add_argument("--no-plot", action="store_true", help="skip the PNG (skipped anyway, with a message, without matplotlib)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -315,14 +308,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(table(rows))
 
     stem = os.path.join(args.out, f"lorsum_{device.type}{'_smoke' if args.smoke else ''}")
-    markdown = (f"# LoRSum vs SVD ({device.type})\n\n"
-                f"- command: `{command}`\n- machine: {info['device_name']}, {info['cpu_threads']} CPU threads\n"
-                f"- torch {info['torch']}, triton {info['triton']}, Python {info['python']}, oplora {info['oplora']}, "
-                f"float32 matmul precision {info['float32_matmul_precision']}\n"
-                f"- date: {info['date']}\n- step: ||lr step|| = {args.step_ratio} ||B0 A0||, momentum {MOMENTUM}, "
-                f"prox {args.prox}; times are medians of >= {repeats} calls (>= 3 where they add up past 15 s; "
-                f"the CSV has the count) after {args.warmup} warm-up; "
-                "SVD times exclude forming T (the `form T` row)\n\n" + table(rows, markdown=True) + "\n")
+    markdown = markdown_header(
+        f"LoRSum vs SVD ({device.type})", command, info, machine=f", {info['cpu_threads']} CPU threads",
+        notes=[f"step: ||lr step|| = {args.step_ratio} ||B0 A0||, momentum {MOMENTUM}, prox {args.prox}; times "
+               f"are medians of >= {repeats} calls (>= 3 where they add up past 15 s; the CSV has the count) after "
+               f"{args.warmup} warm-up; SVD times exclude forming T (the `form T` row)"])
+    markdown += table(rows, markdown=True) + "\n"
     title = (f"LoRSum vs SVD on {info['device_name']} ({info['cpu_threads']} threads), "
              f"torch {info['torch']}, {info['date']}")
     write_results(stem, rows, markdown, None if args.no_plot else lambda path: plot(rows, path, title))

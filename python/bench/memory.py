@@ -45,7 +45,7 @@ from torch import nn
 
 import oplora
 
-from ._common import format_table, machine_info, write_results
+from ._common import format_table, machine_info, markdown_header, suite_parser, write_results
 
 __all__ = ["MemoryTrace", "Phase", "LoRABench", "measure", "main", "OPTIMIZERS"]
 
@@ -335,9 +335,7 @@ def plot(rows: Sequence[Dict[str, object]], path: str, title: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="oplora-bench --suite memory", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--suite", default="memory", help="which benchmark suite (oplora-bench --help lists them)")
+    p = suite_parser("memory", __doc__)
     p.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="default: cuda when a GPU is visible, else cpu")
     p.add_argument("--smoke", action="store_true", help="tiny model: seconds, for CI")
@@ -348,8 +346,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--leak-steps", type=int, default=0,
                    help="also run this many steps and report live-byte growth from step 10 (0: skip)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
-    p.add_argument("--out", default=os.path.join("bench", "results"), help="output folder (default bench/results)")
-    p.add_argument("--no-plot", action="store_true", help="skip the PNG (skipped anyway, with a message, without matplotlib)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     return p
 
@@ -393,15 +389,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     stem = os.path.join(args.out, f"memory_{device.type}{'_smoke' if args.smoke else ''}")
     measure_how = ("torch.cuda.memory_allocated / max_memory_allocated" if device.type == "cuda" else
                    "torch.profiler memory events of c10's CPU allocator (bytes of live tensor storages)")
-    markdown = (f"# Optimizer memory ({device.type})\n\n"
-                f"- command: `{command}`\n- machine: {info['device_name']}, {info['cpu_threads']} CPU threads\n"
-                f"- torch {info['torch']}, Python {info['python']}, oplora {info['oplora']}; date: {info['date']}\n"
-                f"- model: {size.label()} ({len(LoRABench.TARGETS)} LoRA layers per block: "
-                f"{', '.join(LoRABench.TARGETS)}), float32; step {args.steps} measured\n"
-                f"- live bytes from {measure_how}\n"
-                "- capture overhead = held after backward minus AdamW's (AdamW holds the factor gradients "
-                "only); one copy of X, D = sum over LoRA layers of T (n + m) elements\n\n"
-                + table(rows, markdown=True) + "\n")
+    markdown = markdown_header(
+        f"Optimizer memory ({device.type})", command, info, machine=f", {info['cpu_threads']} CPU threads",
+        notes=[f"model: {size.label()} ({len(LoRABench.TARGETS)} LoRA layers per block: "
+               f"{', '.join(LoRABench.TARGETS)}), float32; step {args.steps} measured",
+               f"live bytes from {measure_how}",
+               "capture overhead = held after backward minus AdamW's (AdamW holds the factor gradients only); "
+               "one copy of X, D = sum over LoRA layers of T (n + m) elements"]) + table(rows, markdown=True) + "\n"
     title = (f"optimizer memory, {size.label()}, on {info['device_name']} ({device.type}), "
              f"torch {info['torch']}, {info['date']}")
     write_results(stem, rows, markdown, None if args.no_plot else lambda path: plot(rows, path, title),

@@ -6,8 +6,11 @@ from typing import Optional
 
 from torch import nn
 
+from .._checks import check_choice, check_real
 from . import functional as F
-from .base import LoRAOptimizer, OtherSpec, _build_inner, _check_choice, _check_real
+from . import _inner
+from ._inner import OtherSpec
+from .base import LoRAOptimizer
 
 __all__ = ["SVDLoRA", "RiemannianLoRA"]
 
@@ -25,17 +28,19 @@ class SVDLoRA(LoRAOptimizer):
 
     def __init__(self, model: nn.Module, lr: float = 1e-3, *, momentum: float = 0.0,
                  other: OtherSpec = "adamw", other_kwargs: Optional[dict] = None, strict: bool = False,
-                 max_grad_norm: Optional[float] = None, skip_nonfinite: bool = False, process_group=None):
+                 max_grad_norm: Optional[float] = None, skip_nonfinite: bool = False, process_group=None,
+                 capture: str = "auto"):
         defaults = {
-            "lr": _check_real(lr, "lr", low=0.0),
-            "momentum": _check_real(momentum, "momentum", low=0.0, high=1.0, high_open=True),
+            "lr": check_real(lr, "lr", low=0.0),
+            "momentum": check_real(momentum, "momentum", low=0.0, high=1.0, high_open=True),
         }
         super().__init__(model, defaults, other=other, other_kwargs=other_kwargs, strict=strict,
-                         max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite, process_group=process_group)
+                         max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite, process_group=process_group,
+                         capture=capture)
 
-    def _update_site(self, index, site, chunks, state, group):
-        return F.svd_update(site.B, site.A, chunks, state, lr=float(group["lr"]), momentum=float(group["momentum"]),
-                     inv_scale=self._grad_coeff)
+    def _plan(self, index, site, chunks, folded, state, group, ctx: F.StepContext) -> F.Plan:
+        return F.plan_svd(site.B, site.A, self._fold_all(site), state, lr=float(group["lr"]),
+                          momentum=float(group["momentum"]), grad_coeff=ctx.grad_coeff)
 
     def _distributed_unsupported(self, defaults):
         return ("SVDLoRA forms each layer's m x n step, so it would need the m x n gradient of every "
@@ -68,24 +73,23 @@ class RiemannianLoRA(LoRAOptimizer):
                  other_kwargs: Optional[dict] = None, strict: bool = False,
                  max_grad_norm: Optional[float] = None, skip_nonfinite: bool = False, process_group=None):
         defaults = {
-            "lr": _check_real(lr, "lr", low=0.0),
-            "damping": _check_real(damping, "damping", low=0.0, low_open=True),
-            "base": _check_choice(base, "base", ("sgd", "adamw")),
+            "lr": check_real(lr, "lr", low=0.0),
+            "damping": check_real(damping, "damping", low=0.0, low_open=True),
+            "base": check_choice(base, "base", ("sgd", "adamw")),
         }
         super().__init__(model, defaults, other=other, other_kwargs=other_kwargs, strict=strict,
                          max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite, process_group=process_group)
         lora = self.lora_group
-        inner = _build_inner(base, list(lora["params"]), defaults["lr"], base_kwargs, "base")
-        self._share("lora", inner, lora)
+        inner = _inner.build(base, list(lora["params"]), defaults["lr"], base_kwargs, "base")
+        self._inner["lora"] = _inner.share(inner, lora, self.state)
 
-    def _step_lora(self, group: dict) -> None:
-        damping = float(group["damping"])
+    def _step_lora(self, ctx: F.StepContext) -> None:
+        """Precondition every layer's factor gradients, then step the base optimizer (``ctx`` is
+        not needed: autograd's gradients are already unscaled, clipped and averaged)."""
+        damping = float(self.lora_group["damping"])
         for site in self._sites:
             a, b = site.A, site.B
             if a.grad is None or b.grad is None:
                 continue
             b.grad, a.grad = F.riemannian_precondition(b, a, b.grad, a.grad, damping)
         self._inner["lora"].step()
-
-    def _update_site(self, index, site, chunks, state, group):  # pragma: no cover - no capture
-        raise AssertionError("RiemannianLoRA works from autograd's gradients, not captured chunks")

@@ -102,16 +102,21 @@ class StatsRule:
 
 @dataclass
 class Layer:
-    """A layer's rows (``xs``: X_j T_j x n, ``gs``: G_j T_j x m) and the problems that read them.
+    """A layer's gradient ``G = dense + sum_j G_j^T X_j`` and the problems that read it.
 
-    ``stats``, when given, turns the first pass's column sums of squares into the metric of the
-    problems whose metric is :data:`STATS` (see :class:`StatsRule`).
+    ``xs``: X_j (T_j x n) and ``gs``: G_j (T_j x m), the rows (possibly none); ``dense``: the rows
+    already folded into an m x n matrix (``oplora.capture``), or None, with ``dense_sums`` their
+    column sums of squares ``(sum x^2 (n), sum g^2 (m))``. ``stats``, when given, turns the first
+    pass's column sums of squares (rows and folded together) into the metric of the problems
+    whose metric is :data:`STATS` (see :class:`StatsRule`).
     """
 
     xs: Sequence[Tensor]
     gs: Sequence[Tensor]
     problems: Sequence[Problem]
     stats: Optional[StatsRule] = None
+    dense: Optional[Tensor] = None
+    dense_sums: Optional[Tuple[Tensor, Tensor]] = None
 
 
 def stack_layers(ts: Sequence[Tensor]) -> Tensor:
@@ -181,7 +186,8 @@ def _signature(layer: Layer, dtype: torch.dtype) -> Hashable:
                          float(p.data_coeff), bool(p.data_precondition), metric, float(p.lam), int(p.iters),
                          p.start))
     stats = None if layer.stats is None else (type(layer.stats), layer.stats.key)
-    return (layer.xs[0].device, dtype, layer.xs[0].shape[1], layer.gs[0].shape[1], stats, tuple(problems))
+    b, a = layer.problems[0].init
+    return (b.device, dtype, a.shape[1], b.shape[0], stats, tuple(problems))
 
 
 class _Group:
@@ -192,6 +198,7 @@ class _Group:
         self.dtype = dtype
         self.xs = [[ops.rows(x, dtype) for x in layer.xs] for layer in layers]
         self.gs = [[ops.rows(g, dtype) for g in layer.gs] for layer in layers]
+        self.dense = [None if layer.dense is None else layer.dense.to(dtype) for layer in layers]
         self.stats_done = layers[0].stats is None
         self.runs = []
         for j, p in enumerate(layers[0].problems):
@@ -259,7 +266,8 @@ def _target(run: _Run, half: _Half, product: Tensor, dtype: torch.dtype) -> Tupl
 def _groups(layers: Sequence[Layer], ops) -> Tuple[List[_Group], List[Tuple[int, int]]]:
     """The groups of ``layers`` (by :func:`_signature`) and where each layer went:
     ``(group, index in group)``."""
-    dtypes = [compute_dtype(*(t for p in layer.problems for t in p.init), *layer.xs, *layer.gs) for layer in layers]
+    dtypes = [compute_dtype(*(t for p in layer.problems for t in p.init), *layer.xs, *layer.gs, layer.dense)
+              for layer in layers]
     members = group_by(range(len(layers)), lambda i: _signature(layers[i], dtypes[i]))
     groups, where = [], [(0, 0)] * len(layers)
     for index in members.values():
@@ -267,6 +275,38 @@ def _groups(layers: Sequence[Layer], ops) -> Tuple[List[_Group], List[Tuple[int,
             where[i] = (len(groups), pos)
         groups.append(_Group([layers[i] for i in index], dtypes[index[0]], ops))
     return groups, where
+
+
+def _zero_products(grp: "_Group", qd: Optional[Tensor], qx: Optional[Tensor], stats: bool) -> List[Optional[Tensor]]:
+    """Zero products of a layer without rows (all folded into its dense part)."""
+    b0, a0 = grp.runs[0].b0, grp.runs[0].a0  # stacks: b x m x r, b x r x n
+    m, n = b0.shape[-2], a0.shape[-1]
+    kind = dict(dtype=grp.dtype, device=b0.device)
+    return [None if qd is None else torch.zeros(n, qd.shape[1], **kind),
+            None if qx is None else torch.zeros(m, qx.shape[1], **kind),
+            torch.zeros(n, **kind) if stats else None, torch.zeros(m, **kind) if stats else None]
+
+
+def _products(jobs: Sequence[Tuple["_Group", int, Optional[Tensor], Optional[Tensor], bool]], ops
+              ) -> List[Tuple[Optional[Tensor], ...]]:
+    """The pass's products ``(G^T qd, G qx, sx, sg)`` of each job ``(group, layer index, qd, qx,
+    stats)``: the rows' part by one ``row_pass`` call for every layer that has rows, plus the
+    folded part by matrix products (torch's GEMM: MKL on the CPU, cuBLAS on CUDA) and its sums."""
+    with_rows = [(grp.xs[i], grp.gs[i], qd, qx, stats) for grp, i, qd, qx, stats in jobs if grp.xs[i]]
+    from_rows = iter(ops.row_pass(with_rows) if with_rows else [])
+    out = []
+    for grp, i, qd, qx, stats in jobs:
+        dense, sums = grp.dense[i], grp.layers[i].dense_sums
+        parts = list(next(from_rows)) if grp.xs[i] else _zero_products(grp, qd, qx, stats)
+        if dense is not None:
+            if qd is not None:
+                parts[0] = parts[0].addmm_(dense.mT, qd)
+            if qx is not None:
+                parts[1] = parts[1].addmm_(dense, qx)
+            if stats:
+                parts[2], parts[3] = parts[2] + sums[0].to(grp.dtype), parts[3] + sums[1].to(grp.dtype)
+        out.append(tuple(parts))
+    return out
 
 
 def solve(layers: Sequence[Layer], ops, reduce: Optional[Callable[[List[Tensor]], None]] = None
@@ -307,11 +347,11 @@ def solve(layers: Sequence[Layer], ops, reduce: Optional[Callable[[List[Tensor]]
                 blocks[side] = torch.cat(chosen, -1).contiguous() if chosen else None
             for i in range(len(grp.layers)):
                 qd, qx = (None if blocks[s] is None else blocks[s][i] for s in ("A", "B"))
-                jobs.append((grp.xs[i], grp.gs[i], qd, qx, want_stats))
+                jobs.append((grp, i, qd, qx, want_stats))
             active.append(grp)
         if not jobs:
             break
-        results = ops.row_pass(jobs)
+        results = _products(jobs, ops)
         if reduce is not None:
             reduce([t for res in results for t in res if t is not None])
         # 3. The statistics' metrics, then every half-step's small solves (one call).

@@ -4,21 +4,27 @@ from __future__ import annotations
 
 from typing import Optional, Tuple
 
+import torch
 from torch import nn
 
+from .._checks import check_choice, check_int, check_real
 from . import functional as F
-from .base import LoRAOptimizer, OtherSpec, _check_choice, _check_int, _check_real
+from ._inner import OtherSpec
+from .base import LoRAOptimizer
 
 __all__ = ["OPLoRA", "ScaledOPLoRA"]
 
 
-def _common(lr, iters, prox, momentum_rank, start) -> dict:
+def _common(lr, iters, prox, momentum_rank, start, seed) -> dict:
+    """The hyper-parameters both LoRSum optimizers share, validated. ``seed`` None: one drawn from
+    torch's global generator (reproducible under ``torch.manual_seed``)."""
     return {
-        "lr": _check_real(lr, "lr", low=0.0),
-        "iters": _check_int(iters, "iters", low=0),
-        "prox": _check_real(prox, "prox", low=0.0),
-        "momentum_rank": None if momentum_rank is None else _check_int(momentum_rank, "momentum_rank", low=1),
-        "start": _check_choice(start, "start", ("A", "B")),
+        "lr": check_real(lr, "lr", low=0.0),
+        "iters": check_int(iters, "iters", low=0),
+        "prox": check_real(prox, "prox", low=0.0),
+        "momentum_rank": None if momentum_rank is None else check_int(momentum_rank, "momentum_rank", low=1),
+        "start": check_choice(start, "start", ("A", "B")),
+        "seed": int(torch.randint(0, 2**62, (1,)).item()) if seed is None else check_int(seed, "seed"),
     }
 
 
@@ -51,8 +57,9 @@ class OPLoRA(LoRAOptimizer):
         other, other_kwargs, strict: see :class:`oplora.optim.base.LoRAOptimizer`.
         seed: seed of the random momentum start (default: drawn from torch's global generator;
             broadcast from rank 0 under torch.distributed).
-        max_grad_norm, skip_nonfinite, process_group: clipping of the implicit gradient, NaN/Inf
-            handling, data-parallel group: see :class:`oplora.optim.base.LoRAOptimizer`.
+        max_grad_norm, skip_nonfinite, process_group, capture: clipping of the implicit gradient,
+            NaN/Inf handling, data-parallel group, what is held between backward and step
+            (rows or the dense gradient): see :class:`oplora.optim.base.LoRAOptimizer`.
 
     State per layer (keyed by its B factor): ``step``, ``momentum_U`` (m x k), ``momentum_V``
     (k x n) in the factors' dtype: params + state = 2x the LoRA parameters (Adam: 3x).
@@ -62,21 +69,21 @@ class OPLoRA(LoRAOptimizer):
                  iters: int = 1, prox: float = 1e-2, momentum_rank: Optional[int] = None, start: str = "A",
                  other: OtherSpec = "adamw", other_kwargs: Optional[dict] = None, strict: bool = False,
                  seed: Optional[int] = None, max_grad_norm: Optional[float] = None, skip_nonfinite: bool = False,
-                 process_group=None):
-        defaults = _common(lr, iters, prox, momentum_rank, start)
-        defaults["momentum"] = _check_real(momentum, "momentum", low=0.0, high=1.0, high_open=True)
-        defaults["dampening"] = _check_real(dampening, "dampening", low=0.0, high=1.0)
-        defaults["seed"] = self._default_seed(seed)
+                 process_group=None, capture: str = "auto"):
+        defaults = _common(lr, iters, prox, momentum_rank, start, seed)
+        defaults["momentum"] = check_real(momentum, "momentum", low=0.0, high=1.0, high_open=True)
+        defaults["dampening"] = check_real(dampening, "dampening", low=0.0, high=1.0)
         super().__init__(model, defaults, other=other, other_kwargs=other_kwargs, strict=strict,
-                         max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite, process_group=process_group)
+                         max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite, process_group=process_group,
+                         capture=capture)
 
-    def _update_site(self, index, site, chunks, state, group):
+    def _plan(self, index, site, chunks, folded, state, group, ctx: F.StepContext) -> F.Plan:
         return F.plan_oplora(
-            site.B, site.A, chunks, state,
+            site.B, site.A, chunks, state, folded=folded,
             lr=float(group["lr"]), momentum=float(group["momentum"]), dampening=float(group["dampening"]),
             iters=int(group["iters"]), prox=float(group["prox"]), start=group["start"],
             momentum_rank=group["momentum_rank"] or site.B.shape[1], seed=self._site_seed(group, index),
-            inv_scale=self._grad_coeff,
+            grad_coeff=ctx.grad_coeff,
         )
 
 
@@ -98,7 +105,7 @@ class ScaledOPLoRA(LoRAOptimizer):
         damping: > 0, added to the statistics before the power.
         metric_power: p in [0, 1] (1: K-FAC, 1/2: its square root, 0: OPLoRA).
         iters, prox, momentum_rank, start, other, other_kwargs, strict, seed, max_grad_norm,
-            skip_nonfinite, process_group: as in :class:`OPLoRA`.
+            skip_nonfinite, process_group, capture: as in :class:`OPLoRA`.
         metric: ``"diag"`` (vectors, the default) or ``"dense"`` (n x n and m x m EMAs, for small
             layers: memory m^2 + n^2 per layer and an eigen-decomposition per step).
         statistics: ``"kfac"`` (X and g, above) or ``"shampoo"`` (``G G^T`` and ``G^T G``, whose
@@ -120,21 +127,21 @@ class ScaledOPLoRA(LoRAOptimizer):
                  init_metric_scale: float = 1.0, momentum_rank: Optional[int] = None, start: str = "A",
                  other: OtherSpec = "adamw", other_kwargs: Optional[dict] = None, strict: bool = False,
                  seed: Optional[int] = None, max_grad_norm: Optional[float] = None, skip_nonfinite: bool = False,
-                 process_group=None):
-        defaults = _common(lr, iters, prox, momentum_rank, start)
+                 process_group=None, capture: str = "auto"):
+        defaults = _common(lr, iters, prox, momentum_rank, start, seed)
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"betas must be a pair (b1, b2), got {betas!r}")
-        defaults["betas"] = (_check_real(betas[0], "betas[0]", low=0.0, high=1.0, high_open=True),
-                             _check_real(betas[1], "betas[1]", low=0.0, high=1.0, high_open=True))
-        defaults["metric_power"] = _check_real(metric_power, "metric_power", low=0.0, high=1.0)
-        defaults["damping"] = _check_real(damping, "damping", low=0.0, low_open=True)
-        defaults["metric"] = _check_choice(metric, "metric", ("diag", "dense"))
-        defaults["statistics"] = _check_choice(statistics, "statistics", ("kfac", "shampoo"))
-        defaults["loss_reduction"] = _check_choice(loss_reduction, "loss_reduction", ("mean", "sum"))
-        defaults["init_metric_scale"] = _check_real(init_metric_scale, "init_metric_scale", low=0.0, low_open=True)
-        defaults["seed"] = self._default_seed(seed)
+        defaults["betas"] = (check_real(betas[0], "betas[0]", low=0.0, high=1.0, high_open=True),
+                             check_real(betas[1], "betas[1]", low=0.0, high=1.0, high_open=True))
+        defaults["metric_power"] = check_real(metric_power, "metric_power", low=0.0, high=1.0)
+        defaults["damping"] = check_real(damping, "damping", low=0.0, low_open=True)
+        defaults["metric"] = check_choice(metric, "metric", ("diag", "dense"))
+        defaults["statistics"] = check_choice(statistics, "statistics", ("kfac", "shampoo"))
+        defaults["loss_reduction"] = check_choice(loss_reduction, "loss_reduction", ("mean", "sum"))
+        defaults["init_metric_scale"] = check_real(init_metric_scale, "init_metric_scale", low=0.0, low_open=True)
         super().__init__(model, defaults, other=other, other_kwargs=other_kwargs, strict=strict,
-                         max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite, process_group=process_group)
+                         max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite, process_group=process_group,
+                         capture=capture)
 
     def _distributed_unsupported(self, defaults):
         if defaults["statistics"] == "shampoo":
@@ -142,13 +149,20 @@ class ScaledOPLoRA(LoRAOptimizer):
                     "crosses the network; use statistics='kfac'")
         return super()._distributed_unsupported(defaults)
 
-    def _update_site(self, index, site, chunks, state, group):
+    def _fold_stats(self, defaults: dict) -> Optional[str]:
+        if defaults["statistics"] == "kfac":
+            return defaults["metric"]  # "diag": column sums of squares; "dense": Grams
+        return None  # Shampoo: from G itself
+
+    def _plan(self, index, site, chunks, folded, state, group, ctx: F.StepContext) -> F.Plan:
+        if not (group["metric"] == "diag" and group["statistics"] == "kfac"):
+            chunks, folded = [], self._fold_all(site)  # these statistics are computed from G itself
         return F.plan_scaled_oplora(
-            site.B, site.A, chunks, state,
+            site.B, site.A, chunks, state, folded=folded,
             lr=float(group["lr"]), betas=tuple(float(b) for b in group["betas"]), damping=float(group["damping"]),
             metric_power=float(group["metric_power"]), iters=int(group["iters"]), prox=float(group["prox"]),
             start=group["start"], metric=group["metric"], statistics=group["statistics"],
             loss_reduction=group["loss_reduction"], init_metric_scale=float(group["init_metric_scale"]),
             momentum_rank=group["momentum_rank"] or site.B.shape[1], seed=self._site_seed(group, index),
-            inv_scale=self._grad_coeff, rows=self._rows.get(index), reduce=self._reduce,
+            grad_coeff=ctx.grad_coeff, rows=ctx.rows.get(index), reduce=ctx.reduce,
         )

@@ -1,0 +1,174 @@
+"""What an optimizer refuses, and why: the checks that keep a step from silently mis-training.
+
+At construction: a model that is not a module, sharded (FSDP) parameters, LoRA layers that cannot
+be captured (warned, or refused with ``strict=True``), a model with none, a bad ``max_grad_norm``.
+At every step, before anything moves: a model changed since construction, a layer on mixed
+devices, a captured X modified in place after its backward pass, NaN/Inf in what the step reads.
+Each check names the layer or parameter; the optimizer (``oplora.optim.base``) decides the order.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import sys
+import warnings
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from torch import Tensor, nn
+
+from .._checks import check_real, first_nonfinite
+from ..capture import LoRASite, find_lora_sites
+
+__all__ = ["check_max_norm", "refuse_sharded", "lora_sites", "check_model", "find_nonfinite"]
+
+_SHARDED_PLAN = (
+    "oplora optimizers need every rank to hold whole LoRA factors (B m x r, A r x n), as under "
+    "DistributedDataParallel, which is supported (the thin products are reduced, never X, D or "
+    "m x n). Planned for FSDP: keep the LoRA modules replicated (FSDP ignored_modules / not "
+    "passed to fully_shard) and shard only the frozen base weights, with the thin products reduced "
+    "as under DDP. Until then wrap the model with DistributedDataParallel")
+
+
+def check_max_norm(value) -> Optional[float]:
+    """``max_grad_norm``: None (no clipping), a real > 0, or ``math.inf`` (measure, never clip)."""
+    if value is None:
+        return None
+    if isinstance(value, numbers.Real) and not isinstance(value, bool) and value == math.inf:
+        return math.inf
+    return check_real(value, "max_grad_norm", low=0.0, low_open=True)
+
+
+def _sharded(model: nn.Module) -> Optional[str]:
+    """The first FSDP-wrapped module or DTensor parameter of ``model`` (its description), or None.
+
+    Only the types of modules already imported are looked up: a model cannot hold FSDP or DTensor
+    objects unless their modules were imported, so nothing is imported here.
+    """
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    types = tuple(cls for cls in (getattr(fsdp, name, None) for name in ("FullyShardedDataParallel", "FSDPModule"))
+                  if isinstance(cls, type))
+    if types:
+        for name, module in model.named_modules():
+            if isinstance(module, types):
+                return f"module {name or '<the model>'!r} is {type(module).__name__} (FSDP)"
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    if isinstance(dtensor, type):
+        for name, p in model.named_parameters():
+            if isinstance(p, dtensor):
+                return f"parameter {name!r} is a DTensor (FSDP2 fully_shard or tensor parallel)"
+    return None
+
+
+def refuse_sharded(owner: str, model: nn.Module) -> None:
+    """``NotImplementedError`` with the plan when ``model`` holds FSDP modules or DTensors."""
+    sharded = _sharded(model)
+    if sharded is not None:
+        raise NotImplementedError(f"{owner}: {sharded}; {_SHARDED_PLAN}")
+
+
+def lora_sites(owner: str, model: nn.Module, *, strict: bool, other_name: str) -> List[LoRASite]:
+    """The LoRA layers the optimizer trains. Unsupported LoRA layers are refused
+    (``strict=True``, ValueError) or left to the other-parameter optimizer with a warning; a
+    model with no trainable LoRA layer is refused (ValueError)."""
+    sites, unsupported = find_lora_sites(model)
+    if unsupported:
+        listing = "; ".join(f"{u.name}: {u.reason}" for u in unsupported)
+        if strict:
+            raise ValueError(f"{owner}(strict=True): unsupported LoRA layers: {listing}")
+        warnings.warn(f"{owner}: these LoRA layers cannot be captured and are trained by the "
+                      f"other-parameter optimizer ({other_name}) instead: {listing}", stacklevel=4)
+    if not sites:
+        raise ValueError(f"{owner}: the model has no trainable LoRA layer "
+                         "(oplora.LoRALinear or PEFT lora.Linear with requires_grad factors); "
+                         "add adapters with oplora.add_lora(...) or peft.get_peft_model(...)")
+    return sites
+
+
+def check_model(owner: str, model: Optional[nn.Module], sites: Sequence[LoRASite], lora: Sequence[Tensor],
+                known: Sequence[Tensor]) -> None:
+    """Refuse (RuntimeError naming them) changes of ``model`` since the optimizer was built that
+    would silently lose or skip training: LoRA layers added or removed, factors replaced by new
+    tensors or with ``requires_grad`` off, trainable parameters the optimizer does not know
+    (``known``: every parameter of its groups; ``lora``: A then B of each site). An other
+    parameter with ``requires_grad`` turned off simply gets no gradient and is skipped by its
+    optimizer, as with any torch optimizer. ``model`` None (garbage collected): factors only."""
+    params = [] if model is None else list(model.parameters())
+    present = None if model is None else {id(p) for p in params}
+    problems = []
+    for index, site in enumerate(sites):
+        a, b = lora[2 * index], lora[2 * index + 1]
+        if site.A is not a or site.B is not b:
+            problems.append(f"LoRA layer {site.name!r}: a factor was replaced by a new tensor")
+        elif present is not None and (id(a) not in present or id(b) not in present):
+            problems.append(f"LoRA layer {site.name!r} was removed from the model")
+        elif not (a.requires_grad and b.requires_grad):
+            problems.append(f"LoRA layer {site.name!r}: requires_grad was turned off on its factors "
+                            "(it would silently stop training)")
+    known_ids = {id(p) for p in known}
+    unknown = {id(p) for p in params if p.requires_grad and id(p) not in known_ids}
+    if unknown:
+        added = []
+        for site in find_lora_sites(model)[0]:
+            if id(site.A) in unknown or id(site.B) in unknown:
+                added.append(f"LoRA layer {site.name!r}")
+                unknown -= {id(site.A), id(site.B)}
+        names = [name for name, p in model.named_parameters() if id(p) in unknown]
+        listing = ", ".join(added + [f"parameter {n!r}" for n in names])
+        problems.append(f"trainable but unknown to the optimizer (added, or requires_grad turned on, "
+                        f"after it was built; they would not be trained): {listing}")
+    if problems:
+        raise RuntimeError(f"{owner}: the model changed after the optimizer was built: {'; '.join(problems)}. "
+                           "Build a new optimizer for the changed model (state_dict() keeps the state of the "
+                           "layers that remain). Nothing was updated")
+
+
+def _check_devices(owner: str, site: LoRASite, state: Dict) -> None:
+    device = site.B.device
+    found = {f"A on {site.A.device}"} if site.A.device != device else set()
+    for x, g, _ in site.chunks:
+        if x.device != device:
+            found.add(f"captured X on {x.device}")
+        if g.device != device:
+            found.add(f"captured sD on {g.device}")
+    if site.folded is not None and site.folded.g.device != device:
+        found.add(f"folded gradient on {site.folded.g.device}")
+    for key, value in state.items():
+        if isinstance(value, Tensor) and value.device != device:
+            found.add(f"state {key!r} on {value.device}")
+    if found:
+        raise RuntimeError(f"{owner}: LoRA layer {site.name!r} mixes devices: B on {device}, "
+                           f"{', '.join(sorted(found))} (model moved between backward() and step(), or "
+                           "after the state was created? move it before the first step, or reload the "
+                           "state with load_state_dict); nothing was updated")
+
+
+def find_nonfinite(owner: str, sites: Sequence[LoRASite], captured: bool, state: Dict,
+                   others: Sequence[Tuple[str, Tensor]]) -> Optional[str]:
+    """What holds NaN/Inf among the captured X and sD of ``sites`` (their factor gradients when
+    not ``captured``) and the other parameters' gradients ``others`` (name, grad); None when
+    all is finite. Raises RuntimeError, naming the layer, for a captured X modified in place
+    since its backward pass and for a layer on mixed devices (``state``: the optimizer's)."""
+    named: List[Tuple[str, Tensor]] = []
+    for site in sites:
+        if not captured:
+            named += [(f"the gradient of {what} of LoRA layer {site.name!r}", p.grad)
+                      for what, p in (("A", site.A), ("B", site.B)) if p.grad is not None]
+            continue
+        if site.chunks or site.folded is not None:
+            _check_devices(owner, site, state.get(site.B, {}))
+        if site.modified or any(x._version != v for (x, _, _), v in zip(site.chunks, site.x_versions)):
+            raise RuntimeError(f"{owner}: the input X captured for LoRA layer {site.name!r} was modified in place "
+                               "after its backward pass (a reused input buffer?); the step would use the wrong X. "
+                               "Nothing was updated")
+        for x, g, _ in site.chunks:
+            named += [(f"the captured X of LoRA layer {site.name!r}", x),
+                      (f"the captured sD of LoRA layer {site.name!r}", g)]
+        if site.folded is not None:
+            named += [(f"the captured X or captured sD of LoRA layer {site.name!r} (folded into its dense "
+                       "gradient)", t) for t in site.folded.tensors()]
+    named += [(f"the gradient of parameter {name!r}", grad) for name, grad in others]
+    if not named:
+        return None
+    bad = first_nonfinite([t for _, t in named])
+    return None if bad is None else named[bad][0]

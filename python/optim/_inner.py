@@ -1,0 +1,53 @@
+"""The torch optimizers the LoRA optimizers hand work to: AdamW (or another) for the other
+trainable parameters, and RiemannianLoRA's base optimizer for the factors. Each shares the LoRA
+optimizer's param group dict and its ``state`` (:func:`share`), so schedulers and
+``state_dict()`` see one optimizer.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Type, Union
+
+import torch
+from torch import nn
+
+__all__ = ["OtherSpec", "resolve", "build", "share"]
+
+OtherSpec = Union[str, Type[torch.optim.Optimizer]]
+_OTHER = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD, "adam": torch.optim.Adam}
+
+
+def resolve(spec: OtherSpec, what: str) -> Type[torch.optim.Optimizer]:
+    """The optimizer class ``spec`` names (a name in ``_OTHER`` or an Optimizer subclass)."""
+    if isinstance(spec, str) and spec.lower() in _OTHER:
+        return _OTHER[spec.lower()]
+    if isinstance(spec, type) and issubclass(spec, torch.optim.Optimizer):
+        return spec
+    raise ValueError(f"{what} must be one of {', '.join(map(repr, _OTHER))} or a "
+                     f"torch.optim.Optimizer subclass, got {spec!r}")
+
+
+def build(spec: OtherSpec, params: List[nn.Parameter], lr: float, kwargs: Optional[dict],
+          what: str) -> torch.optim.Optimizer:
+    """A torch optimizer over ``params`` (``spec`` a name in ``_OTHER`` or an Optimizer class)."""
+    cls = resolve(spec, what)
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise ValueError(f"{what}_kwargs must be a dict, got {type(kwargs).__name__}")
+    kwargs = dict(kwargs or {})
+    kwargs.setdefault("lr", lr)
+    try:
+        return cls(params, **kwargs)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{what}={cls.__name__} rejected {what}_kwargs={kwargs!r}: {err}") from err
+
+
+def share(inner: torch.optim.Optimizer, group: dict, state) -> torch.optim.Optimizer:
+    """Make ``inner`` work on ``group`` (the owner's dict, which takes ``inner``'s defaults it
+    lacks) and on the owner's ``state``; returns ``inner``."""
+    (inner_group,) = inner.param_groups
+    for key, value in inner_group.items():
+        if key != "params":
+            group.setdefault(key, value)
+    inner.param_groups = [group]
+    inner.state = state
+    return inner

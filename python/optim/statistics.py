@@ -1,0 +1,165 @@
+"""ScaledOPLoRA's statistics: the EMAs whose powers are the metric of its step (SPEC section 3).
+
+Diagonal K-FAC (the default): ``d_in <- b2 d_in + (1 - b2) mean_t x_t^2`` (n) and
+``d_out <- b2 d_out + (1 - b2) c sum_t g_t^2`` (m), ``g_t = s D_t``, ``c = T`` for a mean loss
+(the per-example gradient scale), ``1/T`` for a summed one. Their sums of squares ride along the
+step's first pass over the rows (``row_pass``), so :class:`KfacDiagRule` is a rule the step
+engine evaluates; :func:`update_statistics` computes the other kinds up front from the rows
+folded into the dense gradient (dense K-FAC Grams, Shampoo's ``G G^T`` / ``G^T G``). The metric is ``(d + damping)^p``
+(:func:`metric_from_statistics`). Statistics are kept in float32 (float64 for float64 factors).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from ..capture import Folded
+from . import engine
+
+__all__ = ["KfacDiagRule", "update_statistics", "metric_from_statistics", "grad_blocks"]
+
+Chunks = Sequence[Tuple[Tensor, Tensor]]
+
+
+def grad_blocks(chunks: Chunks, dtype: torch.dtype, block: int = 256) -> Iterator[Tuple[int, Tensor]]:
+    """The implicit gradient ``G = sum_j sD_j^T X_j`` (m x n) in blocks of ``block`` of its rows:
+    ``(lo, G[lo:lo + block])``, never all of m x n at once (``block n`` memory)."""
+    m = chunks[0][1].shape[1]
+    for lo in range(0, m, block):
+        yield lo, sum((g[:, lo:lo + block].to(dtype).mT @ x.to(dtype) for x, g in chunks))
+
+
+def _statistics_start(state: Dict, *, metric: str, init_scale: float, n: int, m: int, device: torch.device,
+                      dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+    if "d_in" in state:
+        return state["d_in"], state["d_out"]
+    if metric == "diag":
+        return (torch.full((n,), init_scale, dtype=dtype, device=device),
+                torch.full((m,), init_scale, dtype=dtype, device=device))
+    return init_scale * torch.eye(n, dtype=dtype, device=device), init_scale * torch.eye(m, dtype=dtype, device=device)
+
+
+def _out_scale(rows: int, loss_reduction: str, grad_coeff: float) -> float:
+    """``c * grad_coeff^2``: c = T for a mean loss, 1/T for a summed one (SPEC section 3)."""
+    return (float(rows) if loss_reduction == "mean" else 1.0 / rows) * grad_coeff**2
+
+
+def _per_layer(values: Sequence[float], like: Tensor) -> Union[float, Tensor]:
+    """One number per layer of a stack: a float when they are all equal, else a b x 1 tensor."""
+    if all(v == values[0] for v in values):
+        return float(values[0])
+    return torch.tensor(values, dtype=torch.float64, device=like.device)[:, None]
+
+
+def _diag_metric(d: Tensor, damping: float, power: float) -> Tensor:
+    """``(d + damping)^power`` elementwise (any shape); ones for ``power = 0``."""
+    return torch.ones_like(d) if power == 0.0 else (d + damping).pow(power)
+
+
+class KfacDiagRule(engine.StatsRule):
+    """A layer's diagonal K-FAC statistics as the step engine's :class:`~oplora.optim.engine.StatsRule`:
+    ``d_in <- b2 d_in + (1 - b2) sx / T`` and ``d_out <- b2 d_out + (1 - b2) c sg`` from the column
+    sums of squares of the step's first pass over the rows, ``sx = sum_t x_t^2`` (n) and
+    ``sg = sum_t g_t^2`` (m), and the metric ``((d_out + damping)^p, (d_in + damping)^p)`` (none
+    when ``p = 0``). :meth:`batch` evaluates the rules of a group's layers on stacks (per-layer
+    ``T`` and ``c`` as a b x 1 tensor when they differ) and writes each layer's new EMAs to its
+    ``out["d_in"]``, ``out["d_out"]``. ``grad_coeff`` multiplies the captured sD (its statistics
+    scale by its square); ``rows`` is T (of all ranks under data parallelism)."""
+
+    def __init__(self, state: Dict, rows: int, out: Dict, *, beta2: float, loss_reduction: str, init_scale: float,
+                 dtype: torch.dtype, grad_coeff: float, damping: float, power: float):
+        self.state, self.rows, self.out = state, rows, out
+        self.out_scale = _out_scale(rows, loss_reduction, grad_coeff)
+        self.beta2, self.init_scale, self.dtype, self.damping, self.power = beta2, init_scale, dtype, damping, power
+        self.key = (beta2, init_scale, dtype, damping, power)
+
+    @staticmethod
+    def batch(rules: Sequence["KfacDiagRule"], sx: Tensor, sg: Tensor
+              ) -> Optional[Tuple[Optional[Tensor], Optional[Tensor]]]:
+        first = rules[0]
+        starts = [_statistics_start(rule.state, metric="diag", init_scale=first.init_scale, n=sx.shape[-1],
+                                    m=sg.shape[-1], device=sx.device, dtype=first.dtype) for rule in rules]
+        d_in, d_out = (engine.stack_layers([start[k] for start in starts]) for k in (0, 1))
+        rows, out_scale = (_per_layer([getattr(rule, name) for rule in rules], sx) for name in ("rows", "out_scale"))
+        b2 = first.beta2
+        new_in = d_in * b2 + (1.0 - b2) * (sx.to(first.dtype) / rows)
+        new_out = d_out * b2 + (1.0 - b2) * (sg.to(first.dtype) * out_scale)
+        for rule, d_in_i, d_out_i in zip(rules, new_in, new_out):
+            rule.out["d_in"], rule.out["d_out"] = d_in_i, d_out_i
+        if first.power == 0.0:
+            return None
+        return (_diag_metric(new_out, first.damping, first.power), _diag_metric(new_in, first.damping, first.power))
+
+
+def update_statistics(
+    state: Dict,
+    folded: Folded,
+    *,
+    beta2: float,
+    metric: str,
+    statistics: str,
+    loss_reduction: str,
+    init_scale: float,
+    grad_coeff: float = 1.0,
+    rows: Optional[int] = None,
+    reduce: Optional[Callable[[List[Tensor]], None]] = None,
+) -> Tuple[Tensor, Tensor]:
+    """The EMAs ``d_in`` and ``d_out`` of ``state`` updated by this step's rows, all folded into
+    ``folded`` (``oplora.capture.Folded``), as new tensors (``state`` is not modified), for every
+    kind but diagonal K-FAC (:class:`KfacDiagRule`).
+
+    ``statistics="kfac"``, ``metric="dense"``: the matrices ``X^T X / T`` (n x n) and
+    ``c g^T g`` (m x m) (the fold's Grams). ``statistics="shampoo"``: the statistics of G itself,
+    ``d_out`` from ``c G G^T`` and ``d_in`` from ``c G^T G`` (their diagonals, or the matrices
+    with ``metric="dense"``), with the same ``c`` as the authors' code; Shampoo's own
+    preconditioner ``L^-1/4 G R^-1/4`` is ``metric_power=0.25``. The EMAs start at
+    ``init_scale * ones`` (``init_scale * I`` for dense); ``grad_coeff`` as in :class:`KfacDiagRule`.
+
+    Data parallel (K-FAC only): ``rows`` is the row count of all ranks together (default: the
+    local one) and ``reduce`` sums the local Grams over the ranks in place before they are
+    scaled; the Shampoo statistics need G itself and take no ``reduce`` (ValueError).
+    """
+    rows = folded.rows if rows is None else rows
+    g = folded.g
+    m, n = g.shape
+    d_in, d_out = _statistics_start(state, metric=metric, init_scale=init_scale, n=n, m=m, device=g.device,
+                                    dtype=g.dtype)
+    out_scale = _out_scale(rows, loss_reduction, grad_coeff)
+    if statistics == "kfac":
+        if metric != "dense":
+            raise ValueError("diagonal K-FAC statistics are summed in the step's first row pass (KfacDiagRule)")
+        sum_in, sum_out = folded.gram_x.clone(), folded.gram_g.clone()
+        if reduce is not None:
+            reduce([sum_in, sum_out])
+        new_in, new_out = sum_in / rows, sum_out * out_scale
+    else:
+        if reduce is not None:
+            raise ValueError("the Shampoo statistics need the m x n gradient G itself; they cannot be "
+                             "reduced over data-parallel ranks from thin products")
+        if metric == "diag":
+            sq = g.square()
+            new_out, new_in = sq.sum(1), sq.sum(0)
+        else:
+            new_out, new_in = g @ g.mT, g.mT @ g
+        new_out, new_in = new_out * out_scale, new_in * out_scale
+    return d_in * beta2 + (1.0 - beta2) * new_in, d_out * beta2 + (1.0 - beta2) * new_out
+
+
+def metric_from_statistics(d: Tensor, damping: float, power: float) -> Tensor:
+    """``(d + damping)^power``: elementwise for a diagonal, by eigen-decomposition for a matrix.
+
+    ``power = 0`` gives the identity metric (ones, or I) exactly.
+    """
+    if d.dim() == 1:
+        return _diag_metric(d, damping, power)
+    if power == 0.0:
+        return torch.eye(d.shape[0], dtype=d.dtype, device=d.device)
+    sym = 0.5 * (d + d.mT)
+    evals, evecs = torch.linalg.eigh(sym.double())
+    # An EMA of Gram matrices is PSD; clamp the rounding-level negative eigenvalues.
+    scaled = evecs * (evals.clamp_min(0.0) + damping).pow(power)
+    out = scaled @ evecs.mT
+    return (0.5 * (out + out.mT)).to(d.dtype)
