@@ -27,7 +27,11 @@ Bytes and floor: ``bytes`` is what the operation must read and write at the leas
 reads X and G once (``T (m + n)`` elements each), plus the thin operands; AdamW's gradients
 read X and G once. ``floor_s = bytes / bandwidth``, the bandwidth measured on this device with a
 large device-to-device copy (read + write bytes / time). ``x_floor = time / floor_s``;
-``x_adamw`` = time / the ``adamw grads+step`` time of the same scope. ``tensor_ops`` and
+``x_adamw`` = time / the ``adamw grads+step`` time of the same scope (for reference only: AdamW
+reads no activations, so it is no yardstick for the step). ``params``: the frozen weights
+(sum of m n) of the scope's layers; ``fwd_bwd_s = 6 params tokens / rate``, a forward+backward
+over the same tokens at the bf16 matmul rate measured on this device (an 8192^3 product of
+random matrices); ``x_fwd_bwd = time / fwd_bwd_s``. ``tensor_ops`` and
 ``triton_launches``: what one call launches (``oplora.bench._common.count_ops``): the step engine
 stacks same-shaped layers, so the ``model`` scope's step should cost about as many as one
 layer's of each shape together, not 224 layers' worth.
@@ -37,7 +41,7 @@ LoRSum vs SVD at 4096 x 4096, r 16 (``oplora.bench.lorsum``): LoRSum iters 0/1/2
 
 Output in ``--out`` (default ``bench/results``): ``kernels_<device>[_smoke].csv`` (one row per
 scope and provider, with the machine, versions, date and command), ``.md`` (tables and the
-SPEC section 4 ratios) and ``.png``.
+SPEC section 4 ratios and the targets, ``oplora.bench._kernels_report``) and ``.png``.
 """
 
 from __future__ import annotations
@@ -56,13 +60,18 @@ from .. import _backend
 from ..optim import engine
 from ..optim import functional as F
 from . import lorsum as lorsum_bench
-from ._common import count_ops, format_table, machine_info, measure, write_results
+from ._common import count_ops, machine_info, markdown_header, measure, suite_parser, write_results
+from ._kernels_report import kernel_table, plot, targets
 
 #: (name, m = out features, n = in features) of one transformer block's LoRA layers.
 BLOCK_7B = [("q", 4096, 4096), ("k", 4096, 4096), ("v", 4096, 4096), ("o", 4096, 4096),
             ("gate", 11008, 4096), ("up", 11008, 4096), ("down", 4096, 11008)]
 BLOCK_SMOKE = [("q", 40, 40), ("k", 40, 40), ("v", 40, 40), ("o", 40, 40), ("gate", 72, 40), ("up", 72, 40),
                ("down", 40, 72)]
+#: The workload of a full run and of ``--smoke`` (the defaults of --blocks, --rank, --tokens);
+#: ``oplora.bench._aot`` compiles the specializations both launch.
+FULL = dict(block=BLOCK_7B, blocks=32, rank=16, tokens=4096)
+SMOKE = dict(block=BLOCK_SMOKE, blocks=1, rank=4, tokens=48)
 OPLORA = dict(lr=1e-3, momentum=0.9, dampening=0.0, iters=1, prox=1e-2, start="A")
 SCALED = dict(lr=1e-3, betas=(0.9, 0.999), damping=0.1, metric_power=1.0, iters=1, prox=1e-2, start="A",
               metric="diag", statistics="kfac", loss_reduction="mean", init_metric_scale=1.0)
@@ -186,6 +195,14 @@ def measure_bandwidth(device: torch.device, nbytes: int) -> float:
     return 2 * nbytes / timing.median
 
 
+def measure_matmul_rate(device: torch.device, n: int) -> float:
+    """bf16 matrix-product rate in FLOP/s: ``2 n^3`` / the median time of an n x n x n product
+    (random operands: zeros run faster on some GPUs)."""
+    a, b = (torch.randn(n, n, device=device).to(torch.bfloat16) for _ in range(2))
+    timing = measure(lambda: a @ b, device, warmup=3, repeats=10)
+    return 2 * n ** 3 / timing.median
+
+
 def providers(layers: Sequence[LoRALayer], r: int, block_t: int, block_c: int
               ) -> Dict[str, Callable[[], Callable[[], object]]]:
     """Name -> a setup that returns the call to time, for one scope. Setups run one at a time, so
@@ -219,17 +236,21 @@ def providers(layers: Sequence[LoRALayer], r: int, block_t: int, block_c: int
 
 
 def run_scope(scope: str, layers: List[LoRALayer], r: int, tokens: int, bandwidth: float, device: torch.device, *,
-              repeats: int, warmup: int, block_t: int, block_c: int, log: Callable[[str], None]) -> List[Dict]:
+              repeats: int, warmup: int, block_t: int, block_c: int, log: Callable[[str], None],
+              matmul_rate: float) -> List[Dict]:
     """Time every provider on one scope; one row each. A provider that runs out of GPU memory
-    gets a row with NaN times and the note ``out of memory``."""
+    gets a row with NaN times and the note ``out of memory``. ``matmul_rate`` (FLOP/s) prices
+    a forward+backward over the scope's tokens (module docstring)."""
     warm_states(layers, r, _backend.load("triton"))
     rows = []
+    params = sum(L.m * L.n for L in layers)
     for name, setup in providers(layers, r, block_t, block_c).items():
         log(f"  {scope}: {name}")
         nbytes = provider_bytes(name, layers, r)
         row: Dict[str, object] = {"scope": scope, "provider": name, "layers": len(layers), "m": layers[0].m,
                                   "n": layers[0].n, "r": r, "tokens": tokens, "dtype": str(layers[0].x.dtype),
-                                  "bytes": nbytes, "floor_s": nbytes / bandwidth, "note": ""}
+                                  "bytes": nbytes, "floor_s": nbytes / bandwidth, "params": params,
+                                  "fwd_bwd_s": 6 * params * tokens / matmul_rate, "note": ""}
         try:
             call = setup()
             timing = measure(call, device, warmup=warmup, repeats=repeats)
@@ -248,6 +269,7 @@ def run_scope(scope: str, layers: List[LoRALayer], r: int, tokens: int, bandwidt
     for row in rows:
         row["x_floor"] = row["time_median_s"] / row["floor_s"]
         row["x_adamw"] = row["time_median_s"] / adamw
+        row["x_fwd_bwd"] = row["time_median_s"] / row["fwd_bwd_s"]
     return rows
 
 
@@ -257,80 +279,8 @@ def lorsum_rows(device: torch.device, smoke: bool, repeats: int, warmup: int) ->
                             oversample=8, seed=0, progress=False)
 
 
-def _ms(seconds: float) -> str:
-    return "n/a" if math.isnan(seconds) else f"{1e3 * seconds:.3f}"
-
-
-def kernel_table(rows: Sequence[Dict], markdown: bool = False) -> str:
-    header = ["scope", "provider", "layers", "median ms", "min-max ms", "MB moved", "floor ms", "x floor",
-              "x adamw", "ops + launches"]
-    body = [[r["scope"], r["provider"], str(r["layers"]), _ms(r["time_median_s"]),
-             f"{_ms(r['time_min_s'])}-{_ms(r['time_max_s'])}", f"{r['bytes'] / 1e6:.1f}", _ms(r["floor_s"]),
-             f"{r['x_floor']:.2f}", f"{r['x_adamw']:.2f}", f"{r['tensor_ops']} + {r['triton_launches']}"]
-            for r in rows]
-    return format_table(header, body, markdown=markdown)
-
-
-def targets(rows: Sequence[Dict], svd_rows: Sequence[Dict]) -> List[str]:
-    """The SPEC section 4 ratios, as lines of text."""
-    by = {(r["scope"], r["provider"]): r for r in rows}
-    lines = []
-    for scope in dict.fromkeys(r["scope"] for r in rows):
-        rp = by[(scope, "row pass triton")]
-        st = by[(scope, "oplora step triton")]
-        lines.append(f"{scope}: fused row pass {rp['x_floor']:.2f}x its bandwidth floor (target <= 1.5); "
-                     f"OPLoRA step {st['x_floor']:.2f}x its floor, {st['x_adamw']:.2f}x AdamW's grads+step "
-                     f"(target <= 1.3); torch path / Triton: "
-                     f"{by[(scope, 'oplora step torch')]['time_median_s'] / st['time_median_s']:.2f}")
-    svd = {r["provider"]: r for r in svd_rows}
-    if svd:
-        lor = svd["lorsum iters=1"]
-        low = svd["torch.svd_lowrank"]
-        lines.append(f"LoRSum iters=1 at {lorsum_bench.row_label(lor)}: {lor['speedup_vs_svd']:.0f}x faster than "
-                     f"torch.linalg.svd (target >= 1000); svd_lowrank / LoRSum time "
-                     f"{low['time_median_s'] / lor['time_median_s']:.2f} (target > 1); rel err "
-                     f"{lor['rel_err']:.1e} vs svd_lowrank {low['rel_err']:.1e}")
-    return lines
-
-
-def plot(rows: Sequence[Dict], svd_rows: Sequence[Dict], path: str, title: str) -> None:
-    """Per scope, each provider's median time with its bandwidth floor; LoRSum vs SVD times."""
-    import matplotlib.pyplot as plt
-
-    scopes = list(dict.fromkeys(r["scope"] for r in rows))
-    names = list(dict.fromkeys(r["provider"] for r in rows))
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(15, 5.5), gridspec_kw={"width_ratios": [3, 1]})
-    width = 0.8 / len(names)
-    for i, name in enumerate(names):
-        pts = [(scopes.index(r["scope"]), r["time_median_s"], r["floor_s"]) for r in rows if r["provider"] == name]
-        xs = [x + (i - len(names) / 2 + 0.5) * width for x, _, _ in pts]
-        ax1.bar(xs, [t for _, t, _ in pts], width, label=name)
-        ax1.scatter(xs, [f for _, _, f in pts], marker="_", color="black", s=80, zorder=3,
-                    label="bandwidth floor" if i == 0 else None)
-    ax1.set_yscale("log")
-    ax1.set_xticks(range(len(scopes)))
-    ax1.set_xticklabels(scopes)
-    ax1.set_ylabel("median time per call [s]")
-    ax1.set_title("fused Triton vs torch path vs AdamW (black: bytes / measured bandwidth)")
-    ax1.grid(True, axis="y", which="both", alpha=0.3)
-    ax1.legend(fontsize=7, ncol=2)
-    if svd_rows:
-        ax2.bar(range(len(svd_rows)), [r["time_median_s"] for r in svd_rows])
-        ax2.set_xticks(range(len(svd_rows)))
-        ax2.set_xticklabels([r["provider"] for r in svd_rows], rotation=45, ha="right", fontsize=7)
-        ax2.set_yscale("log")
-        ax2.set_title(f"LoRSum vs SVD, {lorsum_bench.row_label(svd_rows[0])}", fontsize=9)
-        ax2.grid(True, axis="y", which="both", alpha=0.3)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="oplora-bench --suite kernels", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--suite", default="kernels", help="the suite (this one: kernels)")
+    p = suite_parser("kernels", __doc__)
     p.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="default: cuda when a GPU is visible, else cpu (only with --smoke and TRITON_INTERPRET=1)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, 1 block: seconds (CPU interpreter or GPU)")
@@ -346,8 +296,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated scopes to run: layer names (q, gate, down) and/or model (default: all)")
     p.add_argument("--no-lorsum", action="store_true", help="skip LoRSum vs SVD")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=os.path.join("bench", "results"), help="output folder (default bench/results)")
-    p.add_argument("--no-plot", action="store_true", help="skip the PNG (skipped anyway, with a message, without matplotlib)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     return p
 
@@ -363,7 +311,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    block = BLOCK_SMOKE if args.smoke else BLOCK_7B
+    size = SMOKE if args.smoke else FULL
+    block = size["block"]
     shapes = {}
     for name, m, n in block:
         shapes.setdefault((m, n), name)  # one layer scope per distinct shape
@@ -382,9 +331,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if device.type == "cuda" and triton_row_pass.interpreting():
         raise SystemExit("oplora-bench --suite kernels: TRITON_INTERPRET=1 is set; unset it to measure the compiled "
                          "kernels on the GPU")
-    blocks = args.blocks or (1 if args.smoke else 32)
-    r = args.rank or (4 if args.smoke else 16)
-    tokens = args.tokens or (48 if args.smoke else 4096)
+    blocks, r, tokens = args.blocks or size["blocks"], args.rank or size["rank"], args.tokens or size["tokens"]
     dtype = DTYPES[args.dtype]
     repeats = args.repeats or (2 if args.smoke else 10)
     warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 2)
@@ -395,24 +342,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"backend for {device.type}: {oplora.backend_info()['selected'][device.type]}", flush=True)
 
     bandwidth = measure_bandwidth(device, (1 << 20) * (16 if args.smoke else 2048))
+    matmul_rate = measure_matmul_rate(device, 128 if args.smoke else 8192)
     rows: List[Dict] = []
     for (m, n), name in shapes.items():
         if name not in chosen:
             continue
         layers = make_layers([(name, m, n)], 1, r, tokens, dtype, device, args.seed)
         rows += run_scope(f"layer {name}", layers, r, tokens, bandwidth, device, repeats=repeats, warmup=warmup,
-                          block_t=args.block_t, block_c=args.block_c, log=log)
+                          block_t=args.block_t, block_c=args.block_c, log=log, matmul_rate=matmul_rate)
         del layers
     if "model" in chosen:
         layers = make_layers(block, blocks, r, tokens, dtype, device, args.seed)
         rows += run_scope("model", layers, r, tokens, bandwidth, device, repeats=repeats, warmup=warmup,
-                          block_t=args.block_t, block_c=args.block_c, log=log)
+                          block_t=args.block_t, block_c=args.block_c, log=log, matmul_rate=matmul_rate)
         del layers
     if device.type == "cuda":
         torch.cuda.empty_cache()
     svd_rows = [] if args.no_lorsum else lorsum_rows(device, args.smoke, min(repeats, 5), warmup)
 
-    meta = {**info, "command": command, "bandwidth_GBps": bandwidth / 1e9}
+    meta = {**info, "command": command, "bandwidth_GBps": bandwidth / 1e9, "matmul_bf16_TFLOPs": matmul_rate / 1e12}
     csv_rows = [{**meta, **row} for row in rows] + [{**meta, "scope": "lorsum vs svd", **row} for row in svd_rows]
     summary = targets(rows, svd_rows)
     print(kernel_table(rows))
@@ -421,14 +369,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print("\n".join(summary))
 
     stem = os.path.join(args.out, f"kernels_{device.type}{'_smoke' if args.smoke else ''}")
-    markdown = (f"# Fused Triton step vs torch path vs AdamW ({device.type})\n\n"
-                f"- command: `{command}`\n- machine: {info['device_name']}; measured copy bandwidth "
-                f"{bandwidth / 1e9:.1f} GB/s\n"
-                f"- torch {info['torch']}, triton {info['triton']}, Python {info['python']}, oplora {info['oplora']}, "
-                f"float32 matmul precision {info['float32_matmul_precision']}\n- date: {info['date']}\n"
-                f"- workload: {blocks} blocks x {len(block)} LoRA layers, r {r}, {tokens} tokens, {args.dtype}; "
-                f"row pass blocks {args.block_t} x {args.block_c}; medians of {repeats} calls after "
-                f"{warmup} warm-up\n\n## SPEC section 4 ratios\n\n"
+    markdown = (markdown_header(
+        f"Fused Triton step vs torch path vs AdamW ({device.type})", command, info,
+        machine=f"; measured copy bandwidth {bandwidth / 1e9:.1f} GB/s, bf16 matmul {matmul_rate / 1e12:.3g} TFLOP/s",
+        notes=[f"workload: {blocks} blocks x {len(block)} LoRA layers, r {r}, {tokens} tokens, {args.dtype}; "
+               f"row pass blocks {args.block_t} x {args.block_c}; medians of {repeats} calls after {warmup} warm-up"])
+                + "## SPEC section 4 ratios\n\n"
                 + "\n".join(f"- {line}" for line in summary) + "\n\n## Kernels\n\n"
                 + kernel_table(rows, markdown=True) + "\n")
     if svd_rows:
