@@ -18,10 +18,12 @@ factors' ``.grad`` (``loss.backward()``), so forward passes that are never back-
 gradients, gradient penalties) leave nothing behind; a call with no rows is skipped. X is held as
 a view: changing its storage in place before ``step()`` is detected (version counter) and refused. Several
 backward passes before a step (gradient accumulation, a module called twice in a forward)
-append pairs; the optimizer uses them all, which is exactly the concatenated batch. The memory
-held until ``step()``/``zero_grad()`` is one reference per pair: X stays alive past backward
-(autograd would have freed it) and ``sD`` (autograd would have freed it after lora_B's backward)
--- at most one extra copy of what autograd holds.
+append pairs; the optimizer uses them all, which is exactly the concatenated batch. Rows whose
+branch gradient is exactly zero (padding, masked labels) are dropped as they arrive. What is held
+until ``step()``/``zero_grad()`` is bounded per layer by ``min(T (m + n), m n)`` numbers
+(``Capture``'s ``mode``): the rows -- one reference per pair, X kept past backward (autograd would
+have freed it) and ``sD`` -- until they would cost more than the layer's dense gradient, which
+they are then folded into (``LoRASite.fold``, ``Folded``).
 
 Supported LoRA layers: ``oplora.LoRALinear`` and Hugging Face PEFT ``lora.Linear`` (every
 adapter that has trainable factors is its own site, so several adapters never mix; an inactive
@@ -251,7 +253,8 @@ class Capture:
     (:meth:`LoRASite.fold`: one GEMM) and releases it; ``"auto"`` (default) holds the rows until
     they would cost more bytes than the dense gradient -- a captured X that several layers share
     (q, k, v of a block) counted once, rows in the dtype held -- and then folds them, so a layer
-    holds ``min(T (m + n), m n)`` numbers however many micro-batches accumulate. ``stats``: what
+    holds ``min(T (m + n), m n)`` numbers however many micro-batches accumulate (once a layer has
+    folded, its later chunks fold as they arrive). ``stats``: what
     the fold also keeps for the optimizer's statistics (:class:`Folded`: ``"diag"`` m + n more
     numbers, ``"dense"`` n^2 + m^2; None: nothing). Rows whose branch
     gradient is exactly zero (padding, masked labels) carry nothing: they are dropped as they
@@ -337,7 +340,7 @@ class Capture:
             return
         held = sum(x.nbytes / self._users.get(_x_key(x), 1) + g.nbytes for x, g, _ in site.chunks)
         dense = site.B.shape[0] * site.A.shape[1] * (8 if g.dtype == torch.float64 else 4)
-        if self.mode == "dense" or held > dense:
+        if self.mode == "dense" or site.folded is not None or held > dense:  # once folded, every chunk folds
             for x, _, _ in site.chunks:
                 key = _x_key(x)
                 self._users[key] -= 1

@@ -74,3 +74,21 @@ def test_leak_check_sees_a_leak():
     row = bench.measure("leaky", TINY, torch.device("cpu"), steps=2, leak_steps=30, build=build)
     first = TINY.r * TINY.d * 4  # the first LoRA factor (A, r x n), kept once per step
     assert row["leak_bytes"] == (30 - 1 - 10) * first
+
+
+def test_accumulation_axis_holds_at_most_the_bound_and_stays_flat_once_folded(tmp_path):
+    """One SmolLM2-shaped block, micro-batches of 2 x 64 tokens: with capture="auto" what is held
+    stays within sum min(T (m + n), m n) x 4 bytes and stops growing once every layer folded;
+    with capture="rows" it grows with every micro-batch."""
+    argv = ["--accumulation", "1,4,8", "--layers", "1", "--micro-batch", "2:64", "--smoke", "--device", "cpu",
+            "--configs", "AdamW", "OPLoRA auto", "OPLoRA rows", "--out", str(tmp_path), "--quiet", "--no-plot"]
+    assert bench.main(argv) == 0
+    with open(tmp_path / "memory_accumulation_cpu_smoke.csv") as f:
+        rows = {(r["config"], int(r["micro_batches"])): r for r in csv.DictReader(f)}
+    capture = {key: int(r["capture_bytes"]) for key, r in rows.items()}
+    for micro in (1, 4, 8):
+        assert capture["OPLoRA auto", micro] <= int(rows["OPLoRA auto", micro]["bound_bytes"])
+        assert capture["AdamW", micro] == 0
+    assert capture["OPLoRA auto", 4] == capture["OPLoRA auto", 8] < capture["OPLoRA rows", 8]
+    assert capture["OPLoRA rows", 8] == 2 * capture["OPLoRA rows", 4]
+    assert os.path.exists(tmp_path / "memory_accumulation_cpu_smoke.md")

@@ -28,17 +28,21 @@ ranges. The profiler slows the run down; no times are reported here.
 
 Results: ``memory_<device>[_smoke].{csv,md,png}`` in ``--out`` (default ``bench/results``), with
 the machine, versions, date and command. ``--smoke`` is a seconds-long size for CI.
+
+``--accumulation 1,2,4,8,16``: instead, what is held between backward and step, the peak and the
+step time as micro-batches accumulate, on a SmolLM2-shaped model, for AdamW and OPLoRA /
+ScaledOPLoRA with ``capture="rows"`` and ``"auto"`` (:mod:`oplora.bench._accumulation`); writes
+``memory_accumulation_<device>.{csv,md,png}``.
 """
 
 from __future__ import annotations
 
 import argparse
-import bisect
 import contextlib
 import os
 import sys
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -46,111 +50,11 @@ from torch import nn
 import oplora
 
 from ._common import format_table, machine_info, markdown_header, suite_parser, write_results
+from ._trace import MemoryTrace, Phase, state_bytes, tensor_bytes
 
 __all__ = ["MemoryTrace", "Phase", "LoRABench", "measure", "main", "OPTIMIZERS"]
 
-_LABEL = "oplora.memory/"
 MiB = 2.0**20
-
-
-@dataclass
-class Phase:
-    """Live bytes at a phase's start and end, and the highest live bytes inside it; all counted
-    from the start of the trace (so a negative value means less is live than then)."""
-
-    start: int
-    end: int
-    peak: int
-
-
-class MemoryTrace:
-    """Live tensor bytes over a block of code, split into named phases.
-
-    ``with MemoryTrace(device) as trace:`` then ``with trace.phase("forward"): ...``; after the
-    block ``trace.phases[name]`` is a :class:`Phase` (bytes relative to the trace start). Names
-    must be unique within a trace. CPU: from the profiler's allocator events (see the module
-    docstring); CUDA: from the caching allocator's counters. Blocks allocated before the trace
-    and freed inside it are not seen on the CPU (the profiler knows no size for them), so start
-    the trace before anything it measures is allocated.
-    """
-
-    def __init__(self, device: torch.device):
-        self.device = torch.device(device)
-        self.phases: Dict[str, Phase] = {}
-        self._order: List[str] = []
-        self._prof = None
-        self._base = 0
-
-    def __enter__(self) -> "MemoryTrace":
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self._base = torch.cuda.memory_allocated(self.device)
-        else:
-            self._prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
-                                                profile_memory=True)
-            self._prof.__enter__()
-        return self
-
-    @contextlib.contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        """Measure the code inside the ``with`` as phase ``name``."""
-        if name in self._order:
-            raise ValueError(f"phase {name!r} was already measured in this trace")
-        self._order.append(name)
-        if self.device.type != "cuda":
-            with torch.profiler.record_function(_LABEL + name):
-                yield
-            return
-        torch.cuda.synchronize(self.device)
-        torch.cuda.reset_peak_memory_stats(self.device)
-        start = torch.cuda.memory_allocated(self.device) - self._base
-        yield
-        torch.cuda.synchronize(self.device)
-        self.phases[name] = Phase(start, torch.cuda.memory_allocated(self.device) - self._base,
-                                  torch.cuda.max_memory_allocated(self.device) - self._base)
-
-    def __exit__(self, *exc) -> None:
-        if self._prof is None:
-            return
-        self._prof.__exit__(*exc)
-        if exc[0] is not None:
-            return
-        events = list(self._prof.profiler.kineto_results.events())
-        memory = sorted((e.start_ns(), e.nbytes()) for e in events
-                        if e.name() == "[memory]" and str(e.device_type()).endswith("CPU"))
-        ranges = {e.name()[len(_LABEL):]: (e.start_ns(), e.end_ns()) for e in events if e.name().startswith(_LABEL)}
-        times = [t for t, _ in memory]
-        running, live = 0, []
-        for _, nbytes in memory:
-            running += nbytes
-            live.append(running)
-        def live_at(t: int) -> int:  # live bytes after every event up to and including time t
-            i = bisect.bisect_right(times, t)
-            return live[i - 1] if i else 0
-
-        for name in self._order:
-            t0, t1 = ranges[name]
-            lo, hi = bisect.bisect_right(times, t0), bisect.bisect_right(times, t1)
-            start = live_at(t0)
-            self.phases[name] = Phase(start, live_at(t1), max([start, *live[lo:hi]]))
-
-
-def tensor_bytes(tensors) -> int:
-    """Bytes of the distinct storages behind ``tensors`` (a shared storage counts once)."""
-    seen, total = set(), 0
-    for t in tensors:
-        if isinstance(t, torch.Tensor):
-            storage = t.untyped_storage()
-            key = (storage.data_ptr(), t.device)
-            if key not in seen:
-                seen.add(key)
-                total += storage.nbytes()
-    return total
-
-
-def state_bytes(opt: torch.optim.Optimizer) -> int:
-    """Bytes of every tensor in ``opt.state``."""
-    return tensor_bytes(v for entry in opt.state.values() for v in entry.values())
 
 
 # --- the model ------------------------------------------------------------------------------------
@@ -347,7 +251,56 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also run this many steps and report live-byte growth from step 10 (0: skip)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--accumulation", metavar="K,K,...", default=None,
+                   help="instead: the accumulation axis on a SmolLM2-shaped model (oplora.bench._accumulation), "
+                        "e.g. 1,2,4,8,16 micro-batches per step")
+    p.add_argument("--layers", type=int, default=30, help="with --accumulation: SmolLM2 blocks (default all 30)")
+    p.add_argument("--micro-batch", metavar="BATCH:SEQ", default="4:128",
+                   help="with --accumulation: sequences x tokens per micro-batch (default 4:128)")
+    p.add_argument("--configs", nargs="+", default=None,
+                   help="with --accumulation: which of AdamW, 'OPLoRA auto', 'OPLoRA rows', 'ScaledOPLoRA auto', "
+                        "'ScaledOPLoRA rows' (default all)")
     return p
+
+
+def main_accumulation(args, argv: Sequence[str], device: torch.device) -> int:
+    """The ``--accumulation`` run: writes ``memory_accumulation_<device>[_smoke].{csv,md,png}``."""
+    from . import _accumulation as acc
+
+    try:
+        micro = [int(v) for v in args.accumulation.split(",")]
+        batch, seq = (int(v) for v in args.micro_batch.split(":"))
+    except ValueError:
+        raise SystemExit("--accumulation K,K,... and --micro-batch BATCH:SEQ take integers") from None
+    configs = args.configs or list(acc.CONFIGS)
+    unknown = [c for c in configs if c not in acc.CONFIGS]
+    if unknown:
+        raise SystemExit(f"--configs: unknown {unknown}; choose from {list(acc.CONFIGS)}")
+    info = machine_info(device)
+    command = " ".join(["oplora-bench", *argv])
+    log = None if args.quiet else (lambda s: print(s, flush=True))
+    if log:
+        log(f"oplora-bench memory --accumulation on {info['device_name']}: SmolLM2 {args.layers} blocks, r8 on "
+            f"q,k,v,o, micro-batches of {batch} x {seq} tokens, {len(configs)} configurations")
+    rows = acc.run(micro, configs, layers=args.layers, r=8, batch=batch, seq=seq, device=device,
+                   trace_cls=MemoryTrace, log=log)
+    rows = [{**info, "command": command, **row} for row in rows]
+    if log:
+        log(acc.table(rows))
+    stem = os.path.join(args.out, f"memory_accumulation_{device.type}{'_smoke' if args.smoke else ''}")
+    markdown = markdown_header(
+        f"Optimizer memory against gradient accumulation ({device.type})", command, info,
+        machine=f", {info['cpu_threads']} CPU threads",
+        notes=[f"model: SmolLM2-135M shape from its config ({args.layers} blocks, random weights), PEFT LoRA r8 on "
+               f"q, k, v, o; micro-batches of {batch} x {seq} tokens; the second step measured",
+               "held = live bytes after the last backward minus after zero_grad (factor gradients + capture); "
+               "capture = opt.capture_bytes(); bound = sum over layers of min(T (m + n), m n) x 4 bytes",
+               "times measured inside the memory trace (the profiler slows allocations a little)"])
+    markdown += acc.table(rows, markdown=True) + "\n"
+    title = f"memory against accumulation, SmolLM2 shape, on {info['device_name']}, torch {info['torch']}"
+    write_results(stem, rows, markdown, None if args.no_plot else lambda path: acc.plot(rows, path, title),
+                  quiet=args.quiet)
+    return 0
 
 
 def parse_size(text: str) -> LoRABench:
@@ -370,6 +323,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.accumulation:
+        return main_accumulation(args, argv, device)
     size = parse_size(args.size) if args.size else SIZES["smoke" if args.smoke else device.type]
     info = machine_info(device)
     command = " ".join(["oplora-bench", *argv])

