@@ -1,7 +1,8 @@
 """Data-parallel training (SPEC section 3, "Distributed"): two gloo processes on the CPU, each a
 DistributedDataParallel replica on half of every batch, step exactly as one process on the whole
-batch -- momentum, K-FAC statistics (diagonal and dense), gradient accumulation, the momentum
-seed drawn differently on each rank -- and agree with each other; refusals are raised on every
+batch -- momentum, K-FAC statistics (diagonal and dense), gradient accumulation, rows held or
+folded into the dense gradient, the momentum seed drawn differently on each rank -- and agree
+with each other; refusals are raised on every
 rank together; FSDP is refused with the plan."""
 
 import contextlib
@@ -27,6 +28,9 @@ CONFIGS = {
     "scaled_dense": lambda m, **kw: oplora.ScaledOPLoRA(m, lr=0.01, betas=(0.9, 0.9), metric="dense",
                                                         metric_power=0.5, **kw),
     "riemannian_clipped": lambda m, **kw: oplora.RiemannianLoRA(m, lr=0.05, base="adamw", max_grad_norm=0.05, **kw),
+    # The rows themselves (the configurations above fold them: a rank's rows outweigh this model's m x n).
+    "oplora_rows": lambda m, **kw: oplora.OPLoRA(m, lr=0.05, momentum=0.9, capture="rows", **kw),
+    "scaled_rows": lambda m, **kw: oplora.ScaledOPLoRA(m, lr=0.01, betas=(0.9, 0.9), capture="rows", **kw),
 }
 REFUSED = {
     "svd": lambda m: oplora.SVDLoRA(m, lr=0.05),
@@ -150,6 +154,12 @@ def test_two_ranks_step_as_one_process_on_the_whole_batch(ranks, name):
     moved = [not torch.equal(p, q) for p, q in zip(single, make_model().parameters())]
     assert any(moved)
     for p, q in zip(ranks[0][name], single):
+        torch.testing.assert_close(p, q, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("name", ["oplora", "scaled"])
+def test_folded_and_held_rows_step_alike_on_two_ranks(ranks, name):
+    for p, q in zip(ranks[0][name], ranks[0][f"{name}_rows"]):
         torch.testing.assert_close(p, q, rtol=2e-5, atol=2e-6)
 
 

@@ -5,6 +5,7 @@ of live tensors is what it was after the first steps."""
 
 import gc
 
+import pytest
 import torch
 
 import oplora
@@ -28,11 +29,12 @@ def state_shapes(opt):
     return {id(p): {k: tuple(v.shape) for k, v in s.items() if torch.is_tensor(v)} for p, s in opt.state.items()}
 
 
-def test_a_thousand_steps_keep_memory_flat():
+@pytest.mark.parametrize("capture", ["rows", "auto"])
+def test_a_thousand_steps_keep_memory_flat(capture):
     model = make_model()
     # The cheapest step (the loop is tested), at an lr that does not diverge over 1,000 steps (a saturated
     # tanh would zero a layer's output gradient, and rows without gradient are not captured).
-    opt = oplora.OPLoRA(model, lr=0.002, iters=0, seed=0, capture="rows")
+    opt = oplora.OPLoRA(model, lr=0.002, iters=0, seed=0, capture=capture)
     hooks = hook_counts(model)
     x, y = batch(rows=16)
     probe = x[:2].clone().requires_grad_(True)
@@ -44,9 +46,11 @@ def test_a_thousand_steps_keep_memory_flat():
         if step % 10 == 0:  # a leak per call would still show as ~100 leftovers
             loss_fn(model, x, y)  # evaluated with grad enabled, never back-propagated
             torch.autograd.grad(loss_fn(model, probe, y[:2]), probe)  # an input gradient
-        assert [len(site.chunks) for site in opt._sites] == [2, 2]
+        assert [site.rows for site in opt._sites] == [16, 16]
+        assert [len(site.chunks) for site in opt._sites] == ([2, 2] if capture == "rows" else [0, 0])  # folded
         opt.step()
-        assert all(not site.rows and not site._pending and not site.x_versions for site in opt._sites)
+        assert all(not site.rows and not site._pending and not site.x_versions and site.folded is None
+                   for site in opt._sites)
         if step == EARLY:
             early = (live_tensors(), state_shapes(opt))
     assert (live_tensors(), state_shapes(opt)) == early
