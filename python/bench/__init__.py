@@ -9,7 +9,11 @@ Suites (``--suite``, each a module of this package with its own ``main(argv)`` a
 * ``kernels`` -- the fused Triton step of a 7B-shaped LoRA stack against its bandwidth floor, the
   torch path and AdamW, and LoRSum vs SVD at 4096 x 4096 (CUDA); see :mod:`oplora.bench.kernels`.
 * ``memory`` -- optimizer state, capture overhead and peak memory of OPLoRA, ScaledOPLoRA and
-  AdamW on the same LoRA model; see :mod:`oplora.bench.memory`.
+  AdamW on the same LoRA model, and against gradient accumulation (``--accumulation``); see
+  :mod:`oplora.bench.memory`.
+* ``model`` -- the whole-model training step (forward+backward and ``step()``) on a
+  SmolLM2-135M-shaped model per optimizer, against its arithmetic floor; see
+  :mod:`oplora.bench.model`.
 
 One name per suite: ``--suite NAME`` runs the module ``oplora.bench.NAME``, also reachable as the
 script ``bench/bench_NAME.py``, and writes ``bench/results/NAME[_device].{csv,md,png}`` (CSV and
@@ -28,7 +32,7 @@ from typing import Optional, Sequence
 __all__ = ["main", "SUITES"]
 
 #: suite name -> module (imported only when that suite runs).
-SUITES = {name: f"oplora.bench.{name}" for name in ("lorsum", "cpu", "kernels", "memory")}
+SUITES = {name: f"oplora.bench.{name}" for name in ("lorsum", "cpu", "kernels", "memory", "model")}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

