@@ -186,6 +186,16 @@ def save_figure(fig, path: str, title: str) -> None:
     plt.close(fig)
 
 
+def choose_device(args, suite: str) -> torch.device:
+    """The device ``--device`` asks for (default: cuda when torch sees a GPU, else cpu; SystemExit
+    for cuda without one), with ``--threads`` applied when the suite has that option."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"oplora-bench --suite {suite}: --device cuda but torch sees no CUDA GPU")
+    if getattr(args, "threads", None) is not None:
+        torch.set_num_threads(args.threads)
+    return torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def suite_parser(suite: str, doc: str, prog: str = "") -> argparse.ArgumentParser:
     """The argument parser of the suite ``suite`` (``doc``: its module docstring), with the
     options every suite shares: ``--suite``, ``--out``, ``--no-plot``."""

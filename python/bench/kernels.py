@@ -60,7 +60,8 @@ from .. import _backend
 from ..optim import engine
 from ..optim import functional as F
 from . import lorsum as lorsum_bench
-from ._common import count_ops, machine_info, markdown_header, measure, suite_parser, write_results
+from ._common import (choose_device, count_ops, machine_info, markdown_header, measure, suite_parser,
+                      write_results)
 from ._kernels_report import kernel_table, plot, targets
 
 #: (name, m = out features, n = in features) of one transformer block's LoRA layers.
@@ -320,9 +321,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     chosen = known if args.scopes is None else [s.strip() for s in args.scopes.split(",") if s.strip()]
     if not chosen or any(s not in known for s in chosen):
         raise SystemExit(f"oplora-bench --suite kernels: --scopes {args.scopes!r}: choose from {', '.join(known)}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("oplora-bench --suite kernels: --device cuda but torch sees no CUDA GPU")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = choose_device(args, "kernels")
     if _backend.load("triton") is None:
         raise SystemExit(f"oplora-bench --suite kernels: the Triton backend is unavailable: {_backend.reason('triton')}")
     if device.type == "cpu" and not (args.smoke and triton_row_pass.interpreting()):

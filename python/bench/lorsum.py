@@ -34,7 +34,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 import oplora
-from ._common import format_table, machine_info, markdown_header, measure, save_figure, suite_parser, write_results
+from ._common import (choose_device, format_table, machine_info, markdown_header, measure, save_figure, suite_parser,
+                      write_results)
 
 MOMENTUM = 0.9
 
@@ -289,11 +290,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command-line entry point (``oplora-bench``); returns the exit status 0."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("oplora-bench: --device cuda but torch sees no CUDA GPU")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    device = choose_device(args, "lorsum")
     cases = args.case or (SMOKE_GRID if args.smoke else (CUDA_GRID if device.type == "cuda" else CPU_GRID))
     repeats = args.repeats or (2 if args.smoke else 5)
     info = machine_info(device)

@@ -49,7 +49,7 @@ from torch import nn
 
 import oplora
 
-from ._common import format_table, machine_info, markdown_header, suite_parser, write_results
+from ._common import choose_device, format_table, machine_info, markdown_header, suite_parser, write_results
 from ._trace import MemoryTrace, Phase, state_bytes, tensor_bytes
 
 __all__ = ["MemoryTrace", "Phase", "LoRABench", "measure", "main", "OPTIMIZERS"]
@@ -316,13 +316,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command-line entry point (``oplora-bench --suite memory``); returns the exit status 0."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("oplora-bench: --device cuda but torch sees no CUDA GPU")
     if args.steps < 2:
         raise SystemExit("--steps must be >= 2 (the measured step has the optimizer state)")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    device = choose_device(args, "memory")
     if args.accumulation:
         return main_accumulation(args, argv, device)
     size = parse_size(args.size) if args.size else SIZES["smoke" if args.smoke else device.type]

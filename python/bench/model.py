@@ -31,7 +31,8 @@ import torch
 
 import oplora
 
-from ._common import format_table, machine_info, markdown_header, save_figure, suite_parser, write_results
+from ._common import (choose_device, format_table, machine_info, markdown_header, save_figure, suite_parser,
+                      write_results)
 from ._smollm import ALL_LINEAR, ATTENTION, loss_of, lora_model, token_batches
 
 __all__ = ["OPTIMIZERS", "run", "main"]
@@ -219,11 +220,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command-line entry point (``oplora-bench --suite model``); returns the exit status 0."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("oplora-bench --suite model: --device cuda but torch sees no CUDA GPU")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    device = choose_device(args, "model")
     grid = [_parse_case(c) for c in args.case] if args.case else (SMOKE_GRID if args.smoke else CPU_GRID)
     blocks = args.blocks or (1 if args.smoke else 30)
     steps = args.steps or (1 if args.smoke else 3)
