@@ -12,39 +12,93 @@ What is captured (SPEC section 3, "Capture semantics"): for every call of a LoRA
   multiplying by ``s`` again, is exact for every scaling rule (``alpha / r``, rsLoRA's
   ``alpha / sqrt(r)``, ``set_scale``); the scaling ``s`` is recorded beside it.
 
+Layer kinds (:data:`KINDS`; a site's ``kind``), each with its X and its factors as matrices
+(``B`` m x r, ``A`` r x n, :attr:`LoRASite.b`, :attr:`LoRASite.a`):
+
+* ``"linear"`` -- ``oplora.LoRALinear`` and every PEFT ``LoraLayer`` whose adapter is the plain
+  branch ``lora_B(lora_A(dropout(x))) * scaling`` with ``nn.Linear`` factors, whatever its base
+  layer: ``lora.Linear``, bitsandbytes ``Linear4bit`` / ``Linear8bitLt``, HQQ, GPTQ, AWQ, EETQ,
+  torchao, ... (found by structure, not by class name). X: the rows of lora_A's input.
+* ``"conv"`` -- PEFT ``Conv1d/2d/3d`` LoRA (``lora_A`` a convolution with any stride, padding
+  (any mode) and dilation, groups 1; ``lora_B`` its 1 x ... x 1 counterpart). X: the unfolded
+  patches of lora_A's input (im2col, T = batch x output positions, n = c_in k_1 ... k_d, columns
+  in the order of the flattened kernel), sD: the branch-output gradient per position. The update
+  is on the flattened kernel: ``A`` is the weight viewed as r x (c_in k...), ``B`` as m x r.
+  The patches are formed in the backward pass from lora_A's input, in blocks of about
+  :data:`PATCH_BLOCK` numbers: with ``capture="rows"`` (or ``"auto"`` below its threshold) they are
+  held -- k_1 ... k_d times the input's size --, otherwise every block is folded into the dense
+  gradient as it is formed, so a whole batch's patches never exist at once.
+* ``"embedding"`` -- PEFT ``Embedding`` LoRA (``lora_embedding_A`` r x vocab, ``lora_embedding_B``
+  m x r; hooks on the layer itself). X: one-hot rows of the token ids, held as the ids
+  (``oplora._rows``: index rows, never formed), sD: ``s`` x the layer's output gradient (x its
+  ``embed_scale`` where PEFT applies one). ``G = s D^T X`` is the whole gradient of ``B A``,
+  the base layer's ``padding_idx`` column included (autograd's gradient of ``A`` leaves that
+  column at zero, ``F.embedding``'s rule for its weight; a masked padding token has no gradient
+  row and adds nothing either way).
+
+LoRA factors of other kinds -- LoRA variants whose update is not ``B A`` (DoRA, ...), grouped
+convolutions, layers whose forward merges ``B A`` into the base weights (PEFT's
+``MultiheadAttention``, ``ParamWrapper``), factors of other module types -- are reported as
+unsupported with the reason, for the optimizer to hand to its ``other`` optimizer with a
+warning, or to refuse with ``strict=True``. Every adapter with trainable factors is its own site,
+so several adapters never mix; an inactive adapter is simply never reached.
+
 A pair is stored only when the gradient arrives in a backward pass that accumulates into the
 factors' ``.grad`` (``loss.backward()``), so forward passes that are never back-propagated
 (evaluation with grad enabled, a discarded graph) and ``torch.autograd.grad`` calls (input
 gradients, gradient penalties) leave nothing behind; a call with no rows is skipped. X is held as
 a view: changing its storage in place before ``step()`` is detected (version counter) and refused. Several
 backward passes before a step (gradient accumulation, a module called twice in a forward)
-append pairs; the optimizer uses them all, which is exactly the concatenated batch. Rows whose
-branch gradient is exactly zero (padding, masked labels) are dropped as they arrive. What is held
-until ``step()``/``zero_grad()`` is bounded per layer by ``min(T (m + n), m n)`` numbers
-(``Capture``'s ``mode``): the rows -- one reference per pair, X kept past backward (autograd would
-have freed it) and ``sD`` -- until they would cost more than the layer's dense gradient, which
-they are then folded into (``LoRASite.fold``, ``Folded``).
+append pairs; the optimizer uses them all, which is exactly the concatenated batch. The memory
+held until ``step()``/``zero_grad()`` is one reference per pair: X stays alive past backward
+(autograd would have freed it) and ``sD`` (autograd would have freed it after lora_B's backward)
+-- at most one extra copy of what autograd holds.
 
-Supported LoRA layers: ``oplora.LoRALinear`` and Hugging Face PEFT ``lora.Linear`` (every
-adapter that has trainable factors is its own site, so several adapters never mix; an inactive
-adapter is simply never reached). LoRA factors of other kinds (PEFT on Conv/Embedding, DoRA and
-other LoRA variants) are reported as unsupported with the reason, for the optimizer to hand to
-its ``other`` optimizer with a warning, or to refuse with ``strict=True``.
+Every site also counts the backward passes that reached its branch (``passes``) and the
+gradients accumulated into its factors (``reached``, by post-accumulate-grad hooks on ``A`` and
+``B``): a layer whose factors received gradients while its branch hooks saw nothing is refused at
+the step (``oplora.optim._guards.check_captured``), never skipped silently.
+
+torch.compile: the module hooks are wrapped in ``torch.compiler.disable``, so that dynamo never
+traces them: a compiled forward breaks its graph at each LoRA branch and runs the hooks eagerly
+on real tensors (their tensor hook then fires in the backward of the compiled graphs), which
+gives exactly the eager capture (``fullgraph=True`` is refused by dynamo for that reason).
+Dynamo does not guard on module hooks: code compiled before the optimizer installed its hooks
+never calls them -- the step then raises (above) with the remedy. Copies: ``copy.deepcopy`` of a
+model copies these hooks along with the modules; on a copy they do nothing (a copy runs as a
+plain module, neither feeding nor disturbing this capture), while ``nn.DataParallel`` replicas
+(shallow copies that share the original's hooks and run in threads) are refused. Activation
+checkpointing: the recomputed forward runs without grad enabled at the first pass or inside the
+backward pass, and each call is captured once.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 import weakref
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from types import SimpleNamespace
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import _rows
 from .layers import LoRALinear
 
-__all__ = ["LoRASite", "Folded", "Unsupported", "find_lora_sites", "Capture", "CAPTURE_MODES"]
+__all__ = ["LoRASite", "Folded", "Unsupported", "find_lora_sites", "Capture", "CAPTURE_MODES", "KINDS",
+           "PATCH_BLOCK", "conv_patches"]
+
+#: The layer kinds a site can be (see the module docstring).
+KINDS = ("linear", "conv", "embedding")
+
+#: Numbers of unfolded Conv patches formed at once in a backward pass (16 MiB of float32); at
+#: least one output row of one sample.
+PATCH_BLOCK = 1 << 22
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 @dataclass(eq=False)
@@ -52,7 +106,8 @@ class Folded:
     """Captured rows folded into the dense gradient: ``g = sum_j sD_j^T X_j`` (m x n, float32;
     float64 for float64 rows) and their number ``rows``; with the statistics the optimizer needs
     (``stats``): ``"diag"``, their column sums of squares ``sx`` (n,) and ``sg`` (m,) (diagonal
-    K-FAC); ``"dense"``, the Grams ``gram_x = X^T X`` (n x n) and ``gram_g = sD^T sD`` (m x m)."""
+    K-FAC); ``"dense"``, the Grams ``gram_x = X^T X`` (n x n) and ``gram_g = sD^T sD`` (m x m).
+    X may be dense or index rows (``oplora._rows``)."""
 
     g: Tensor
     rows: int = 0
@@ -71,15 +126,16 @@ class Folded:
         return Folded(zeros(m, n))
 
     def add(self, x: Tensor, g: Tensor) -> None:
-        """Fold the rows ``x`` (T x n), ``g`` (T x m) in: one GEMM (two more for dense statistics)."""
-        x, g = x.to(self.g.dtype), g.to(self.g.dtype)
-        self.g.addmm_(g.mT, x)
+        """Fold the rows ``x`` (T x n, or T ids), ``g`` (T x m) in: one GEMM (an ``index_add``
+        for ids; two more for dense statistics)."""
+        g = g.to(self.g.dtype)
+        _rows.add_gt_x(self.g, g, x)
         self.rows += x.shape[0]
         if self.sx is not None:
-            self.sx += x.square().sum(0)
+            self.sx += _rows.col_sq(x, self.g.shape[1], self.g.dtype)
             self.sg += g.square().sum(0)
         if self.gram_x is not None:
-            self.gram_x.addmm_(x.mT, x)
+            _rows.add_gram(self.gram_x, x)
             self.gram_g.addmm_(g.mT, g)
 
     def tensors(self) -> List[Tensor]:
@@ -88,33 +144,74 @@ class Folded:
 
 @dataclass(eq=False)
 class LoRASite:
-    """One LoRA branch: ``lora_A`` (weight A, r x n) and ``lora_B`` (weight B, m x r).
+    """One LoRA branch of kind ``kind`` (:data:`KINDS`): factors ``A`` and ``B`` (parameters;
+    :attr:`a` r x n and :attr:`b` m x r as matrices), modules ``lora_A`` and ``lora_B`` (None for
+    an Embedding, whose factors are parameters of ``layer``).
 
-    ``chunks`` holds the captured ``(X, sD, s)`` triples since the last step: X (T_j x n) and
-    sD (T_j x m) detached, in the dtype the forward pass used, rows without gradient dropped;
-    ``folded`` the rows already folded into the dense gradient (:class:`Folded`), or None. The
-    layer's gradient is ``folded.g + sum_j sD_j^T X_j``. ``modified`` names a problem found at a
-    fold (a captured X changed in place), for the step to raise.
+    ``chunks`` holds the captured ``(X, sD, s)`` triples since the last step: X (T_j x n dense
+    rows, or T_j token ids) and sD (T_j x m) detached, in the dtype the forward pass used, rows
+    without gradient dropped; ``folded`` the rows already folded into the dense gradient
+    (:class:`Folded`), or None. The layer's gradient is ``folded.g + sum_j sD_j^T X_j``.
+    ``modified`` names a problem found at a fold (a captured X changed in place), for the step to
+    raise. ``passes``: backward passes (accumulating into ``.grad``) that reached the branch
+    since the last step, with or without rows; ``reached``: gradients accumulated into ``A`` or
+    ``B`` since then. ``closed``: the capture was removed; its hooks, wherever copies of them
+    survive (compiled code), do nothing.
     """
 
     name: str
     layer: nn.Module
-    lora_A: nn.Linear
-    lora_B: nn.Linear
+    lora_A: Optional[nn.Module]
+    lora_B: Optional[nn.Module]
     adapter: Optional[str] = None
+    kind: str = "linear"
     chunks: List[Tuple[Tensor, Tensor, float]] = field(default_factory=list)
     x_versions: List[int] = field(default_factory=list, repr=False)  # X's version counter at capture
     folded: Optional[Folded] = None
     modified: bool = False
-    _pending: List[Tensor] = field(default_factory=list, repr=False)
+    passes: int = 0
+    reached: int = 0
+    closed: bool = False
+    _pending: List[tuple] = field(default_factory=list, repr=False)
 
     @property
     def A(self) -> nn.Parameter:
+        if self.kind == "embedding":
+            return self.layer.lora_embedding_A[self.adapter]
         return self.lora_A.weight
 
     @property
     def B(self) -> nn.Parameter:
+        if self.kind == "embedding":
+            return self.layer.lora_embedding_B[self.adapter]
         return self.lora_B.weight
+
+    @property
+    def shape(self) -> Tuple[int, int]:
+        """``(m, n)``: the shape of the product ``B A`` the optimizer updates."""
+        a = self.A
+        return self.B.shape[0], a[0].numel()
+
+    def _matrix(self, p: Tensor, rows: int) -> Tensor:
+        if p.dim() == 2:
+            return p
+        try:
+            return p.detach().view(rows, -1)
+        except RuntimeError:
+            raise RuntimeError(f"LoRA layer {self.name!r}: its {tuple(p.shape)} factor cannot be viewed as a matrix "
+                               f"(strides {p.stride()}: channels_last?); the update is written through that view, so "
+                               "keep the LoRA factors contiguous") from None
+
+    @property
+    def a(self) -> Tensor:
+        """``A`` as an r x n matrix: the parameter itself, or (Conv) a view of its kernel flattened
+        to r x (c_in k_1 ... k_d), through which the update is written."""
+        return self._matrix(self.A, self.A.shape[0])
+
+    @property
+    def b(self) -> Tensor:
+        """``B`` as an m x r matrix: the parameter itself, or (Conv) a view of m x r x 1 ... 1."""
+        return self._matrix(self.B, self.B.shape[0])
 
     @property
     def scaling(self) -> float:
@@ -130,15 +227,19 @@ class LoRASite:
         """Fold every held chunk into :attr:`folded` and release it."""
         if not self.chunks:
             return
-        if self.folded is None:
-            x, g, _ = self.chunks[0]
-            dtype = torch.float64 if any(t.dtype == torch.float64 for c in self.chunks for t in c[:2]) else torch.float32
-            self.folded = Folded.empty(g.shape[1], x.shape[1], dtype, x.device, stats)
+        self._ensure_folded(any(t.dtype == torch.float64 for c in self.chunks for t in c[:2]), self.chunks[0][1].device,
+                            stats)
         for (x, g, _), version in zip(self.chunks, self.x_versions):
             self.modified = self.modified or x._version != version
             self.folded.add(x, g)
         self.chunks.clear()
         self.x_versions.clear()
+
+    def _ensure_folded(self, float64: bool, device: torch.device, stats: Optional[str]) -> Folded:
+        if self.folded is None:
+            m, n = self.shape
+            self.folded = Folded.empty(m, n, torch.float64 if float64 else torch.float32, device, stats)
+        return self.folded
 
     def clear(self) -> None:
         self.chunks.clear()
@@ -146,6 +247,7 @@ class LoRASite:
         self._pending.clear()
         self.folded = None
         self.modified = False
+        self.passes = self.reached = 0
 
 
 @dataclass
@@ -157,20 +259,50 @@ class Unsupported:
     params: List[nn.Parameter]
 
 
-def _peft_lora():
-    """PEFT's LoRA layer classes when PEFT is already imported (a PEFT model implies it is)."""
+def _peft_lora() -> Optional[SimpleNamespace]:
+    """PEFT's LoRA layer base class and the layer classes whose forward never runs the
+    ``lora_B(lora_A(x))`` branch, when PEFT is already imported (a PEFT model implies it is)."""
     if "peft" not in sys.modules:
         return None
     try:
         from peft.tuners.lora import LoraLayer
-        from peft.tuners.lora import Linear as PeftLinear
     except ImportError:  # an old or partial PEFT without these names: nothing of it can be in the model
         return None
-    return LoraLayer, PeftLinear
+    import peft.tuners.lora.layer as layer_module
+
+    merging = tuple(cls for cls in (getattr(layer_module, name, None) for name in ("MultiheadAttention", "ParamWrapper"))
+                    if isinstance(cls, type))
+    return SimpleNamespace(LoraLayer=LoraLayer, merging=merging)
 
 
 def _trainable(params) -> List[nn.Parameter]:
     return [p for p in params if p.requires_grad]
+
+
+def _conv_problem(lora_a: nn.Module, lora_b: nn.Module) -> Optional[str]:
+    """Why a Conv LoRA pair is not the plain branch (lora_A a convolution, lora_B its 1 x ... x 1
+    counterpart, groups 1), or None."""
+    if type(lora_b) is not type(lora_a):
+        return f"lora_A/lora_B are {type(lora_a).__name__}/{type(lora_b).__name__}"
+    if lora_a.groups != 1 or lora_b.groups != 1:
+        return f"a grouped convolution (groups = {max(lora_a.groups, lora_b.groups)}; only groups = 1 is captured)"
+    pointwise = (all(k == 1 for k in lora_b.kernel_size) and all(s == 1 for s in lora_b.stride)
+                 and (lora_b.padding == "valid" or all(p == 0 for p in lora_b.padding)))
+    if not pointwise:
+        return "its lora_B is not a 1 x ... x 1 convolution with stride 1 and no padding"
+    return None
+
+
+def _embedding_problem(module: nn.Module, adapter: str) -> Optional[str]:
+    """Why a PEFT Embedding adapter cannot be captured, or None."""
+    base = module.get_base_layer() if hasattr(module, "get_base_layer") else getattr(module, "base_layer", None)
+    if getattr(base, "sparse", False):
+        return "an Embedding with sparse=True (sparse gradients)"
+    if getattr(base, "scale_grad_by_freq", False):
+        return "an Embedding with scale_grad_by_freq=True (its gradient is not B^T G, G A^T)"
+    if (getattr(module, "input_fns", None) or {}).get(adapter) is not None:
+        return "a tensor-parallel Embedding LoRA"
+    return None
 
 
 def find_lora_sites(model: nn.Module) -> Tuple[List[LoRASite], List[Unsupported]]:
@@ -178,51 +310,77 @@ def find_lora_sites(model: nn.Module) -> Tuple[List[LoRASite], List[Unsupported]
 
     A site's factors are trainable when both ``A`` and ``B`` have ``requires_grad``; a frozen
     adapter (both off) is skipped; one factor frozen and the other not is reported unsupported.
+    PEFT adapters are classified by structure (module docstring): ``nn.Linear`` factors are the
+    ``"linear"`` kind over any base layer, ``nn.Conv1d/2d/3d`` factors the ``"conv"`` kind,
+    ``lora_embedding_A/B`` the ``"embedding"`` kind; variants are unsupported.
     """
     peft = _peft_lora()
     sites: List[LoRASite] = []
     unsupported: List[Unsupported] = []
 
-    def add(name, layer, lora_a, lora_b, adapter):
-        a, b = lora_a.weight, lora_b.weight
+    def add(site: LoRASite, params: List[Tensor]):
+        a, b = site.A, site.B
         if not a.requires_grad and not b.requires_grad:
             return
         if a.requires_grad != b.requires_grad:
-            unsupported.append(Unsupported(name, "only one of its two LoRA factors is trainable",
-                                           _trainable(list(lora_a.parameters()) + list(lora_b.parameters()))))
+            unsupported.append(Unsupported(site.name, "only one of its two LoRA factors is trainable", _trainable(params)))
             return
-        sites.append(LoRASite(name, layer, lora_a, lora_b, adapter))
+        sites.append(site)
+
+    def refuse(label: str, reason: str, params: List[Tensor]):
+        params = _trainable(params)
+        if params:
+            unsupported.append(Unsupported(label, reason, params))
 
     for name, module in model.named_modules():
         if isinstance(module, LoRALinear):
-            add(name, module, module.lora_A, module.lora_B, None)
-        elif peft is not None and isinstance(module, peft[0]):
-            is_linear = isinstance(module, peft[1])
-            variants = getattr(module, "lora_variant", {}) or {}
-            dora = getattr(module, "use_dora", {}) or {}
-            for adapter in list(module.lora_A.keys()):
-                lora_a, lora_b = module.lora_A[adapter], module.lora_B[adapter]
-                label = f"{name}[{adapter}]"
-                reason = None
-                if not is_linear:
-                    reason = f"LoRA on {type(module).__name__} (only Linear layers are captured)"
-                elif dora.get(adapter, False) or adapter in variants:
-                    reason = "a LoRA variant (e.g. DoRA) whose update is not B A"
-                elif type(lora_a) is not nn.Linear or type(lora_b) is not nn.Linear:
-                    reason = f"lora_A/lora_B are {type(lora_a).__name__}/{type(lora_b).__name__}, not nn.Linear"
-                if reason is None:
-                    add(label, module, lora_a, lora_b, adapter)
-                else:
-                    params = _trainable(list(lora_a.parameters()) + list(lora_b.parameters()))
-                    if params:
-                        unsupported.append(Unsupported(label, reason, params))
-            # Embedding/Conv LoRA keeps its factors elsewhere in PEFT (lora_embedding_A/B, ...).
-            for attr in ("lora_embedding_A", "lora_embedding_B"):
-                store = getattr(module, attr, None)
-                if store:
-                    for adapter, p in store.items():
-                        if p.requires_grad:
-                            unsupported.append(Unsupported(f"{name}[{adapter}]", "LoRA on an Embedding", [p]))
+            add(LoRASite(name, module, module.lora_A, module.lora_B, None, "linear"),
+                [module.lora_A.weight, module.lora_B.weight])
+            continue
+        if peft is None or not isinstance(module, peft.LoraLayer):
+            continue
+        variants = getattr(module, "lora_variant", {}) or {}
+        dora = getattr(module, "use_dora", {}) or {}
+
+        def variant(adapter: str) -> Optional[str]:
+            if dora.get(adapter, False):
+                return "a LoRA variant (DoRA) whose update is not B A"
+            if adapter in variants:
+                return f"a LoRA variant ({type(variants[adapter]).__name__}) whose update is not B A"
+            return None
+
+        for adapter in list(module.lora_A.keys()):
+            lora_a, lora_b = module.lora_A[adapter], module.lora_B[adapter]
+            label = f"{name}[{adapter}]"
+            reason, kind = variant(adapter), None
+            if reason is None and isinstance(module, peft.merging):
+                reason = (f"LoRA on {type(module).__name__}, whose forward merges B A into the base weights "
+                          "instead of running the lora_B(lora_A(x)) branch")
+            elif reason is None and type(lora_a) is nn.Linear and type(lora_b) is nn.Linear:
+                kind = "linear"
+            elif reason is None and type(lora_a) in _CONVS:
+                reason = _conv_problem(lora_a, lora_b)
+                kind = "conv" if reason is None else None
+            elif reason is None:
+                reason = (f"lora_A/lora_B are {type(lora_a).__name__}/{type(lora_b).__name__} (captured: nn.Linear, "
+                          "nn.Conv1d/2d/3d and Embedding LoRA)")
+            params = list(lora_a.parameters()) + list(lora_b.parameters())
+            if kind is None:
+                refuse(label, reason, params)
+            else:
+                add(LoRASite(label, module, lora_a, lora_b, adapter, kind), params)
+        store_a = getattr(module, "lora_embedding_A", None) or {}
+        store_b = getattr(module, "lora_embedding_B", None) or {}
+        for adapter in list(store_a.keys()):
+            label = f"{name}[{adapter}]"
+            params = [store_a[adapter]] + ([store_b[adapter]] if adapter in store_b else [])
+            reason = variant(adapter) or _embedding_problem(module, adapter)
+            if reason is None and adapter not in store_b:
+                reason = "an Embedding LoRA without its lora_embedding_B"
+            if reason is None:
+                add(LoRASite(label, module, None, None, adapter, "embedding"), params)
+            else:
+                refuse(label, reason, params)
     return sites, unsupported
 
 
@@ -245,6 +403,53 @@ def _x_key(x: Tensor) -> tuple:
     return x.untyped_storage().data_ptr(), x.storage_offset(), tuple(x.shape)
 
 
+def _eager(fn):
+    """``fn`` as a function torch.compile never traces (dynamo breaks the graph and calls it)."""
+    disable = getattr(getattr(torch, "compiler", None), "disable", None)
+    return fn if disable is None else disable(fn)
+
+
+def _conv_windows(conv: nn.Module, x: Tensor) -> Tensor:
+    """The patches of ``x`` (N x C x S_1..S_d) for ``conv`` as a view (N, L_1..L_d, C, k_1..k_d):
+    ``x`` padded as ``conv`` pads it (a copy only when it pads), then strided windows."""
+    d = x.dim() - 2
+    pad = conv._reversed_padding_repeated_twice
+    if any(pad):
+        x = F.pad(x, pad, mode="constant" if conv.padding_mode == "zeros" else conv.padding_mode)
+    for i in range(d):
+        x = x.unfold(2 + i, conv.dilation[i] * (conv.kernel_size[i] - 1) + 1, conv.stride[i])
+    if any(dl != 1 for dl in conv.dilation):
+        x = x[(Ellipsis,) + tuple(slice(None, None, dl) for dl in conv.dilation)]
+    return x.permute(0, *range(2, 2 + d), 1, *range(2 + d, 2 + 2 * d))
+
+
+def conv_patches(conv: nn.Module, x: Tensor, block: Optional[int] = None) -> Iterator[Tuple[int, int, Tensor]]:
+    """The unfolded patches (im2col) of ``x`` (N x C x S_1..S_d) for ``conv`` in blocks of rows:
+    ``(lo, hi, P)``, P = rows ``lo:hi`` of the (N L) x (C k_1..k_d) patch matrix. Rows follow the
+    output positions (sample, then position in row-major order: the order of conv's output
+    (N, m, L_1..L_d) moved to (N, L_1..L_d, m)); columns follow the flattened kernel
+    (r, C, k_1..k_d). A block holds about ``block`` numbers, at least one output row (positions
+    of one index of L_1) of one sample (default :data:`PATCH_BLOCK`); only the block is materialized."""
+    block = PATCH_BLOCK if block is None else block
+    win = _conv_windows(conv, x)
+    d = x.dim() - 2
+    count, spatial = win.shape[0], tuple(win.shape[1:1 + d])
+    positions, width = math.prod(spatial), math.prod(win.shape[1 + d:])
+    per_block = max(1, block // max(width, 1))
+    if positions <= per_block:
+        step = per_block // positions
+        for s in range(0, count, step):
+            hi = min(s + step, count)
+            yield s * positions, hi * positions, win[s:hi].reshape(-1, width)
+        return
+    inner = positions // spatial[0]
+    step = max(1, per_block // inner)
+    for s in range(count):
+        for lo in range(0, spatial[0], step):
+            hi = min(lo + step, spatial[0])
+            yield s * positions + lo * inner, s * positions + hi * inner, win[s, lo:hi].reshape(-1, width)
+
+
 class Capture:
     """Hooks that record ``(X, sD, s)`` for each site; removed by :meth:`close`.
 
@@ -253,8 +458,8 @@ class Capture:
     (:meth:`LoRASite.fold`: one GEMM) and releases it; ``"auto"`` (default) holds the rows until
     they would cost more bytes than the dense gradient -- a captured X that several layers share
     (q, k, v of a block) counted once, rows in the dtype held -- and then folds them, so a layer
-    holds ``min(T (m + n), m n)`` numbers however many micro-batches accumulate (once a layer has
-    folded, its later chunks fold as they arrive). ``stats``: what
+    holds ``min(T (m + n), m n)`` numbers however many micro-batches accumulate (Conv: patches
+    that would cross the threshold are folded block by block, never formed whole). ``stats``: what
     the fold also keeps for the optimizer's statistics (:class:`Folded`: ``"diag"`` m + n more
     numbers, ``"dense"`` n^2 + m^2; None: nothing). Rows whose branch
     gradient is exactly zero (padding, masked labels) carry nothing: they are dropped as they
@@ -274,41 +479,75 @@ class Capture:
         self._users: Dict[tuple, int] = {}  # captured X -> how many held chunks share it
         self._handles: List = []
         for site in sites:
-            self._handles.append(site.lora_A.register_forward_pre_hook(self._input_hook(site)))
-            self._handles.append(site.lora_B.register_forward_hook(self._output_hook(site)))
+            site.closed = False
+            where = site.layer if site.kind == "embedding" else None
+            before, after = (where, where) if where is not None else (site.lora_A, site.lora_B)
+            self._handles.append(before.register_forward_pre_hook(_eager(self._input_hook(site, before)),
+                                                                  with_kwargs=True))
+            self._handles.append(after.register_forward_hook(_eager(self._output_hook(site, after)), with_kwargs=True))
+            for p in (site.A, site.B):
+                self._handles.append(p.register_post_accumulate_grad_hook(self._reached_hook(site)))
         if owner is not None:
             self._finalizer = weakref.finalize(owner, Capture._remove, self._handles, sites, self._users)
 
     @staticmethod
-    def _check_module(site: LoRASite, module: nn.Module, expected: nn.Module) -> None:
-        if module is not expected:
+    def _acts(site: LoRASite, module: nn.Module, expected: nn.Module) -> bool:
+        """Whether a hook that fired on ``module`` captures: True on the captured module, False on
+        a copy of it (``copy.deepcopy`` copies the hooks along: they do nothing there) and once the
+        capture is closed; an ``nn.DataParallel`` replica is refused (RuntimeError)."""
+        if site.closed:
+            return False
+        if module is expected:
+            return True
+        if getattr(module, "_is_replica", False) or module.__dict__.get("_forward_hooks") is \
+                expected.__dict__.get("_forward_hooks"):
             # nn.DataParallel replicas share the hook dicts of the original modules (shallow copies)
             # and run in threads: their X and sD could be paired across replicas.
-            raise RuntimeError(f"LoRA layer {site.name!r} ran as a copy of the module the optimizer captures "
-                               "(nn.DataParallel replicas?); oplora optimizers support one process per "
-                               "device: use DistributedDataParallel")
+            raise RuntimeError(f"LoRA layer {site.name!r} ran in an nn.DataParallel replica of the module the "
+                               "optimizer captures; oplora optimizers support one process per device: use "
+                               "DistributedDataParallel")
+        return False
 
     @staticmethod
-    def _input_hook(site: LoRASite):
-        def hook(module, args):
-            Capture._check_module(site, module, site.lora_A)
-            if torch.is_grad_enabled() and args and isinstance(args[0], Tensor):
-                site._pending.append(args[0].detach())
+    def _reached_hook(site: LoRASite):
+        def hook(param: Tensor) -> None:
+            if not site.closed and (param is site.A or param is site.B):
+                site.reached += 1
         return hook
 
-    def _output_hook(self, site: LoRASite):
-        def hook(module, args, output):
-            Capture._check_module(site, module, site.lora_B)
-            if not site._pending:
+    @staticmethod
+    def _input_hook(site: LoRASite, expected: nn.Module):
+        def hook(module, args, kwargs):
+            if not Capture._acts(site, module, expected):
                 return None
-            x = site._pending.pop()
+            x = args[0] if args else kwargs.get("x", kwargs.get("input"))
+            if torch.is_grad_enabled() and isinstance(x, Tensor):
+                site._pending.append((x.detach(), kwargs.get("adapter_names")))
+            return None
+        return hook
+
+    def _output_hook(self, site: LoRASite, expected: nn.Module):
+        def hook(module, args, kwargs, output):
+            if not Capture._acts(site, module, expected) or not site._pending:
+                return None
+            x, names = site._pending.pop()
             site._pending.clear()
             if not (torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad):
                 return None
-            x = x.reshape(-1, x.shape[-1])
-            if x.shape[0] == 0:
-                return None  # no rows (an empty micro-batch, an expert with no tokens): nothing to add
-            scaling = site.scaling
+            scaling, samples = site.scaling, None
+            if site.kind == "embedding":
+                layer = module
+                if layer.disable_adapters or layer.merged or site.adapter not in layer.active_adapters:
+                    return None  # the adapter took no part in this call
+                embed_scale = layer._get_embed_scale() if hasattr(layer, "_get_embed_scale") else None
+                if embed_scale is not None:
+                    scaling *= float(embed_scale)
+                if names is not None:  # a mixed batch: this adapter's samples only
+                    samples = torch.tensor([i for i, a in enumerate(names) if a == site.adapter], dtype=torch.long,
+                                           device=x.device)
+                    x = x.index_select(0, samples)
+            elif site.kind == "linear":
+                x = x.reshape(-1, x.shape[-1])
             # B's gradient accumulator: the pair is recorded only by a backward pass that accumulates
             # into the factors' .grad (loss.backward()), not by torch.autograd.grad(loss, inputs) or
             # backward(inputs=...) passes that merely flow through the layer.
@@ -316,37 +555,100 @@ class Capture:
             version = x._version
 
             def grad_hook(grad: Tensor) -> None:
-                if _accumulates(accumulator):
-                    self._add(site, x, version, grad.detach().reshape(-1, grad.shape[-1]), scaling)
+                if site.closed or not _accumulates(accumulator):
+                    return
+                site.passes += 1
+                grad = grad.detach()
+                if samples is not None:
+                    grad = grad.index_select(0, samples)
+                self._receive(site, x, version, grad, scaling)
 
             output.register_hook(grad_hook)
             return None
         return hook
 
-    def _add(self, site: LoRASite, x: Tensor, version: int, g: Tensor, scaling: float) -> None:
-        """Hold a chunk (its rows with gradient), then fold the site's rows when the mode says so."""
+    def _receive(self, site: LoRASite, x: Tensor, version: int, grad: Tensor, scaling: float) -> None:
+        """The rows of one call from lora_A's input (or the ids) ``x`` and the gradient ``grad``
+        at the branch output (Embedding: at the layer output), rows without gradient dropped."""
+        m = site.shape[0]
+        if site.kind == "conv":
+            if x.dim() == site.A.dim() - 1:  # an unbatched call
+                x, grad = x.unsqueeze(0), grad.unsqueeze(0)
+            g = grad.movedim(1, -1).reshape(-1, m)
+        elif site.kind == "embedding":
+            x, g = x.reshape(-1), grad.reshape(-1, m) * scaling
+        else:
+            g = grad.reshape(-1, m)
+        if g.shape[0] == 0:
+            return  # no rows (an empty micro-batch, an expert with no tokens): a pass that adds nothing
         live = g.ne(0).any(1)
-        if not bool(live.all()):
+        if bool(live.all()):
+            live = None
+        elif not bool(live.any()):
+            return
+        if site.kind == "conv":
+            self._add_patches(site, x, g, live, scaling)
+            return
+        if live is not None:
             keep = live.nonzero().squeeze(1)
-            if keep.numel() == 0:
-                return
             x, g = x.index_select(0, keep), g.index_select(0, keep)
             version = x._version
+        self._add(site, x, version, g, scaling)
+
+    def _held(self, site: LoRASite) -> float:
+        """Bytes of ``site``'s held chunks, a captured X shared by several layers counted once."""
+        return sum(x.nbytes / self._users.get(_x_key(x), 1) + g.nbytes for x, g, _ in site.chunks)
+
+    def _hold(self, site: LoRASite, x: Tensor, version: int, g: Tensor, scaling: float) -> None:
         site.chunks.append((x, g, scaling))
         site.x_versions.append(version)
         key = _x_key(x)
         self._users[key] = self._users.get(key, 0) + 1
+
+    def _fold_site(self, site: LoRASite) -> None:
+        """Fold ``site``'s held chunks into its dense gradient (they no longer count as users)."""
+        for x, _, _ in site.chunks:
+            key = _x_key(x)
+            self._users[key] -= 1
+            if not self._users[key]:
+                del self._users[key]
+        site.fold(self.stats)
+
+    @staticmethod
+    def _dense_bytes(site: LoRASite, *tensors: Tensor) -> int:
+        m, n = site.shape
+        return m * n * (8 if any(t.dtype == torch.float64 for t in tensors) else 4)
+
+    def _add(self, site: LoRASite, x: Tensor, version: int, g: Tensor, scaling: float) -> None:
+        """Hold a chunk (its rows with gradient), then fold the site's rows when the mode says so."""
+        self._hold(site, x, version, g, scaling)
         if self.mode == "rows":
             return
-        held = sum(x.nbytes / self._users.get(_x_key(x), 1) + g.nbytes for x, g, _ in site.chunks)
-        dense = site.B.shape[0] * site.A.shape[1] * (8 if g.dtype == torch.float64 else 4)
-        if self.mode == "dense" or site.folded is not None or held > dense:  # once folded, every chunk folds
-            for x, _, _ in site.chunks:
-                key = _x_key(x)
-                self._users[key] -= 1
-                if not self._users[key]:
-                    del self._users[key]
-            site.fold(self.stats)
+        if self.mode == "dense" or self._held(site) > self._dense_bytes(site, g):
+            self._fold_site(site)
+
+    def _add_patches(self, site: LoRASite, x: Tensor, g: Tensor, live: Optional[Tensor], scaling: float) -> None:
+        """A Conv call's rows: the patches of ``x`` block by block (:func:`conv_patches`), each
+        held, or folded as it is formed when holding them all would cross the mode's threshold."""
+        count = g.shape[0] if live is None else int(live.sum())
+        m, n = site.shape
+        rows_bytes = count * (n * x.element_size() + m * g.element_size())
+        fold = self.mode == "dense" or (self.mode == "auto" and
+                                        self._held(site) + rows_bytes > self._dense_bytes(site, x, g))
+        if fold:
+            self._fold_site(site)
+            site._ensure_folded(torch.float64 in (x.dtype, g.dtype), g.device, self.stats)
+        for lo, hi, patches in conv_patches(site.lora_A, x):
+            gb = g[lo:hi]
+            if live is not None:
+                keep = live[lo:hi].nonzero().squeeze(1)
+                if keep.numel() == 0:
+                    continue
+                patches, gb = patches.index_select(0, keep), gb.index_select(0, keep)
+            if fold:
+                site.folded.add(patches, gb)
+            else:
+                self._hold(site, patches, patches._version, gb, scaling)
 
     def held_bytes(self) -> int:
         """Bytes held for the next step: every captured X once (however many layers share it),
@@ -362,6 +664,8 @@ class Capture:
             h.remove()
         handles.clear()
         Capture._release(sites, users)
+        for site in sites:
+            site.closed = True
 
     @staticmethod
     def _release(sites: List[LoRASite], users: Dict) -> None:

@@ -2,8 +2,9 @@
 
 At construction: a model that is not a module, sharded (FSDP) parameters, LoRA layers that cannot
 be captured (warned, or refused with ``strict=True``), a model with none, a bad ``max_grad_norm``.
-At every step, before anything moves: a model changed since construction, a layer on mixed
-devices, a captured X modified in place after its backward pass, NaN/Inf in what the step reads.
+At every step, before anything moves: a model changed since construction, a layer whose factors
+received gradients while nothing was captured for it, a layer on mixed devices, a captured X
+modified in place after its backward pass, NaN/Inf in what the step reads.
 Each check names the layer or parameter; the optimizer (``oplora.optim.base``) decides the order.
 """
 
@@ -20,7 +21,7 @@ from torch import Tensor, nn
 from .._checks import check_real, first_nonfinite
 from ..capture import LoRASite, find_lora_sites
 
-__all__ = ["check_max_norm", "refuse_sharded", "lora_sites", "check_model", "find_nonfinite"]
+__all__ = ["check_max_norm", "refuse_sharded", "lora_sites", "check_model", "check_captured", "find_nonfinite"]
 
 _SHARDED_PLAN = (
     "oplora optimizers need every rank to hold whole LoRA factors (B m x r, A r x n), as under "
@@ -80,7 +81,8 @@ def lora_sites(owner: str, model: nn.Module, *, strict: bool, other_name: str) -
                       f"other-parameter optimizer ({other_name}) instead: {listing}", stacklevel=4)
     if not sites:
         raise ValueError(f"{owner}: the model has no trainable LoRA layer "
-                         "(oplora.LoRALinear or PEFT lora.Linear with requires_grad factors); "
+                         "(oplora.LoRALinear, or PEFT LoRA on Linear, Conv or Embedding layers, with "
+                         "requires_grad factors); "
                          "add adapters with oplora.add_lora(...) or peft.get_peft_model(...)")
     return sites
 
@@ -123,6 +125,22 @@ def check_model(owner: str, model: Optional[nn.Module], sites: Sequence[LoRASite
                            "layers that remain). Nothing was updated")
 
 
+def check_captured(owner: str, sites: Sequence[LoRASite]) -> None:
+    """Refuse (RuntimeError naming them) the layers whose factors received gradients since the last
+    step (``site.reached``) while no backward pass reached their capture hooks (``site.passes``):
+    stepping without them would silently skip their training."""
+    missing = [site.name for site in sites if site.reached and not site.passes]
+    if missing:
+        raise RuntimeError(
+            f"{owner}: the factors of LoRA layer(s) {', '.join(map(repr, missing))} received gradients since the "
+            "last step, but nothing was captured for them: their forward did not run the capture hooks. Either "
+            "torch.compile compiled the model before the optimizer was built (a forward ran first, e.g. an "
+            "evaluation; compiled code never calls hooks added later): build the optimizer before the first "
+            "compiled forward, or call torch._dynamo.reset() after building it; or the layer's forward "
+            "bypasses lora_A/lora_B (a fused LoRA kernel, weights merged into the base layer): run the plain "
+            "PEFT forward. Nothing was updated")
+
+
 def _check_devices(owner: str, site: LoRASite, state: Dict) -> None:
     device = site.B.device
     found = {f"A on {site.A.device}"} if site.A.device != device else set()
@@ -162,8 +180,9 @@ def find_nonfinite(owner: str, sites: Sequence[LoRASite], captured: bool, state:
                                "after its backward pass (a reused input buffer?); the step would use the wrong X. "
                                "Nothing was updated")
         for x, g, _ in site.chunks:
-            named += [(f"the captured X of LoRA layer {site.name!r}", x),
-                      (f"the captured sD of LoRA layer {site.name!r}", g)]
+            if x.is_floating_point():  # token ids (Embedding) are always finite
+                named.append((f"the captured X of LoRA layer {site.name!r}", x))
+            named.append((f"the captured sD of LoRA layer {site.name!r}", g))
         if site.folded is not None:
             named += [(f"the captured X or captured sD of LoRA layer {site.name!r} (folded into its dense "
                        "gradient)", t) for t in site.folded.tensors()]

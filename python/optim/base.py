@@ -50,13 +50,16 @@ class LoRAOptimizer(torch.optim.Optimizer):
     """Base class: LoRA layers of ``model`` updated by the subclass, the rest by ``other``.
 
     Args:
-        model: the model whose LoRA layers (``oplora.LoRALinear``, PEFT ``lora.Linear``) to train.
+        model: the model whose LoRA layers to train (``oplora.LoRALinear``; PEFT LoRA on Linear layers
+            over any base, quantized ones included, on Conv1d/2d/3d and on Embedding layers: the
+            kinds of :mod:`oplora.capture`).
         defaults: the LoRA group's hyper-parameters (``lr`` included), already validated.
         other: optimizer for every other trainable parameter: ``"adamw"`` (default), ``"adam"``,
             ``"sgd"``, or a ``torch.optim.Optimizer`` subclass.
         other_kwargs: its keyword arguments; ``lr`` defaults to the LoRA learning rate.
         strict: raise instead of warning when the model has LoRA factors on a layer type that
-            cannot be captured (Conv, Embedding, DoRA); without it they go to ``other``.
+            cannot be captured (DoRA and other variants, grouped convolutions, ...); without it they
+            go to ``other``.
         max_grad_norm: clip the total gradient norm to it, as ``torch.nn.utils.clip_grad_norm_``
             would (None, the default: no clipping; ``math.inf``: measure only). Stored in the LoRA
             group (``param_groups[0]["max_grad_norm"]``), so it can be changed between steps.
@@ -236,8 +239,10 @@ class LoRAOptimizer(torch.optim.Optimizer):
         * ``FloatingPointError`` naming the layer (or parameter) when a captured X or sD or a
           gradient holds NaN/Inf outside AMP, unless ``skip_nonfinite=True`` (then the step is
           skipped and counted in ``skipped_steps``);
-        * ``RuntimeError`` naming the layer when a captured X was modified in place after its
-          backward pass, when a layer's factors, captured tensors or state are on different
+        * ``RuntimeError`` naming the layer when its factors received gradients since the last
+          step while nothing was captured for it (its forward bypassed the capture hooks: code
+          compiled by torch.compile before the optimizer was built, a fused LoRA kernel), when a
+          captured X was modified in place after its backward pass, when a layer's factors, captured tensors or state are on different
           devices, or when the model changed after the optimizer was built (a LoRA layer added or
           removed, a factor replaced or its ``requires_grad`` turned off, a new trainable
           parameter), and when another rank refused the step;
@@ -278,6 +283,8 @@ class LoRAOptimizer(torch.optim.Optimizer):
         rows = [site.rows for site in self._sites]
         error, bad, world = None, None, 1
         try:
+            if self.uses_capture:
+                _guards.check_captured(name, self._sites)
             bad = _guards.find_nonfinite(name, self._sites, self.uses_capture, self.state, others)
         except RuntimeError as err:
             if group is None:
@@ -345,20 +352,20 @@ class LoRAOptimizer(torch.optim.Optimizer):
         for index, site in enumerate(self._sites):
             chunks = [(x, g) for x, g, _ in site.chunks]
             if not chunks and site.folded is None and ctx.rows.get(index, 0) > 0:
-                chunks = [(site.A.new_zeros(0, site.A.shape[1]), site.B.new_zeros(0, site.B.shape[0]))]
+                m, n = site.shape
+                chunks = [(site.A.new_zeros(0, n), site.B.new_zeros(0, m))]
             if chunks or site.folded is not None:
                 state = self.state.get(site.B, {})
                 pending.append((site, self._plan(index, site, chunks, site.folded, state, group, ctx)))
         updates = F.run_plans([plan for _, plan in pending], ctx.reduce)
-        F.commit([(update, site.B, site.A, self.state[site.B]) for (site, _), update in zip(pending, updates)])
+        F.commit([(update, site.b, site.a, self.state[site.B]) for (site, _), update in zip(pending, updates)])
 
     def _fold_all(self, site: LoRASite) -> Folded:
         """Every row of ``site`` folded into its dense gradient, for the updates that need G itself
         (an empty one for a layer without rows on this rank)."""
         site.fold(self._capture.stats)
         if site.folded is None:
-            site.folded = Folded.empty(site.B.shape[0], site.A.shape[1], compute_dtype(site.B), site.B.device,
-                                       self._capture.stats)
+            site.folded = Folded.empty(*site.shape, compute_dtype(site.B), site.B.device, self._capture.stats)
         return site.folded
 
     @staticmethod

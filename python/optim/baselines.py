@@ -39,7 +39,7 @@ class SVDLoRA(LoRAOptimizer):
                          capture=capture)
 
     def _plan(self, index, site, chunks, folded, state, group, ctx: F.StepContext) -> F.Plan:
-        return F.plan_svd(site.B, site.A, self._fold_all(site), state, lr=float(group["lr"]),
+        return F.plan_svd(site.b, site.a, self._fold_all(site), state, lr=float(group["lr"]),
                           momentum=float(group["momentum"]), grad_coeff=ctx.grad_coeff)
 
     def _distributed_unsupported(self, defaults):
@@ -91,5 +91,9 @@ class RiemannianLoRA(LoRAOptimizer):
             a, b = site.A, site.B
             if a.grad is None or b.grad is None:
                 continue
-            b.grad, a.grad = F.riemannian_precondition(b, a, b.grad, a.grad, damping)
+            # Conv factors as matrices (the flattened kernel): the gradients reshaped alike.
+            mat_b, mat_a = site.b, site.a
+            grad_b, grad_a = F.riemannian_precondition(mat_b, mat_a, b.grad.reshape(mat_b.shape),
+                                                       a.grad.reshape(mat_a.shape), damping)
+            b.grad, a.grad = grad_b.view(b.shape), grad_a.view(a.shape)
         self._inner["lora"].step()

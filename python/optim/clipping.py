@@ -13,11 +13,12 @@ RiemannianLoRA steps from the factor gradients: its norm is clip_grad_norm_'s ov
 from __future__ import annotations
 
 import math
-from typing import Iterable, List, Sequence, Tuple
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
+from .. import _rows
 from .._checks import group_by
 from ..capture import LoRASite
 from ..reference import compute_dtype
@@ -34,14 +35,15 @@ def _row_blocks(chunks: Chunks, dtype: torch.dtype, block: int) -> List[Tuple[Te
     out = []
     for x, g in chunks:
         for lo in range(0, x.shape[0], block):
-            out.append((x[lo:lo + block].to(dtype), g[lo:lo + block].to(dtype)))
+            out.append((_rows.to(x[lo:lo + block], dtype), g[lo:lo + block].to(dtype)))
     return out
 
 
-def grad_sq_norm(chunks: Chunks, *, method: str = "auto", block: int = 1024) -> Tensor:
+def grad_sq_norm(chunks: Chunks, *, method: str = "auto", block: int = 1024, n: Optional[int] = None) -> Tensor:
     """``||G||_F^2`` of a layer's implicit gradient ``G = sum_j sD_j^T X_j`` (m x n), as a 0-dim
     float64 tensor on the rows' device; computed in float32 (float64 for float64 rows), summed
-    in float64. ``chunks``: pairs ``(X_j, sD_j)`` (T_j x n, T_j x m), T rows in all.
+    in float64. ``chunks``: pairs ``(X_j, sD_j)`` (T_j x n, T_j x m), T rows in all; X_j may be
+    index rows (``oplora._rows``: token ids), whose width ``n`` must then be given.
 
     Three ways to get it, by cost (multiply-adds):
 
@@ -60,19 +62,21 @@ def grad_sq_norm(chunks: Chunks, *, method: str = "auto", block: int = 1024) -> 
         raise ValueError(f"method must be 'auto', 'rows' or 'explicit', got {method!r}")
     dtype = compute_dtype(*(t for pair in chunks for t in pair))
     rows = sum(x.shape[0] for x, _ in chunks)
-    n, m = chunks[0][0].shape[1], chunks[0][1].shape[1]
+    m = chunks[0][1].shape[1]
+    if n is None:
+        n = chunks[0][0].shape[1]
     if method == "auto":
         method = "rows" if rows * (m + n) <= 2 * m * n else "explicit"
     total = torch.zeros((), dtype=torch.float64, device=chunks[0][0].device)
     if method == "rows":
         blocks = _row_blocks(chunks, dtype, block)
         for i, (xi, gi) in enumerate(blocks):
-            total += ((xi @ xi.mT) * (gi @ gi.mT)).sum(dtype=torch.float64)
+            total += (_rows.row_gram(xi, xi, dtype) * (gi @ gi.mT)).sum(dtype=torch.float64)
             for xk, gk in blocks[i + 1:]:
-                total += 2.0 * ((xi @ xk.mT) * (gi @ gk.mT)).sum(dtype=torch.float64)
+                total += 2.0 * (_rows.row_gram(xi, xk, dtype) * (gi @ gk.mT)).sum(dtype=torch.float64)
         # Rounding can leave a tiny negative sum when G is (nearly) zero.
         return total.clamp_min(0.0)
-    for _, g_blk in grad_blocks(chunks, dtype, block):
+    for _, g_blk in grad_blocks(chunks, dtype, block, n=n):
         total += g_blk.square().sum(dtype=torch.float64)
     return total
 
@@ -82,12 +86,12 @@ def site_sq_norm(site: LoRASite) -> Tensor:
     ``||F||^2 + 2 sum_j <F, sD_j^T X_j> + ||G_rows||^2``, the cross terms as ``sum((sD_j F) * X_j)``
     (T_j x n: no m x n product of rows is formed)."""
     chunks = [(x, g) for x, g, _ in site.chunks]
-    total = grad_sq_norm(chunks) if chunks else None
+    total = grad_sq_norm(chunks, n=site.shape[1]) if chunks else None
     if site.folded is not None:
         f = site.folded.g
         dense = f.square().sum(dtype=torch.float64)
         for x, g in chunks:
-            dense = dense + 2.0 * ((g.to(f.dtype) @ f) * x.to(f.dtype)).sum(dtype=torch.float64)
+            dense = dense + 2.0 * _rows.inner(x, g.to(f.dtype) @ f)
         total = dense if total is None else total + dense
     return total.clamp_min(0.0)
 

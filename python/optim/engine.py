@@ -47,7 +47,7 @@ from typing import Any, Callable, Hashable, List, Optional, Sequence, Tuple, Uni
 import torch
 from torch import Tensor
 
-from .. import reference
+from .. import _rows, reference
 from .._checks import group_by
 from ..reference import Metric, compute_dtype
 
@@ -104,7 +104,8 @@ class StatsRule:
 class Layer:
     """A layer's gradient ``G = dense + sum_j G_j^T X_j`` and the problems that read it.
 
-    ``xs``: X_j (T_j x n) and ``gs``: G_j (T_j x m), the rows (possibly none); ``dense``: the rows
+    ``xs``: X_j (T_j x n; or T_j token ids standing for one-hot rows, ``oplora._rows``) and
+    ``gs``: G_j (T_j x m), the rows (possibly none); ``dense``: the rows
     already folded into an m x n matrix (``oplora.capture``), or None, with ``dense_sums`` their
     column sums of squares ``(sum x^2 (n), sum g^2 (m))``. ``stats``, when given, turns the first
     pass's column sums of squares (rows and folded together) into the metric of the problems
@@ -196,7 +197,10 @@ class _Group:
     def __init__(self, layers: Sequence[Layer], dtype: torch.dtype, ops):
         self.layers = layers
         self.dtype = dtype
-        self.xs = [[ops.rows(x, dtype) for x in layer.xs] for layer in layers]
+        self.xs = [[x if _rows.is_index(x) else ops.rows(x, dtype) for x in layer.xs]
+                   for layer in layers]
+        # Index rows (Embedding LoRA: token ids) are read by torch ops, not by the backend's row_pass.
+        self.indexed = [any(_rows.is_index(x) for x in layer.xs) for layer in layers]
         self.gs = [[ops.rows(g, dtype) for g in layer.gs] for layer in layers]
         self.dense = [None if layer.dense is None else layer.dense.to(dtype) for layer in layers]
         self.stats_done = layers[0].stats is None
@@ -290,14 +294,19 @@ def _zero_products(grp: "_Group", qd: Optional[Tensor], qx: Optional[Tensor], st
 def _products(jobs: Sequence[Tuple["_Group", int, Optional[Tensor], Optional[Tensor], bool]], ops
               ) -> List[Tuple[Optional[Tensor], ...]]:
     """The pass's products ``(G^T qd, G qx, sx, sg)`` of each job ``(group, layer index, qd, qx,
-    stats)``: the rows' part by one ``row_pass`` call for every layer that has rows, plus the
-    folded part by matrix products (torch's GEMM: MKL on the CPU, cuBLAS on CUDA) and its sums."""
-    with_rows = [(grp.xs[i], grp.gs[i], qd, qx, stats) for grp, i, qd, qx, stats in jobs if grp.xs[i]]
+    stats)``: the rows' part by one ``row_pass`` call for every layer that has dense rows (index
+    rows by ``oplora._rows.row_pass``: gathers and index_add), plus the folded part by matrix
+    products (torch's GEMM: MKL on the CPU, cuBLAS on CUDA) and its sums."""
+    with_rows = [(grp.xs[i], grp.gs[i], qd, qx, stats) for grp, i, qd, qx, stats in jobs
+                 if grp.xs[i] and not grp.indexed[i]]
     from_rows = iter(ops.row_pass(with_rows) if with_rows else [])
     out = []
     for grp, i, qd, qx, stats in jobs:
         dense, sums = grp.dense[i], grp.layers[i].dense_sums
-        parts = list(next(from_rows)) if grp.xs[i] else _zero_products(grp, qd, qx, stats)
+        if grp.indexed[i]:
+            parts = list(_rows.row_pass(grp.xs[i], grp.gs[i], qd, qx, stats, grp.runs[0].a0.shape[-1]))
+        else:
+            parts = list(next(from_rows)) if grp.xs[i] else _zero_products(grp, qd, qx, stats)
         if dense is not None:
             if qd is not None:
                 parts[0] = parts[0].addmm_(dense.mT, qd)

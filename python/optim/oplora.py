@@ -47,7 +47,8 @@ class OPLoRA(LoRAOptimizer):
     backward pass since the last step are left untouched (momentum too).
 
     Args:
-        model: the model holding the LoRA layers (``oplora.LoRALinear`` or PEFT ``lora.Linear``).
+        model: the model holding the LoRA layers (``oplora.LoRALinear``, PEFT LoRA on Linear,
+            Conv or Embedding layers: :mod:`oplora.capture`).
         lr: learning rate (>= 0), on the scale of SGD on the full weight (step ``-lr G``).
         momentum: in [0, 1). dampening: in [0, 1].
         iters: LoRSum rounds (>= 0; 0 is the Jacobi / Riemannian step).
@@ -79,10 +80,10 @@ class OPLoRA(LoRAOptimizer):
 
     def _plan(self, index, site, chunks, folded, state, group, ctx: F.StepContext) -> F.Plan:
         return F.plan_oplora(
-            site.B, site.A, chunks, state, folded=folded,
+            site.b, site.a, chunks, state, folded=folded,
             lr=float(group["lr"]), momentum=float(group["momentum"]), dampening=float(group["dampening"]),
             iters=int(group["iters"]), prox=float(group["prox"]), start=group["start"],
-            momentum_rank=group["momentum_rank"] or site.B.shape[1], seed=self._site_seed(group, index),
+            momentum_rank=group["momentum_rank"] or site.b.shape[1], seed=self._site_seed(group, index),
             grad_coeff=ctx.grad_coeff,
         )
 
@@ -158,11 +159,11 @@ class ScaledOPLoRA(LoRAOptimizer):
         if not (group["metric"] == "diag" and group["statistics"] == "kfac"):
             chunks, folded = [], self._fold_all(site)  # these statistics are computed from G itself
         return F.plan_scaled_oplora(
-            site.B, site.A, chunks, state, folded=folded,
+            site.b, site.a, chunks, state, folded=folded,
             lr=float(group["lr"]), betas=tuple(float(b) for b in group["betas"]), damping=float(group["damping"]),
             metric_power=float(group["metric_power"]), iters=int(group["iters"]), prox=float(group["prox"]),
             start=group["start"], metric=group["metric"], statistics=group["statistics"],
             loss_reduction=group["loss_reduction"], init_metric_scale=float(group["init_metric_scale"]),
-            momentum_rank=group["momentum_rank"] or site.B.shape[1], seed=self._site_seed(group, index),
+            momentum_rank=group["momentum_rank"] or site.b.shape[1], seed=self._site_seed(group, index),
             grad_coeff=ctx.grad_coeff, rows=ctx.rows.get(index), reduce=ctx.reduce,
         )

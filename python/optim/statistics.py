@@ -16,6 +16,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Un
 import torch
 from torch import Tensor
 
+from .. import _rows
 from ..capture import Folded
 from . import engine
 
@@ -24,12 +25,21 @@ __all__ = ["KfacDiagRule", "update_statistics", "metric_from_statistics", "grad_
 Chunks = Sequence[Tuple[Tensor, Tensor]]
 
 
-def grad_blocks(chunks: Chunks, dtype: torch.dtype, block: int = 256) -> Iterator[Tuple[int, Tensor]]:
+def grad_blocks(chunks: Chunks, dtype: torch.dtype, block: int = 256, n: Optional[int] = None
+                ) -> Iterator[Tuple[int, Tensor]]:
     """The implicit gradient ``G = sum_j sD_j^T X_j`` (m x n) in blocks of ``block`` of its rows:
-    ``(lo, G[lo:lo + block])``, never all of m x n at once (``block n`` memory)."""
+    ``(lo, G[lo:lo + block])``, never all of m x n at once (``block n`` memory). X_j may be index
+    rows (``oplora._rows``: token ids), whose width ``n`` must then be given."""
     m = chunks[0][1].shape[1]
+    if not any(_rows.is_index(x) for x, _ in chunks):
+        for lo in range(0, m, block):
+            yield lo, sum((g[:, lo:lo + block].to(dtype).mT @ x.to(dtype) for x, g in chunks))
+        return
     for lo in range(0, m, block):
-        yield lo, sum((g[:, lo:lo + block].to(dtype).mT @ x.to(dtype) for x, g in chunks))
+        out = torch.zeros(min(block, m - lo), n, dtype=dtype, device=chunks[0][1].device)
+        for x, g in chunks:
+            _rows.add_gt_x(out, g[:, lo:lo + block], x)
+        yield lo, out
 
 
 def _statistics_start(state: Dict, *, metric: str, init_scale: float, n: int, m: int, device: torch.device,
