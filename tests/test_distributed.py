@@ -15,6 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import oplora
 
+from test_layer_kinds import mixed_batch, mixed_loss, mixed_model
 from test_optim_safety import batch, loss_fn, make_model
 
 WORLD = 2
@@ -31,6 +32,11 @@ CONFIGS = {
     # The rows themselves (the configurations above fold them: a rank's rows outweigh this model's m x n).
     "oplora_rows": lambda m, **kw: oplora.OPLoRA(m, lr=0.05, momentum=0.9, capture="rows", **kw),
     "scaled_rows": lambda m, **kw: oplora.ScaledOPLoRA(m, lr=0.01, betas=(0.9, 0.9), capture="rows", **kw),
+}
+# The model of every layer kind (Embedding, Conv1d/2d/3d, Linear LoRA).
+KINDS = {
+    "oplora": lambda m: oplora.OPLoRA(m, lr=0.05, momentum=0.9),
+    "scaled_rows": lambda m: oplora.ScaledOPLoRA(m, lr=0.01, betas=(0.9, 0.9), capture="rows"),
 }
 REFUSED = {
     "svd": lambda m: oplora.SVDLoRA(m, lr=0.05),
@@ -69,6 +75,22 @@ def train(model, opt, rows, loss=loss_fn, accumulate=True):
         [p.detach().clone() for g in opt.param_groups[1:] for p in g["params"]]
 
 
+def train_kinds(model, opt, rows):
+    """As :func:`train`, on the model of every layer kind (samples ``rows`` of each global batch)."""
+    for step in range(STEPS):
+        part = [t[rows] for t in mixed_batch(step, rows=ROWS, dtype=torch.float32)]
+        opt.zero_grad()
+        if step == ACCUMULATE_AT:
+            half = part[0].shape[0] // 2
+            with model.no_sync() if isinstance(model, DistributedDataParallel) else contextlib.nullcontext():
+                (0.5 * mixed_loss(model, [t[:half] for t in part])).backward()
+            (0.5 * mixed_loss(model, [t[half:] for t in part])).backward()
+        else:
+            mixed_loss(model, part).backward()
+        opt.step()
+    return [p.detach().clone() for g in opt.param_groups for p in g["params"]]
+
+
 def worker(rank, init_file, out_dir):
     torch.set_num_threads(1)
     early = make_model()
@@ -80,6 +102,10 @@ def worker(rank, init_file, out_dir):
         for name in CONFIGS:
             model = DistributedDataParallel(make_model())
             results[name] = train(model, build(name, model, rank), share)
+        for name, make in KINDS.items():
+            torch.manual_seed(100 + rank)
+            model = DistributedDataParallel(mixed_model(dtype=torch.float32))
+            results[f"kinds:{name}"] = train_kinds(model, make(model), share)
         # Rank 0 takes every row, rank 1 none: its layers are stepped with no rows of their own.
         model = DistributedDataParallel(make_model())
         everything = slice(None) if rank == 0 else slice(0, 0)
@@ -154,6 +180,19 @@ def test_two_ranks_step_as_one_process_on_the_whole_batch(ranks, name):
     moved = [not torch.equal(p, q) for p, q in zip(single, make_model().parameters())]
     assert any(moved)
     for p, q in zip(ranks[0][name], single):
+        torch.testing.assert_close(p, q, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("name", list(KINDS))
+def test_every_layer_kind_steps_on_two_ranks_as_one_process(ranks, name):
+    torch.manual_seed(100)
+    model = mixed_model(dtype=torch.float32)
+    single = train_kinds(model, KINDS[name](model), slice(None))
+    assert all(torch.equal(p, q) for p, q in zip(ranks[1][f"kinds:{name}"], ranks[0][f"kinds:{name}"]))
+    start = [p.detach().clone() for g in KINDS[name](mixed_model(dtype=torch.float32)).param_groups
+             for p in g["params"]]
+    assert all(not torch.equal(p, q) for p, q in zip(single, start))  # every factor and the bias moved
+    for p, q in zip(ranks[0][f"kinds:{name}"], single):
         torch.testing.assert_close(p, q, rtol=2e-5, atol=2e-6)
 
 

@@ -1,0 +1,118 @@
+"""Copies of a captured model (SPEC section 3): ``copy.deepcopy`` (a best-so-far snapshot, an EMA, an
+evaluation copy) runs as a plain module -- in training or evaluation, with or without grad, even
+between the original's forward and backward -- and neither feeds nor disturbs the original's
+optimizer; it can get an optimizer of its own. ``nn.DataParallel`` replicas (shallow copies that
+share the original's hooks) are refused. A LoRA layer whose factors receive gradients while its
+capture hooks saw nothing is refused at the step, naming it, never skipped."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import oplora
+
+from test_layer_kinds import mixed_batch, mixed_loss, mixed_model
+
+
+def snapshot(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def same(model, params):
+    return all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
+
+
+def quiet(opt):
+    return all(not site.rows and not site.passes and not site.reached and not site._pending for site in opt._sites)
+
+
+@pytest.mark.parametrize("mode", ["rows", "auto"])
+def test_a_deep_copy_runs_as_a_plain_module_and_leaves_the_original_alone(mode):
+    model, reference = mixed_model(), mixed_model()
+    opt = oplora.OPLoRA(model, lr=0.05, seed=0, capture=mode)
+    ref_opt = oplora.OPLoRA(reference, lr=0.05, seed=0, capture=mode)
+    twin = copy.deepcopy(model)
+    start = snapshot(twin)
+    for step in range(2):
+        batch = mixed_batch(step)
+        for o in (opt, ref_opt):
+            o.zero_grad()
+        loss = mixed_loss(model, batch)  # the original's X is pending ...
+        mixed_loss(twin, mixed_batch(50 + step)).backward()  # ... while the copy trains
+        twin.eval()
+        with torch.no_grad():
+            mixed_loss(twin, batch)
+        twin.train()
+        loss.backward()
+        mixed_loss(reference, batch).backward()
+        opt.step()
+        ref_opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), reference.parameters()))
+    assert same(twin, start) and any(p.grad is not None for p in twin.parameters())  # never stepped
+    assert quiet(opt)
+
+
+def test_a_copy_made_before_steps_trains_with_its_own_optimizer():
+    model = mixed_model()
+    opt = oplora.OPLoRA(model, lr=0.05, seed=0)
+    twin = copy.deepcopy(model)
+    twin_opt = oplora.OPLoRA(twin, lr=0.05, seed=0)
+    for step in range(2):
+        for m, o in ((model, opt), (twin, twin_opt)):
+            o.zero_grad()
+            mixed_loss(m, mixed_batch(step)).backward()
+            o.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))
+    assert not all(torch.equal(p, q) for p, q in zip(model.parameters(), mixed_model().parameters()))
+
+
+def replicate(model):
+    """The module replicas ``torch.nn.parallel.replicate`` makes (shallow copies sharing the hook
+    dicts, ``_is_replica``), on the CPU: the parameters themselves instead of broadcast copies."""
+    replicas = {m: m._replicate_for_data_parallel() for m in model.modules()}
+    for module, replica in replicas.items():
+        replica._parameters = dict(module._parameters)
+        for key, child in module._modules.items():
+            replica._modules[key] = None if child is None else replicas[child]
+    return replicas[model]
+
+
+def test_data_parallel_replicas_are_refused():
+    model = mixed_model()
+    opt = oplora.OPLoRA(model, lr=0.05)
+    with pytest.raises(RuntimeError, match="nn.DataParallel replica.*DistributedDataParallel"):
+        mixed_loss(replicate(model), mixed_batch(0))
+    wrapped = nn.DataParallel(model)  # without GPUs it runs the module itself: captured as usual
+    mixed_loss(wrapped, mixed_batch(0)).backward()
+    assert all(site.rows for site in opt._sites)
+
+
+class Bypassing(nn.Module):
+    """A LoRA layer whose forward uses the factors' weights directly (as a fused LoRA kernel or a
+    merged forward would): the capture hooks on lora_A and lora_B never run."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        lin = self.inner
+        return lin.base_layer(x) + nn.functional.linear(x, lin.lora_B.weight @ lin.lora_A.weight) * lin.scaling
+
+
+def test_factors_with_gradients_and_nothing_captured_are_refused_at_the_step():
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    oplora.add_lora(model, ["0", "2"], r=2)
+    model[2] = Bypassing(model[2])
+    opt = oplora.OPLoRA(model, lr=0.1)
+    before = snapshot(model)
+    model(torch.randn(5, 6)).square().sum().backward()
+    with pytest.raises(RuntimeError, match=r"LoRA layer\(s\) '2.inner' received gradients.*nothing was captured"):
+        opt.step()
+    assert same(model, before)
+    opt.zero_grad()
+    model[0](torch.randn(5, 6)).square().sum().backward()  # only the captured layer: fine
+    opt.step()
+    assert not same(model, before)
