@@ -189,8 +189,7 @@ class LoRASite:
     @property
     def shape(self) -> Tuple[int, int]:
         """``(m, n)``: the shape of the product ``B A`` the optimizer updates."""
-        a = self.A
-        return self.B.shape[0], a[0].numel()
+        return self.B.shape[0], math.prod(self.A.shape[1:])
 
     def _matrix(self, p: Tensor, rows: int) -> Tensor:
         if p.dim() == 2:

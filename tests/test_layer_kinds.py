@@ -19,10 +19,11 @@ import torch
 from backends import cpu_backends
 from explicit import truncated_svd
 from test_backends_step import use_backend
+from tolerances import assert_close
 from torch import nn
 
 import oplora
-from oplora import capture
+from oplora import _backend, capture
 from oplora.capture import find_lora_sites
 
 peft = pytest.importorskip("peft")
@@ -303,14 +304,14 @@ OPTIMIZERS = {
 }
 
 
-def train_mixed(name, steps=3, micro=2, **kw):
+def train_mixed(name, steps=3, micro=2, dtype=F64, **kw):
     """``steps`` steps of ``micro`` micro-batches; returns the model, the optimizer, the grad norms."""
-    model = mixed_model()
+    model = mixed_model(dtype=dtype)
     opt = OPTIMIZERS[name](model, **kw)
     norms = []
     for step in range(steps):
         opt.zero_grad()
-        batches = [mixed_batch(10 * step + k, rows=3 + k) for k in range(micro)]
+        batches = [mixed_batch(10 * step + k, rows=3 + k, dtype=dtype) for k in range(micro)]
         total = sum(b[3].shape[0] for b in batches)
         for b in batches:
             mixed_loss(model, b, total).backward()
@@ -332,6 +333,21 @@ def test_every_capture_mode_steps_alike_with_accumulation_and_clipping(name):
         assert_same_models(model, rows, 1e-10)
         assert norms == pytest.approx(rows_norms, rel=1e-10)
     assert all(n > 0.3 for n in rows_norms)  # the clip was active
+
+
+@pytest.mark.parametrize("name", ["oplora", "scaled"])
+@pytest.mark.parametrize("backend", cpu_backends("cpp", "triton"))
+def test_every_kind_steps_on_every_backend_as_on_the_torch_ops(backend, name, monkeypatch):
+    """Conv patches go through the backend's row pass (K-FAC statistics fused), Embedding ids
+    through torch ops on every backend."""
+    runs = []
+    for which in (backend, "torch"):
+        with monkeypatch.context() as patch:
+            use_backend(which, "cpu", patch)
+            runs.append(train_mixed(name, steps=2, dtype=torch.float32, capture="rows")[0])
+            assert _backend.ops_for(torch.device("cpu")).name == which
+    for (key, p), q in zip(runs[0].named_parameters(), runs[1].parameters()):
+        assert_close(p.detach(), q.detach(), "step", torch.float32, what=f"{backend} {name} {key}")
 
 
 def test_accumulated_micro_batches_step_as_their_concatenation():
