@@ -402,10 +402,19 @@ def _x_key(x: Tensor) -> tuple:
     return x.untyped_storage().data_ptr(), x.storage_offset(), tuple(x.shape)
 
 
+_EAGER_REASON = ("an oplora capture hook: it records X and sD eagerly between compiled graphs, so a model "
+                 "with oplora-captured LoRA layers compiles with fullgraph=False")
+
+
 def _eager(fn):
     """``fn`` as a function torch.compile never traces (dynamo breaks the graph and calls it)."""
     disable = getattr(getattr(torch, "compiler", None), "disable", None)
-    return fn if disable is None else disable(fn)
+    if disable is None:
+        return fn
+    try:
+        return disable(fn, reason=_EAGER_REASON)
+    except TypeError:  # a torch before disable(reason=)
+        return disable(fn)
 
 
 def _conv_windows(conv: nn.Module, x: Tensor) -> Tensor:

@@ -2,7 +2,8 @@
 static or dynamic shapes, with activation checkpointing, every layer kind -- trains exactly as in
 eager mode with every optimizer. The capture hooks run eagerly between the compiled graphs
 (``torch.compiler.disable``); code compiled before the optimizer installed them never calls them,
-which the first step refuses naming the layers, and ``torch._dynamo.reset()`` cures.
+which the first step refuses naming the layers, and ``torch._dynamo.reset()`` cures;
+``fullgraph=True`` cannot include the hooks and is refused by dynamo with the reason.
 
 Compiles take seconds on two cores: the models are small and the cases few. Each test starts from
 ``torch._dynamo.reset()`` (no cached code, no recompile limit reached) and checks that dynamo did
@@ -133,3 +134,11 @@ def test_compiled_before_the_optimizer_is_refused_until_dynamo_is_reset():
     run(torch.randn(4, 12)).square().sum().backward()
     assert all(site.rows == 4 for site in opt._sites)
     opt.step()
+
+
+def test_fullgraph_is_refused_naming_the_capture_hooks():
+    model = mlp()
+    opt = oplora.OPLoRA(model, lr=0.1)
+    with pytest.raises(Exception, match="oplora capture hook.*fullgraph=False"):
+        torch.compile(model, fullgraph=True)(torch.randn(4, 12))
+    assert all(not site.rows for site in opt._sites)
