@@ -173,3 +173,19 @@ def test_a_frozen_base_layer_is_the_normal_case():
     opt.step()
     assert not torch.equal(model[0].lora_B.weight, b)
     assert len(opt.param_groups) == 1 and opt.grad_norm() > 0
+
+
+def test_a_clean_step_reads_no_row_for_the_non_finite_check(monkeypatch):
+    """NaN/Inf in the rows shows in the step's products, which are checked instead: a step whose
+    values are finite scans only the other parameters' gradients (not a second read of X and sD)."""
+    from oplora.optim import _guards
+
+    model = make_model()
+    opt = oplora.OPLoRA(model, lr=0.05, capture="rows")
+    backward(model, *batch())
+    rows = {id(t) for site in opt._sites for x, g, _ in site.chunks for t in (x, g)}
+    scanned = []
+    real = _guards.first_nonfinite
+    monkeypatch.setattr(_guards, "first_nonfinite", lambda ts: (scanned.extend(ts), real(ts))[1])
+    opt.step()
+    assert scanned and not rows & {id(t) for t in scanned}

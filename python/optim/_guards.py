@@ -162,11 +162,15 @@ def _check_devices(owner: str, site: LoRASite, state: Dict) -> None:
 
 
 def find_nonfinite(owner: str, sites: Sequence[LoRASite], captured: bool, state: Dict,
-                   others: Sequence[Tuple[str, Tensor]]) -> Optional[str]:
+                   others: Sequence[Tuple[str, Tensor]], rows: bool = True) -> Optional[str]:
     """What holds NaN/Inf among the captured X and sD of ``sites`` (their factor gradients when
     not ``captured``) and the other parameters' gradients ``others`` (name, grad); None when
     all is finite. Raises RuntimeError, naming the layer, for a captured X modified in place
-    since its backward pass and for a layer on mixed devices (``state``: the optimizer's)."""
+    since its backward pass and for a layer on mixed devices (``state``: the optimizer's).
+
+    ``rows=False`` leaves the captured rows and folded gradients out (a full read of them): a
+    NaN or Inf there shows in the step engine's products of that layer, which are checked
+    instead (``oplora.optim.engine.NonFiniteProducts``); this scan then names it."""
     named: List[Tuple[str, Tensor]] = []
     for site in sites:
         if not captured:
@@ -179,6 +183,8 @@ def find_nonfinite(owner: str, sites: Sequence[LoRASite], captured: bool, state:
             raise RuntimeError(f"{owner}: the input X captured for LoRA layer {site.name!r} was modified in place "
                                "after its backward pass (a reused input buffer?); the step would use the wrong X. "
                                "Nothing was updated")
+        if not rows:
+            continue
         for x, g, _ in site.chunks:
             if x.is_floating_point():  # token ids (Embedding) are always finite
                 named.append((f"the captured X of LoRA layer {site.name!r}", x))

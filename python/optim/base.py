@@ -37,6 +37,7 @@ from ..capture import CAPTURE_MODES, Capture, Folded, LoRASite
 from ..reference import compute_dtype
 from . import _distributed, _guards, _inner, clipping
 from ._inner import OtherSpec
+from . import engine
 from . import functional as F
 
 __all__ = ["LoRAOptimizer"]
@@ -255,10 +256,8 @@ class LoRAOptimizer(torch.optim.Optimizer):
         try:
             with torch.no_grad():
                 ctx = self._context()
-                if ctx is not None:
-                    self._step_lora(ctx)
-                    if "other" in self._inner:
-                        self._inner["other"].step()
+                if ctx is not None and self._step_lora(ctx) and "other" in self._inner:
+                    self._inner["other"].step()
         finally:
             if self._capture is not None:
                 self._capture.clear()
@@ -278,14 +277,12 @@ class LoRAOptimizer(torch.optim.Optimizer):
             raise RuntimeError(f"{name} was built before torch.distributed was initialized (or the process "
                                "group changed since): build the optimizer after init_process_group, so that "
                                "every rank starts from the same state")
-        others = [(self._names.get(id(p), "?"), p.grad) for g in self.param_groups[1:] for p in g["params"]
-                  if p.grad is not None]
         rows = [site.rows for site in self._sites]
         error, bad, world = None, None, 1
         try:
             if self.uses_capture:
                 _guards.check_captured(name, self._sites)
-            bad = _guards.find_nonfinite(name, self._sites, self.uses_capture, self.state, others)
+            bad = self._find_nonfinite(rows=False)  # the rows: checked on the step's products
         except RuntimeError as err:
             if group is None:
                 raise
@@ -319,8 +316,20 @@ class LoRAOptimizer(torch.optim.Optimizer):
         return F.StepContext(grad_coeff=coeff / world, rows=dict(enumerate(rows)),
                              reduce=lambda tensors: _distributed.all_reduce_sum(tensors, group))
 
+    def _find_nonfinite(self, rows: bool) -> Optional[str]:
+        """:func:`oplora.optim._guards.find_nonfinite` over this optimizer's layers, state and other
+        gradients; with ``rows=False`` a bad other gradient is named after a full scan, which may
+        find a bad row first (a NaN in the rows makes every later gradient NaN too)."""
+        others = [(self._names.get(id(p), "?"), p.grad) for g in self.param_groups[1:] for p in g["params"]
+                  if p.grad is not None]
+        scan = lambda full: _guards.find_nonfinite(type(self).__name__, self._sites, self.uses_capture,  # noqa: E731
+                                                   self.state, others, rows=full)
+        bad = scan(rows)
+        return scan(True) if bad is not None and not rows else bad
+
     def _nonfinite(self, what: str) -> None:
-        """Skip the step (``skip_nonfinite``; returns None) or raise FloatingPointError saying ``what``."""
+        """Skip the step (``skip_nonfinite``; returns None, falsy) or raise FloatingPointError saying
+        ``what``."""
         if not self.skip_nonfinite:
             raise FloatingPointError(f"{type(self).__name__}: {what}; nothing was updated "
                                      "(skip_nonfinite=True skips such steps instead)")
@@ -342,23 +351,34 @@ class LoRAOptimizer(torch.optim.Optimizer):
                                "without unscale_ (nothing was updated)")
         return 1.0 / float(scale)
 
-    def _step_lora(self, ctx: F.StepContext) -> None:
+    def _step_lora(self, ctx: F.StepContext) -> bool:
         """Plan every reached layer's update (``self._plan``), solve them together, then write them
         all: a step that fails in any layer's solve leaves every factor and every state untouched.
+        Returns False when the step is skipped (NaN/Inf with ``skip_nonfinite``): nothing moves.
 
         On several ranks a layer reached on any rank is stepped on all (with no rows of its own
         where it was not reached), so that every rank takes part in the same reductions."""
         group, pending = self.lora_group, []
-        for index, site in enumerate(self._sites):
-            chunks = [(x, g) for x, g, _ in site.chunks]
-            if not chunks and site.folded is None and ctx.rows.get(index, 0) > 0:
-                m, n = site.shape
-                chunks = [(site.A.new_zeros(0, n), site.B.new_zeros(0, m))]
-            if chunks or site.folded is not None:
-                state = self.state.get(site.B, {})
-                pending.append((site, self._plan(index, site, chunks, site.folded, state, group, ctx)))
-        updates = F.run_plans([plan for _, plan in pending], ctx.reduce)
+        try:
+            for index, site in enumerate(self._sites):
+                chunks = [(x, g) for x, g, _ in site.chunks]
+                if not chunks and site.folded is None and ctx.rows.get(index, 0) > 0:
+                    m, n = site.shape
+                    chunks = [(site.A.new_zeros(0, n), site.B.new_zeros(0, m))]
+                if chunks or site.folded is not None:
+                    state = self.state.get(site.B, {})
+                    pending.append((site, self._plan(index, site, chunks, site.folded, state, group, ctx)))
+            updates = F.run_plans([plan for _, plan in pending], ctx.reduce)
+        except (FloatingPointError, torch.linalg.LinAlgError) as err:
+            # A NaN or Inf in the rows showed in a layer's products (or broke a solve): name it.
+            bad = self._find_nonfinite(rows=True)
+            if bad is None and isinstance(err, engine.NonFiniteProducts):
+                bad = f"the gradient products of LoRA layer {pending[err.index][0].name!r} (another rank's rows?)"
+            if bad is None:
+                raise
+            return self._nonfinite(f"{bad} holds NaN or Inf")
         F.commit([(update, site.b, site.a, self.state[site.B]) for (site, _), update in zip(pending, updates)])
+        return True
 
     def _fold_all(self, site: LoRASite) -> Folded:
         """Every row of ``site`` folded into its dense gradient, for the updates that need G itself

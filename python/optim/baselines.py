@@ -83,7 +83,7 @@ class RiemannianLoRA(LoRAOptimizer):
         inner = _inner.build(base, list(lora["params"]), defaults["lr"], base_kwargs, "base")
         self._inner["lora"] = _inner.share(inner, lora, self.state)
 
-    def _step_lora(self, ctx: F.StepContext) -> None:
+    def _step_lora(self, ctx: F.StepContext) -> bool:
         """Precondition every layer's factor gradients, then step the base optimizer (``ctx`` is
         not needed: autograd's gradients are already unscaled, clipped and averaged)."""
         damping = float(self.lora_group["damping"])
@@ -97,3 +97,4 @@ class RiemannianLoRA(LoRAOptimizer):
                                                        a.grad.reshape(mat_a.shape), damping)
             b.grad, a.grad = grad_b.view(b.shape), grad_a.view(a.shape)
         self._inner["lora"].step()
+        return True

@@ -48,10 +48,10 @@ import torch
 from torch import Tensor
 
 from .. import _rows, reference
-from .._checks import group_by
+from .._checks import first_nonfinite, group_by
 from ..reference import Metric, compute_dtype
 
-__all__ = ["STATS", "Problem", "Layer", "StatsRule", "solve", "stack_layers"]
+__all__ = ["STATS", "Problem", "Layer", "StatsRule", "NonFiniteProducts", "solve", "stack_layers"]
 
 #: ``Problem.metric = STATS``: the metric comes from this step's statistics (``Layer.stats``).
 STATS = "stats"
@@ -118,6 +118,15 @@ class Layer:
     stats: Optional[StatsRule] = None
     dense: Optional[Tensor] = None
     dense_sums: Optional[Tuple[Tensor, Tensor]] = None
+
+
+class NonFiniteProducts(FloatingPointError):
+    """A pass's products of layer ``index`` (in the order given to :func:`solve`) hold NaN or Inf:
+    its rows or folded gradient do (or, under data parallelism, another rank's)."""
+
+    def __init__(self, index: int):
+        super().__init__(f"the gradient products of layer {index} hold NaN or Inf")
+        self.index = index
 
 
 def stack_layers(ts: Sequence[Tensor]) -> Tensor:
@@ -329,6 +338,8 @@ def solve(layers: Sequence[Layer], ops, reduce: Optional[Callable[[List[Tensor]]
     every layer's rows, ``prox_solve`` on every half-step's small problems (the r-sized ops on
     stacks, one per group and half-step). ``reduce`` (optional) is called with the list of every
     tensor a pass's ``row_pass`` produced (to reduce in place), before any of them is used.
+    Raises :class:`NonFiniteProducts` naming the layer when a pass's products (after the reduction)
+    hold NaN or Inf.
     """
     groups, where = _groups(layers, ops)
     while True:
@@ -363,6 +374,13 @@ def solve(layers: Sequence[Layer], ops, reduce: Optional[Callable[[List[Tensor]]
         results = _products(jobs, ops)
         if reduce is not None:
             reduce([t for res in results for t in res if t is not None])
+        # A NaN or Inf in a layer's rows shows in its products: checked here, on the thin results,
+        # instead of reading every row once more before the step (nothing is written yet).
+        flat = [(k, t) for k, res in enumerate(results) for t in res if t is not None]
+        bad = first_nonfinite([t for _, t in flat])
+        if bad is not None:
+            grp, pos = jobs[flat[bad][0]][:2]
+            raise NonFiniteProducts(where.index((groups.index(grp), pos)))
         # 3. The statistics' metrics, then every half-step's small solves (one call).
         problems, owners = [], []
         start = 0

@@ -124,12 +124,18 @@ def run_plans(plans: Sequence[Plan], reduce: Optional[Reduce] = None) -> List[Up
     """Solve the plans of many layers together, one engine run per device (``oplora._backend``
     picks the ops), and return their updates in order. ``reduce`` (data parallel) is handed to
     :func:`oplora.optim.engine.solve`: it receives every tensor of each row pass (thin products,
-    diagonal K-FAC sums) to reduce in place before they are used."""
+    diagonal K-FAC sums) to reduce in place before they are used. Raises
+    :class:`oplora.optim.engine.NonFiniteProducts` with the index of the plan whose layer's
+    products hold NaN or Inf."""
     updates: List[Optional[Update]] = [None] * len(plans)
     solving = [i for i, plan in enumerate(plans) if plan.layer is not None]
-    for index in group_by(solving, lambda i: plans[i].device).values():
-        device = plans[index[0]].device
-        for i, sol in zip(index, engine.solve([plans[i].layer for i in index], _backend.ops_for(device), reduce)):
+    for positions in group_by(solving, lambda i: plans[i].device).values():
+        index = [solving[k] for k in positions]
+        try:
+            solved = engine.solve([plans[i].layer for i in index], _backend.ops_for(plans[index[0]].device), reduce)
+        except engine.NonFiniteProducts as err:
+            raise engine.NonFiniteProducts(index[err.index]) from None
+        for i, sol in zip(index, solved):
             updates[i] = plans[i].finish(sol)
     for i, plan in enumerate(plans):
         if plan.layer is None:
@@ -295,6 +301,8 @@ def plan_svd(b: Tensor, a: Tensor, folded: Folded, state: Dict, *, lr: float, mo
         buf = state.get("momentum_buffer")
         buf = g if buf is None else buf * momentum + g
         g = buf
+    if not bool(torch.isfinite(g).all()):
+        raise FloatingPointError("the gradient holds NaN or Inf")
     w = b.to(dtype) @ a.to(dtype) - lr * g
     u, s, vh = torch.linalg.svd(w, full_matrices=False)
     root = s[:b.shape[1]].sqrt()
