@@ -49,10 +49,12 @@ factors' ``.grad`` (``loss.backward()``), so forward passes that are never back-
 gradients, gradient penalties) leave nothing behind; a call with no rows is skipped. X is held as
 a view: changing its storage in place before ``step()`` is detected (version counter) and refused. Several
 backward passes before a step (gradient accumulation, a module called twice in a forward)
-append pairs; the optimizer uses them all, which is exactly the concatenated batch. The memory
-held until ``step()``/``zero_grad()`` is one reference per pair: X stays alive past backward
-(autograd would have freed it) and ``sD`` (autograd would have freed it after lora_B's backward)
--- at most one extra copy of what autograd holds.
+append pairs; the optimizer uses them all, which is exactly the concatenated batch. Rows whose
+branch gradient is exactly zero (padding, masked labels) are dropped as they arrive. What is held
+until ``step()``/``zero_grad()`` is bounded per layer by ``min(T (m + n), m n)`` numbers
+(``Capture``'s ``mode``): the rows -- one reference per pair, X kept past backward (autograd would
+have freed it) and ``sD`` -- until they would cost more than the layer's dense gradient, which
+they are then folded into (``LoRASite.fold``, ``Folded``).
 
 Every site also counts the backward passes that reached its branch (``passes``) and the
 gradients accumulated into its factors (``reached``, by post-accumulate-grad hooks on ``A`` and
@@ -62,14 +64,15 @@ the step (``oplora.optim._guards.check_captured``), never skipped silently.
 torch.compile: the module hooks are wrapped in ``torch.compiler.disable``, so that dynamo never
 traces them: a compiled forward breaks its graph at each LoRA branch and runs the hooks eagerly
 on real tensors (their tensor hook then fires in the backward of the compiled graphs), which
-gives exactly the eager capture (``fullgraph=True`` is refused by dynamo for that reason).
-Dynamo does not guard on module hooks: code compiled before the optimizer installed its hooks
-never calls them -- the step then raises (above) with the remedy. Copies: ``copy.deepcopy`` of a
-model copies these hooks along with the modules; on a copy they do nothing (a copy runs as a
-plain module, neither feeding nor disturbing this capture), while ``nn.DataParallel`` replicas
-(shallow copies that share the original's hooks and run in threads) are refused. Activation
-checkpointing: the recomputed forward runs without grad enabled at the first pass or inside the
-backward pass, and each call is captured once.
+gives exactly the eager capture (``fullgraph=True`` is refused by dynamo for that reason; an
+activation-checkpointed region inside a compiled model runs eagerly: dynamo cannot trace side
+effects inside a checkpoint). Dynamo does not guard on module hooks: code compiled before the
+optimizer installed its hooks never calls them -- the step then raises (above) with the remedy.
+Copies: ``copy.deepcopy`` of a model copies these hooks along with the modules; on a copy they do
+nothing (a copy runs as a plain module, neither feeding nor disturbing this capture), while
+``nn.DataParallel`` replicas (shallow copies that share the original's hooks and run in threads)
+are refused. Activation checkpointing (reentrant or not): each call is captured once, from the
+forward whose graph the backward pass runs.
 """
 
 from __future__ import annotations
@@ -466,8 +469,9 @@ class Capture:
     (:meth:`LoRASite.fold`: one GEMM) and releases it; ``"auto"`` (default) holds the rows until
     they would cost more bytes than the dense gradient -- a captured X that several layers share
     (q, k, v of a block) counted once, rows in the dtype held -- and then folds them, so a layer
-    holds ``min(T (m + n), m n)`` numbers however many micro-batches accumulate (Conv: patches
-    that would cross the threshold are folded block by block, never formed whole). ``stats``: what
+    holds ``min(T (m + n), m n)`` numbers however many micro-batches accumulate (once a layer has
+    folded, its later chunks fold as they arrive; Conv patches that would cross the threshold are
+    folded block by block, never formed whole). ``stats``: what
     the fold also keeps for the optimizer's statistics (:class:`Folded`: ``"diag"`` m + n more
     numbers, ``"dense"`` n^2 + m^2; None: nothing). Rows whose branch
     gradient is exactly zero (padding, masked labels) carry nothing: they are dropped as they
@@ -632,8 +636,8 @@ class Capture:
         self._hold(site, x, version, g, scaling)
         if self.mode == "rows":
             return
-        if self.mode == "dense" or self._held(site) > self._dense_bytes(site, g):
-            self._fold_site(site)
+        if self.mode == "dense" or site.folded is not None or self._held(site) > self._dense_bytes(site, g):
+            self._fold_site(site)  # once folded, every chunk folds
 
     def _add_patches(self, site: LoRASite, x: Tensor, g: Tensor, live: Optional[Tensor], scaling: float) -> None:
         """A Conv call's rows: the patches of ``x`` block by block (:func:`conv_patches`), each
@@ -641,8 +645,8 @@ class Capture:
         count = g.shape[0] if live is None else int(live.sum())
         m, n = site.shape
         rows_bytes = count * (n * x.element_size() + m * g.element_size())
-        fold = self.mode == "dense" or (self.mode == "auto" and
-                                        self._held(site) + rows_bytes > self._dense_bytes(site, x, g))
+        fold = self.mode == "dense" or (self.mode == "auto" and (
+            site.folded is not None or self._held(site) + rows_bytes > self._dense_bytes(site, x, g)))
         if fold:
             self._fold_site(site)
             site._ensure_folded(torch.float64 in (x.dtype, g.dtype), g.device, self.stats)
