@@ -374,6 +374,18 @@ def test_clipping_measures_the_explicit_gradient_norm():
     assert opt.grad_norm() == pytest.approx(want, rel=1e-10)
 
 
+@pytest.mark.parametrize("method", ["rows", "explicit"])
+def test_the_norm_of_index_rows_is_that_of_their_one_hot_rows(method):
+    from oplora.optim.clipping import grad_sq_norm
+
+    gen = torch.Generator().manual_seed(0)
+    chunks = [(torch.randint(0, 11, (t,), generator=gen), torch.randn(t, 4, generator=gen, dtype=F64)) for t in (5, 9)]
+    dense = [(nn.functional.one_hot(ids, 11).double(), g) for ids, g in chunks]
+    want = grad_sq_norm(dense, method=method)
+    assert float(grad_sq_norm(chunks, method=method, n=11, block=4)) == pytest.approx(float(want), rel=1e-12)
+    assert float(want) == pytest.approx(float(sum(g.T @ x for x, g in dense).square().sum()), rel=1e-12)
+
+
 def test_kfac_input_statistics_are_token_counts_and_patch_squares():
     """ScaledOPLoRA's d_in after one step from its start (ones): b2 + (1 - b2) colsum(X^2) / T --
     for the Embedding the token counts, for the Conv2d the squares of its patches."""
