@@ -38,7 +38,8 @@ Layer kinds (:data:`KINDS`; a site's ``kind``), each with its X and its factors 
 
 LoRA factors of other kinds -- LoRA variants whose update is not ``B A`` (DoRA, ...), grouped
 convolutions, layers whose forward merges ``B A`` into the base weights (PEFT's
-``MultiheadAttention``, ``ParamWrapper``), factors of other module types -- are reported as
+``MultiheadAttention``, ``ParamWrapper``) and the LoRA layers inside them, factors of other module
+types -- are reported as
 unsupported with the reason, for the optimizer to hand to its ``other`` optimizer with a
 warning, or to refuse with ``strict=True``. Every adapter with trainable factors is its own site,
 so several adapters never mix; an inactive adapter is simply never reached.
@@ -334,6 +335,7 @@ def find_lora_sites(model: nn.Module) -> Tuple[List[LoRASite], List[Unsupported]
         if params:
             unsupported.append(Unsupported(label, reason, params))
 
+    merging: List[Tuple[str, str]] = []  # (name, class) of the layers that merge B A into their weights
     for name, module in model.named_modules():
         if isinstance(module, LoRALinear):
             add(LoRASite(name, module, module.lora_A, module.lora_B, None, "linear"),
@@ -343,8 +345,16 @@ def find_lora_sites(model: nn.Module) -> Tuple[List[LoRASite], List[Unsupported]
             continue
         variants = getattr(module, "lora_variant", {}) or {}
         dora = getattr(module, "use_dora", {}) or {}
+        # A LoRA layer inside a merging one (PEFT's MultiheadAttention wraps its out_proj) is never
+        # called as a module: its parent merges its B A into the weights it uses.
+        outer = next((f"inside {owner!r} ({kind}), which merges its B A into the weights it uses instead of "
+                      "calling it" for owner, kind in merging if name.startswith(owner + ".")), None)
+        if isinstance(module, peft.merging):
+            merging.append((name, type(module).__name__))
 
         def variant(adapter: str) -> Optional[str]:
+            if outer is not None:
+                return outer
             if dora.get(adapter, False):
                 return "a LoRA variant (DoRA) whose update is not B A"
             if adapter in variants:

@@ -258,6 +258,33 @@ def test_mixed_model_captures_every_kind():
     check_gradient_identity(opt, 5)
 
 
+class Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mha = nn.MultiheadAttention(8, 2, dtype=F64)
+        self.fc = nn.Linear(8, 3, dtype=F64)
+
+    def forward(self, x):
+        return self.fc(self.mha(x, x, x)[0])
+
+
+def test_lora_merged_into_the_base_weights_goes_to_other_with_the_layers_inside_it():
+    """PEFT's MultiheadAttention LoRA merges B A into the attention weights (its out_proj, a LoRA
+    layer of its own, is never called): neither can be captured; both train with AdamW."""
+    torch.manual_seed(0)
+    model = lora(Attention(), ["mha", "fc"])
+    with pytest.warns(UserWarning, match=r"mha\[default\]: LoRA on MultiheadAttention.*"
+                                         r"mha.base_layer.out_proj\[default\]: inside 'base_model.model.mha'"):
+        opt = oplora.OPLoRA(model, lr=0.1)
+    assert opt.lora_layers == ["base_model.model.fc[default]"]
+    others = opt.param_groups[1]["params"]
+    assert len(others) == 4  # the attention's and its out_proj's factors
+    before = [p.detach().clone() for p in others]
+    model(torch.randn(5, 2, 8, dtype=F64)).square().sum().backward()
+    opt.step()  # nothing refused: no captured layer went without its capture
+    assert all(not torch.equal(p, q) for p, q in zip(others, before))
+
+
 # -- steps against the explicit float64 step ---------------------------------------------------
 
 def projected_steps(model, batch, lr):
