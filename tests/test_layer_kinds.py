@@ -24,7 +24,7 @@ from torch import nn
 
 import oplora
 from oplora import _backend, capture
-from oplora.capture import find_lora_sites
+from oplora.sites import find_lora_sites
 
 peft = pytest.importorskip("peft")
 try:

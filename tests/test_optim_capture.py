@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import oplora
-from oplora.capture import find_lora_sites
+from oplora.sites import find_lora_sites
 
 peft = pytest.importorskip("peft")
 

@@ -28,7 +28,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .. import _backend
-from ..capture import Folded
+from ..sites import Folded
 from ..optim import engine
 from ..optim import functional as F
 from ._common import format_table, machine_info, markdown_header, measure, save_figure, suite_parser, write_results

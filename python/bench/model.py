@@ -73,7 +73,7 @@ def floor_flops(opt, tokens: int, name: str, r: int) -> float:
     k = 2 * r
     total = 0.0
     for site in opt._sites:
-        m, n = site.B.shape[0], site.A.shape[1]
+        m, n = site.shape
         per_pass = 2 * m * n * k if site.folded is not None else 2 * tokens * (m + n) * k
         total += PASSES[kind] * per_pass
     return total

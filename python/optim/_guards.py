@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from torch import Tensor, nn
 
 from .._checks import check_real, first_nonfinite
-from ..capture import LoRASite, find_lora_sites
+from ..sites import LoRASite, find_lora_sites
 
 __all__ = ["check_max_norm", "refuse_sharded", "lora_sites", "check_model", "check_captured", "find_nonfinite"]
 

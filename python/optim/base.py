@@ -33,12 +33,12 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import check_choice
-from ..capture import CAPTURE_MODES, Capture, Folded, LoRASite
+from ..capture import CAPTURE_MODES, Capture
 from ..reference import compute_dtype
-from . import _distributed, _guards, _inner, clipping
-from ._inner import OtherSpec
-from . import engine
+from ..sites import Folded, LoRASite
+from . import _distributed, _guards, _inner, clipping, engine
 from . import functional as F
+from ._inner import OtherSpec
 
 __all__ = ["LoRAOptimizer"]
 

@@ -7,8 +7,8 @@ from typing import Optional
 from torch import nn
 
 from .._checks import check_choice, check_real
-from . import functional as F
 from . import _inner
+from . import functional as F
 from ._inner import OtherSpec
 from .base import LoRAOptimizer
 

@@ -20,8 +20,8 @@ from torch import Tensor
 
 from .. import _rows
 from .._checks import group_by
-from ..capture import LoRASite
 from ..reference import compute_dtype
+from ..sites import LoRASite
 from .statistics import grad_blocks
 
 __all__ = ["grad_sq_norm", "site_sq_norm", "total_norm"]

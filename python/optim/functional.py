@@ -28,8 +28,8 @@ from torch import Tensor
 from .. import _backend
 from .._checks import group_by
 from ..reference import compute_dtype
+from ..sites import Folded
 from . import engine
-from ..capture import Folded
 from .statistics import KfacDiagRule, metric_from_statistics, update_statistics
 
 __all__ = ["StepContext", "Update", "Plan", "commit", "run_plans", "init_momentum", "plan_oplora",

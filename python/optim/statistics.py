@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .. import _rows
-from ..capture import Folded
+from ..sites import Folded
 from . import engine
 
 __all__ = ["KfacDiagRule", "update_statistics", "metric_from_statistics", "grad_blocks"]

@@ -1,0 +1,351 @@
+"""The LoRA layers of a model: what a site is, how it is found, and its folded gradient.
+
+A *site* (:class:`LoRASite`) is one adapter of one LoRA layer: its factors as matrices, its
+captured chunks and the rows already folded into its dense gradient (:class:`Folded`).
+:func:`find_lora_sites` walks a model and returns the sites it can train and the LoRA
+parameters it cannot (:class:`Unsupported`, with the reason). ``oplora.capture`` fills the sites.
+
+Layer kinds (:data:`KINDS`; a site's ``kind``), each with its X and its factors as matrices
+(``B`` m x r, ``A`` r x n, :attr:`LoRASite.b`, :attr:`LoRASite.a`):
+
+* ``"linear"`` -- ``oplora.LoRALinear`` and every PEFT ``LoraLayer`` whose adapter is the plain
+  branch ``lora_B(lora_A(dropout(x))) * scaling`` with ``nn.Linear`` factors, whatever its base
+  layer: ``lora.Linear``, bitsandbytes ``Linear4bit`` / ``Linear8bitLt``, HQQ, GPTQ, AWQ, EETQ,
+  torchao, ... (found by structure, not by class name). X: the rows of lora_A's input.
+* ``"conv"`` -- PEFT ``Conv1d/2d/3d`` LoRA (``lora_A`` a convolution with any stride, padding
+  (any mode) and dilation, groups 1; ``lora_B`` its 1 x ... x 1 counterpart). X: the unfolded
+  patches of lora_A's input (im2col, T = batch x output positions, n = c_in k_1 ... k_d, columns
+  in the order of the flattened kernel), sD: the branch-output gradient per position. The update
+  is on the flattened kernel: ``A`` is the weight viewed as r x (c_in k...), ``B`` as m x r.
+  The patches are formed in the backward pass from lora_A's input, in blocks of about
+  :data:`PATCH_BLOCK` numbers: with ``capture="rows"`` (or ``"auto"`` below its threshold) they are
+  held -- k_1 ... k_d times the input's size --, otherwise every block is folded into the dense
+  gradient as it is formed, so a whole batch's patches never exist at once.
+* ``"embedding"`` -- PEFT ``Embedding`` LoRA (``lora_embedding_A`` r x vocab, ``lora_embedding_B``
+  m x r; hooks on the layer itself). X: one-hot rows of the token ids, held as the ids
+  (``oplora._rows``: index rows, never formed), sD: ``s`` x the layer's output gradient (x its
+  ``embed_scale`` where PEFT applies one). ``G = s D^T X`` is the whole gradient of ``B A``,
+  the base layer's ``padding_idx`` column included (autograd's gradient of ``A`` leaves that
+  column at zero, ``F.embedding``'s rule for its weight; a masked padding token has no gradient
+  row and adds nothing either way).
+
+LoRA factors of other kinds -- LoRA variants whose update is not ``B A`` (DoRA, ...), grouped
+convolutions, layers whose forward merges ``B A`` into the base weights (PEFT's
+``MultiheadAttention``, ``ParamWrapper``) and the LoRA layers inside them, factors of other module
+types -- are reported as
+unsupported with the reason, for the optimizer to hand to its ``other`` optimizer with a
+warning, or to refuse with ``strict=True``. Every adapter with trainable factors is its own site,
+so several adapters never mix; an inactive adapter is simply never reached.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from . import _rows
+from .layers import LoRALinear
+
+__all__ = ["LoRASite", "Folded", "Unsupported", "find_lora_sites", "KINDS"]
+
+#: The layer kinds a site can be (see the module docstring).
+KINDS = ("linear", "conv", "embedding")
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+@dataclass(eq=False)
+class Folded:
+    """Captured rows folded into the dense gradient: ``g = sum_j sD_j^T X_j`` (m x n, float32;
+    float64 for float64 rows) and their number ``rows``; with the statistics the optimizer needs
+    (``stats``): ``"diag"``, their column sums of squares ``sx`` (n,) and ``sg`` (m,) (diagonal
+    K-FAC); ``"dense"``, the Grams ``gram_x = X^T X`` (n x n) and ``gram_g = sD^T sD`` (m x m).
+    X may be dense or index rows (``oplora._rows``)."""
+
+    g: Tensor
+    rows: int = 0
+    sx: Optional[Tensor] = None
+    sg: Optional[Tensor] = None
+    gram_x: Optional[Tensor] = None
+    gram_g: Optional[Tensor] = None
+
+    @staticmethod
+    def empty(m: int, n: int, dtype: torch.dtype, device: torch.device, stats: Optional[str]) -> "Folded":
+        zeros = lambda *shape: torch.zeros(shape, dtype=dtype, device=device)  # noqa: E731
+        if stats == "diag":
+            return Folded(zeros(m, n), sx=zeros(n), sg=zeros(m))
+        if stats == "dense":
+            return Folded(zeros(m, n), gram_x=zeros(n, n), gram_g=zeros(m, m))
+        return Folded(zeros(m, n))
+
+    def add(self, x: Tensor, g: Tensor) -> None:
+        """Fold the rows ``x`` (T x n, or T ids), ``g`` (T x m) in: one GEMM (an ``index_add``
+        for ids; two more for dense statistics)."""
+        g = g.to(self.g.dtype)
+        _rows.add_gt_x(self.g, g, x)
+        self.rows += x.shape[0]
+        if self.sx is not None:
+            self.sx += _rows.col_sq(x, self.g.shape[1], self.g.dtype)
+            self.sg += g.square().sum(0)
+        if self.gram_x is not None:
+            _rows.add_gram(self.gram_x, x)
+            self.gram_g.addmm_(g.mT, g)
+
+    def tensors(self) -> List[Tensor]:
+        return [t for t in (self.g, self.sx, self.sg, self.gram_x, self.gram_g) if t is not None]
+
+
+@dataclass(eq=False)
+class LoRASite:
+    """One LoRA branch of kind ``kind`` (:data:`KINDS`): factors ``A`` and ``B`` (parameters;
+    :attr:`a` r x n and :attr:`b` m x r as matrices), modules ``lora_A`` and ``lora_B`` (None for
+    an Embedding, whose factors are parameters of ``layer``).
+
+    ``chunks`` holds the captured ``(X, sD, s)`` triples since the last step: X (T_j x n dense
+    rows, or T_j token ids) and sD (T_j x m) detached, in the dtype the forward pass used, rows
+    without gradient dropped; ``folded`` the rows already folded into the dense gradient
+    (:class:`Folded`), or None. The layer's gradient is ``folded.g + sum_j sD_j^T X_j``.
+    ``modified`` names a problem found at a fold (a captured X changed in place), for the step to
+    raise. ``passes``: backward passes (accumulating into ``.grad``) that reached the branch
+    since the last step, with or without rows; ``reached``: gradients accumulated into ``A`` or
+    ``B`` since then. ``closed``: the capture was removed; its hooks, wherever copies of them
+    survive (compiled code), do nothing.
+    """
+
+    name: str
+    layer: nn.Module
+    lora_A: Optional[nn.Module]
+    lora_B: Optional[nn.Module]
+    adapter: Optional[str] = None
+    kind: str = "linear"
+    chunks: List[Tuple[Tensor, Tensor, float]] = field(default_factory=list)
+    x_versions: List[int] = field(default_factory=list, repr=False)  # X's version counter at capture
+    folded: Optional[Folded] = None
+    modified: bool = False
+    passes: int = 0
+    reached: int = 0
+    closed: bool = False
+    _pending: List[tuple] = field(default_factory=list, repr=False)
+
+    @property
+    def A(self) -> nn.Parameter:
+        if self.kind == "embedding":
+            return self.layer.lora_embedding_A[self.adapter]
+        return self.lora_A.weight
+
+    @property
+    def B(self) -> nn.Parameter:
+        if self.kind == "embedding":
+            return self.layer.lora_embedding_B[self.adapter]
+        return self.lora_B.weight
+
+    @property
+    def shape(self) -> Tuple[int, int]:
+        """``(m, n)``: the shape of the product ``B A`` the optimizer updates."""
+        return self.B.shape[0], math.prod(self.A.shape[1:])
+
+    def _matrix(self, p: Tensor, rows: int) -> Tensor:
+        if p.dim() == 2:
+            return p
+        try:
+            return p.detach().view(rows, -1)
+        except RuntimeError:
+            raise RuntimeError(f"LoRA layer {self.name!r}: its {tuple(p.shape)} factor cannot be viewed as a matrix "
+                               f"(strides {p.stride()}: channels_last?); the update is written through that view, so "
+                               "keep the LoRA factors contiguous") from None
+
+    @property
+    def a(self) -> Tensor:
+        """``A`` as an r x n matrix: the parameter itself, or (Conv) a view of its kernel flattened
+        to r x (c_in k_1 ... k_d), through which the update is written."""
+        return self._matrix(self.A, self.A.shape[0])
+
+    @property
+    def b(self) -> Tensor:
+        """``B`` as an m x r matrix: the parameter itself, or (Conv) a view of m x r x 1 ... 1."""
+        return self._matrix(self.B, self.B.shape[0])
+
+    @property
+    def scaling(self) -> float:
+        s = self.layer.scaling
+        return float(s[self.adapter] if self.adapter is not None else s)
+
+    @property
+    def rows(self) -> int:
+        """Rows captured since the last step, held or folded."""
+        return sum(x.shape[0] for x, _, _ in self.chunks) + (self.folded.rows if self.folded is not None else 0)
+
+    def fold(self, stats: Optional[str] = None) -> None:
+        """Fold every held chunk into :attr:`folded` and release it."""
+        if not self.chunks:
+            return
+        self._ensure_folded(any(t.dtype == torch.float64 for c in self.chunks for t in c[:2]), self.chunks[0][1].device,
+                            stats)
+        for (x, g, _), version in zip(self.chunks, self.x_versions):
+            self.modified = self.modified or x._version != version
+            self.folded.add(x, g)
+        self.chunks.clear()
+        self.x_versions.clear()
+
+    def _ensure_folded(self, float64: bool, device: torch.device, stats: Optional[str]) -> Folded:
+        if self.folded is None:
+            m, n = self.shape
+            self.folded = Folded.empty(m, n, torch.float64 if float64 else torch.float32, device, stats)
+        return self.folded
+
+    def clear(self) -> None:
+        self.chunks.clear()
+        self.x_versions.clear()
+        self._pending.clear()
+        self.folded = None
+        self.modified = False
+        self.passes = self.reached = 0
+
+
+@dataclass
+class Unsupported:
+    """LoRA parameters the optimizers cannot update by capture, with the reason."""
+
+    name: str
+    reason: str
+    params: List[nn.Parameter]
+
+
+def _peft_lora() -> Optional[SimpleNamespace]:
+    """PEFT's LoRA layer base class and the layer classes whose forward never runs the
+    ``lora_B(lora_A(x))`` branch, when PEFT is already imported (a PEFT model implies it is)."""
+    if "peft" not in sys.modules:
+        return None
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:  # an old or partial PEFT without these names: nothing of it can be in the model
+        return None
+    import peft.tuners.lora.layer as layer_module
+
+    merging = tuple(cls for cls in (getattr(layer_module, name, None) for name in ("MultiheadAttention", "ParamWrapper"))
+                    if isinstance(cls, type))
+    return SimpleNamespace(LoraLayer=LoraLayer, merging=merging)
+
+
+def _trainable(params) -> List[nn.Parameter]:
+    return [p for p in params if p.requires_grad]
+
+
+def _conv_problem(lora_a: nn.Module, lora_b: nn.Module) -> Optional[str]:
+    """Why a Conv LoRA pair is not the plain branch (lora_A a convolution, lora_B its 1 x ... x 1
+    counterpart, groups 1), or None."""
+    if type(lora_b) is not type(lora_a):
+        return f"lora_A/lora_B are {type(lora_a).__name__}/{type(lora_b).__name__}"
+    if lora_a.groups != 1 or lora_b.groups != 1:
+        return f"a grouped convolution (groups = {max(lora_a.groups, lora_b.groups)}; only groups = 1 is captured)"
+    pointwise = (all(k == 1 for k in lora_b.kernel_size) and all(s == 1 for s in lora_b.stride)
+                 and (lora_b.padding == "valid" or all(p == 0 for p in lora_b.padding)))
+    if not pointwise:
+        return "its lora_B is not a 1 x ... x 1 convolution with stride 1 and no padding"
+    return None
+
+
+def _embedding_problem(module: nn.Module, adapter: str) -> Optional[str]:
+    """Why a PEFT Embedding adapter cannot be captured, or None."""
+    base = module.get_base_layer() if hasattr(module, "get_base_layer") else getattr(module, "base_layer", None)
+    if getattr(base, "sparse", False):
+        return "an Embedding with sparse=True (sparse gradients)"
+    if getattr(base, "scale_grad_by_freq", False):
+        return "an Embedding with scale_grad_by_freq=True (its gradient is not B^T G, G A^T)"
+    if (getattr(module, "input_fns", None) or {}).get(adapter) is not None:
+        return "a tensor-parallel Embedding LoRA"
+    return None
+
+
+def find_lora_sites(model: nn.Module) -> Tuple[List[LoRASite], List[Unsupported]]:
+    """The LoRA sites of ``model`` with trainable factors, and the LoRA parameters not supported.
+
+    A site's factors are trainable when both ``A`` and ``B`` have ``requires_grad``; a frozen
+    adapter (both off) is skipped; one factor frozen and the other not is reported unsupported.
+    PEFT adapters are classified by structure (module docstring): ``nn.Linear`` factors are the
+    ``"linear"`` kind over any base layer, ``nn.Conv1d/2d/3d`` factors the ``"conv"`` kind,
+    ``lora_embedding_A/B`` the ``"embedding"`` kind; variants are unsupported.
+    """
+    peft = _peft_lora()
+    sites: List[LoRASite] = []
+    unsupported: List[Unsupported] = []
+
+    def add(site: LoRASite, params: List[Tensor]):
+        a, b = site.A, site.B
+        if not a.requires_grad and not b.requires_grad:
+            return
+        if a.requires_grad != b.requires_grad:
+            unsupported.append(Unsupported(site.name, "only one of its two LoRA factors is trainable", _trainable(params)))
+            return
+        sites.append(site)
+
+    def refuse(label: str, reason: str, params: List[Tensor]):
+        params = _trainable(params)
+        if params:
+            unsupported.append(Unsupported(label, reason, params))
+
+    merging: List[Tuple[str, str]] = []  # (name, class) of the layers that merge B A into their weights
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            add(LoRASite(name, module, module.lora_A, module.lora_B, None, "linear"),
+                [module.lora_A.weight, module.lora_B.weight])
+            continue
+        if peft is None or not isinstance(module, peft.LoraLayer):
+            continue
+        variants = getattr(module, "lora_variant", {}) or {}
+        dora = getattr(module, "use_dora", {}) or {}
+        # A LoRA layer inside a merging one (PEFT's MultiheadAttention wraps its out_proj) is never
+        # called as a module: its parent merges its B A into the weights it uses.
+        outer = next((f"inside {owner!r} ({kind}), which merges its B A into the weights it uses instead of "
+                      "calling it" for owner, kind in merging if name.startswith(owner + ".")), None)
+        if isinstance(module, peft.merging):
+            merging.append((name, type(module).__name__))
+
+        def variant(adapter: str) -> Optional[str]:
+            if outer is not None:
+                return outer
+            if dora.get(adapter, False):
+                return "a LoRA variant (DoRA) whose update is not B A"
+            if adapter in variants:
+                return f"a LoRA variant ({type(variants[adapter]).__name__}) whose update is not B A"
+            return None
+
+        for adapter in list(module.lora_A.keys()):
+            lora_a, lora_b = module.lora_A[adapter], module.lora_B[adapter]
+            label = f"{name}[{adapter}]"
+            reason, kind = variant(adapter), None
+            if reason is None and isinstance(module, peft.merging):
+                reason = (f"LoRA on {type(module).__name__}, whose forward merges B A into the base weights "
+                          "instead of running the lora_B(lora_A(x)) branch")
+            elif reason is None and type(lora_a) is nn.Linear and type(lora_b) is nn.Linear:
+                kind = "linear"
+            elif reason is None and type(lora_a) in _CONVS:
+                reason = _conv_problem(lora_a, lora_b)
+                kind = "conv" if reason is None else None
+            elif reason is None:
+                reason = (f"lora_A/lora_B are {type(lora_a).__name__}/{type(lora_b).__name__} (captured: nn.Linear, "
+                          "nn.Conv1d/2d/3d and Embedding LoRA)")
+            params = list(lora_a.parameters()) + list(lora_b.parameters())
+            if kind is None:
+                refuse(label, reason, params)
+            else:
+                add(LoRASite(label, module, lora_a, lora_b, adapter, kind), params)
+        store_a = getattr(module, "lora_embedding_A", None) or {}
+        store_b = getattr(module, "lora_embedding_B", None) or {}
+        for adapter in list(store_a.keys()):
+            label = f"{name}[{adapter}]"
+            params = [store_a[adapter]] + ([store_b[adapter]] if adapter in store_b else [])
+            reason = variant(adapter) or _embedding_problem(module, adapter)
+            if reason is None and adapter not in store_b:
+                reason = "an Embedding LoRA without its lora_embedding_B"
+            if reason is None:
+                add(LoRASite(label, module, None, None, adapter, "embedding"), params)
+            else:
+                refuse(label, reason, params)
+    return sites, unsupported
