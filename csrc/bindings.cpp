@@ -3,13 +3,15 @@
 // Every entry point takes buffers (NumPy arrays, e.g. zero-copy views of CPU tensors from
 // tensor.numpy(), or anything with the buffer protocol), checks dtype, shape and C-contiguity, and
 // raises ValueError saying what is wrong. Nothing is ever copied to fix a buffer up: outputs are
-// written in place into the buffers given, so a copy would lose them. Only float32 and float64 are
-// taken; the bf16/fp16 policy (upcast once, in Python) lives in oplora/_backend.py. The GIL is
-// released while the kernels run.
+// written in place into the buffers given, so a copy would lose them (and, being accumulated while
+// the rows are read, they must not overlap any input). Only float32 and float64 are taken; the
+// bf16/fp16 policy (upcast once, in Python) lives in oplora/_backend.py. The GIL is released while
+// the kernels run.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include <cstdint>
+#include <deque>
 #include <optional>
 #include <sstream>
 #include <string>
@@ -73,70 +75,141 @@ struct View {
     }
 };
 
+void check_chunks(const std::string& fn, const std::string& prefix, const std::vector<py::buffer>& xs,
+                  const std::vector<py::buffer>& gs) {
+    if (xs.empty() || xs.size() != gs.size())
+        throw py::value_error("oplora._cpu." + fn + ": " + prefix + "xs and " + prefix + "gs must be non-empty lists "
+                              "of the same length (one X_j, G_j pair per chunk), got " + std::to_string(xs.size()) +
+                              " and " + std::to_string(gs.size()));
+}
+
+// One layer's buffers, checked: the argument names in messages are `prefix` + name ("qd", or
+// "jobs[3].qd" in a grouped call). `keep` holds the views (and so the buffers) until the kernel is
+// done; a deque, so that a view stays where it is while more are added.
 template <class T>
-void row_pass_impl(const std::vector<py::buffer>& xs, const std::vector<py::buffer>& gs,
-                   const std::optional<py::buffer>& qd, const std::optional<py::buffer>& qx,
-                   const std::optional<py::buffer>& px, const std::optional<py::buffer>& pd,
-                   const std::optional<py::buffer>& sx, const std::optional<py::buffer>& sg, int threads) {
-    const std::string fn = "row_pass";
-    std::vector<View<T>> xv, gv;
+oplora::RowPassArgs<T> job_args(const std::string& fn, const std::string& prefix, const std::vector<py::buffer>& xs,
+                                const std::vector<py::buffer>& gs, const std::optional<py::buffer>& qd,
+                                const std::optional<py::buffer>& qx, const std::optional<py::buffer>& px,
+                                const std::optional<py::buffer>& pd, const std::optional<py::buffer>& sx,
+                                const std::optional<py::buffer>& sg, std::deque<View<T>>& keep) {
+    const std::string where = "oplora._cpu." + fn + ": ";
+    check_chunks(fn, prefix, xs, gs);
+    auto view = [&](const py::buffer& buf, const std::string& name, int dims, std::vector<int64_t> want,
+                    bool writable) -> View<T>& {
+        keep.emplace_back(buf, fn, prefix + name, dims, std::move(want), writable);
+        return keep.back();
+    };
     oplora::RowPassArgs<T> args;
     for (size_t j = 0; j < xs.size(); ++j) {
         const std::string idx = "[" + std::to_string(j) + "]";
-        xv.emplace_back(xs[j], fn, "xs" + idx, 2, std::vector<int64_t>{-1, j ? args.n : -1}, false);
-        args.n = xv.back().cols;
-        gv.emplace_back(gs[j], fn, "gs" + idx, 2, std::vector<int64_t>{xv.back().rows, j ? args.m : -1}, false);
-        args.m = gv.back().cols;
-        args.xs.push_back(xv.back().ptr);
-        args.gs.push_back(gv.back().ptr);
-        args.rows.push_back(xv.back().rows);
+        const View<T>& x = view(xs[j], "xs" + idx, 2, {-1, j ? args.n : -1}, false);
+        args.n = x.cols;
+        const View<T>& g = view(gs[j], "gs" + idx, 2, {x.rows, j ? args.m : -1}, false);
+        args.m = g.cols;
+        args.xs.push_back(x.ptr);
+        args.gs.push_back(g.ptr);
+        args.rows.push_back(x.rows);
     }
-    std::optional<View<T>> qdv, qxv, pxv, pdv, sxv, sgv;
-    if (qd) {
-        qdv.emplace(*qd, fn, "qd", 2, std::vector<int64_t>{args.m, -1}, false);
-        if (!px) throw py::value_error("oplora._cpu.row_pass: qd is given, so px (n x Kd) must be too");
-        pxv.emplace(*px, fn, "px", 2, std::vector<int64_t>{args.n, qdv->cols}, true);
-        args.qd = qdv->ptr;
-        args.kd = qdv->cols;
-        args.px = pxv->ptr;
-    }
-    if (qx) {
-        qxv.emplace(*qx, fn, "qx", 2, std::vector<int64_t>{args.n, -1}, false);
-        if (!pd) throw py::value_error("oplora._cpu.row_pass: qx is given, so pd (m x Kx) must be too");
-        pdv.emplace(*pd, fn, "pd", 2, std::vector<int64_t>{args.m, qxv->cols}, true);
-        args.qx = qxv->ptr;
-        args.kx = qxv->cols;
-        args.pd = pdv->ptr;
-    }
+    // A right-hand side q (q_rows x K) and its product p (p_rows x K): given together or not at all.
+    auto product = [&](const std::optional<py::buffer>& q, const std::optional<py::buffer>& p, const std::string& qn,
+                       const std::string& pn, const char* p_shape, int64_t q_rows, int64_t p_rows, const T*& q_ptr,
+                       int64_t& k, T*& p_ptr) {
+        if (!q) return;
+        const View<T>& qv = view(*q, qn, 2, {q_rows, -1}, false);
+        if (!p)
+            throw py::value_error(where + prefix + qn + " is given, so " + prefix + pn + " (" + p_shape +
+                                  ") must be too");
+        q_ptr = qv.ptr;
+        k = qv.cols;
+        p_ptr = view(*p, pn, 2, {p_rows, k}, true).ptr;
+    };
+    product(qd, px, "qd", "px", "n x Kd", args.m, args.n, args.qd, args.kd, args.px);
+    product(qx, pd, "qx", "pd", "m x Kx", args.n, args.m, args.qx, args.kx, args.pd);
     if (sx || sg) {
-        if (!(sx && sg)) throw py::value_error("oplora._cpu.row_pass: give both sx (n) and sg (m), or neither");
-        sxv.emplace(*sx, fn, "sx", 1, std::vector<int64_t>{args.n}, true);
-        sgv.emplace(*sg, fn, "sg", 1, std::vector<int64_t>{args.m}, true);
-        args.sx = sxv->ptr;
-        args.sg = sgv->ptr;
+        if (!(sx && sg))
+            throw py::value_error(where + "give both " + prefix + "sx (n) and " + prefix + "sg (m), or neither");
+        args.sx = view(*sx, "sx", 1, {args.n}, true).ptr;
+        args.sg = view(*sg, "sg", 1, {args.m}, true).ptr;
         args.stats = true;
     }
-    args.threads = threads;
-    py::gil_scoped_release release;
-    oplora::row_pass<T>(args);
+    return args;
+}
+
+void check_threads(const std::string& fn, int threads) {
+    if (threads < 1)
+        throw py::value_error("oplora._cpu." + fn + ": threads must be >= 1, got " + std::to_string(threads));
+}
+
+// The element type of a call, from its first rows: float or double (or a ValueError naming them).
+template <class F>
+void dispatch(const std::string& fn, const std::string& name, const py::buffer& first, F&& run) {
+    const std::string format = first.request().format;
+    if (format == py::format_descriptor<float>::format())
+        run(float());
+    else if (format == py::format_descriptor<double>::format())
+        run(double());
+    else
+        throw py::value_error("oplora._cpu." + fn + ": " + name + " must be float32 or float64 (upcast bf16/fp16 in "
+                              "Python), got buffer format '" + format + "'");
 }
 
 void row_pass(const std::vector<py::buffer>& xs, const std::vector<py::buffer>& gs, std::optional<py::buffer> qd,
               std::optional<py::buffer> qx, std::optional<py::buffer> px, std::optional<py::buffer> pd,
               std::optional<py::buffer> sx, std::optional<py::buffer> sg, int threads) {
-    if (xs.empty() || xs.size() != gs.size())
-        throw py::value_error("oplora._cpu.row_pass: xs and gs must be non-empty lists of the same length (one X_j, "
-                              "G_j pair per chunk), got " + std::to_string(xs.size()) + " and " +
-                              std::to_string(gs.size()));
-    if (threads < 1) throw py::value_error("oplora._cpu.row_pass: threads must be >= 1, got " + std::to_string(threads));
-    const std::string format = xs[0].request().format;
-    if (format == py::format_descriptor<float>::format())
-        row_pass_impl<float>(xs, gs, qd, qx, px, pd, sx, sg, threads);
-    else if (format == py::format_descriptor<double>::format())
-        row_pass_impl<double>(xs, gs, qd, qx, px, pd, sx, sg, threads);
-    else
-        throw py::value_error("oplora._cpu.row_pass: xs[0] must be float32 or float64 (upcast bf16/fp16 in Python), "
-                              "got buffer format '" + format + "'");
+    const std::string fn = "row_pass";
+    check_chunks(fn, "", xs, gs);
+    check_threads(fn, threads);
+    dispatch(fn, "xs[0]", xs[0], [&](auto zero) {
+        using T = decltype(zero);
+        std::deque<View<T>> keep;
+        oplora::RowPassArgs<T> args = job_args<T>(fn, "", xs, gs, qd, qx, px, pd, sx, sg, keep);
+        args.threads = threads;
+        py::gil_scoped_release release;
+        oplora::row_pass<T>(args);
+    });
+}
+
+// jobs[i] = (xs, gs, qd, qx, px, pd, sx, sg), the arguments of row_pass for one layer.
+void row_pass_many(const py::sequence& jobs, int threads) {
+    const std::string fn = "row_pass_many";
+    auto job = [&](size_t i) { return "oplora._cpu." + fn + ": jobs[" + std::to_string(i) + "]"; };
+    check_threads(fn, threads);
+    std::vector<py::sequence> items;
+    for (size_t i = 0; i < jobs.size(); ++i) {
+        const py::object item = jobs[i];
+        if (!py::isinstance<py::sequence>(item) || py::len(item) != 8)
+            throw py::value_error(job(i) + " must be a tuple (xs, gs, qd, qx, px, pd, sx, sg)");
+        items.push_back(item.cast<py::sequence>());
+    }
+    if (items.empty()) return;
+    auto buffers = [&](size_t i, int at, const char* name) {
+        try {
+            return items[i][at].cast<std::vector<py::buffer>>();
+        } catch (const py::cast_error&) {
+            throw py::value_error(job(i) + "." + name + " must be a list of buffers (NumPy arrays)");
+        }
+    };
+    auto optional = [&](size_t i, int at, const char* name) -> std::optional<py::buffer> {
+        const py::object obj = items[i][at];
+        if (obj.is_none()) return std::nullopt;
+        if (!py::isinstance<py::buffer>(obj))
+            throw py::value_error(job(i) + "." + name + " must be a buffer (a NumPy array) or None");
+        return obj.cast<py::buffer>();
+    };
+    const std::vector<py::buffer> first = buffers(0, 0, "xs");
+    check_chunks(fn, "jobs[0].", first, buffers(0, 1, "gs"));
+    dispatch(fn, "jobs[0].xs[0]", first[0], [&](auto zero) {
+        using T = decltype(zero);
+        std::deque<View<T>> keep;
+        std::vector<oplora::RowPassArgs<T>> args;
+        for (size_t i = 0; i < items.size(); ++i)
+            args.push_back(job_args<T>(fn, "jobs[" + std::to_string(i) + "].", buffers(i, 0, "xs"),
+                                       buffers(i, 1, "gs"), optional(i, 2, "qd"), optional(i, 3, "qx"),
+                                       optional(i, 4, "px"), optional(i, 5, "pd"), optional(i, 6, "sx"),
+                                       optional(i, 7, "sg"), keep));
+        py::gil_scoped_release release;
+        oplora::row_pass_many<T>(args.data(), args.size(), threads);
+    });
 }
 
 }  // namespace
@@ -148,6 +221,11 @@ PYBIND11_MODULE(_cpu, m) {
           "px = sum_j X_j^T (G_j qd), pd = sum_j G_j^T (X_j qx), sx = sum_j colsum(X_j^2), sg = sum_j colsum(G_j^2),\n"
           "written into the given buffers (None: not computed), one pass over the rows. xs[j]: T_j x n, gs[j]: T_j x m,\n"
           "qd: m x Kd, qx: n x Kx, px: n x Kd, pd: m x Kx; all float32 or all float64, C-contiguous.");
+    m.def("row_pass_many", &row_pass_many, py::arg("jobs"), py::arg("threads") = 1,
+          "row_pass of every layer of a pass in one call: jobs[i] = (xs, gs, qd, qx, px, pd, sx, sg), the arguments\n"
+          "of row_pass for layer i, all float32 or all float64 (the first job's). One team of up to `threads` threads\n"
+          "runs the row blocks of all layers together (the same result for the same thread count). Errors name the\n"
+          "job: 'jobs[3].qd has shape ...'.");
 #ifdef _OPENMP
     m.attr("openmp") = py::bool_(true);
 #else

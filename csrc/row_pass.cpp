@@ -3,10 +3,8 @@
 
 #include <algorithm>
 #include <cstring>
-
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include <memory>
+#include <utility>
 
 namespace oplora {
 namespace {
@@ -159,105 +157,215 @@ void sum_squares(const T* a, int64_t tb, int64_t p, T* sq) {
     }
 }
 
-// A right-hand side (p x k) copied into a zero-padded p x kp buffer (kp a multiple of half a panel).
+// One layer as the pass runs it: its right-hand sides with widths padded to whole vectors (copied
+// only where the width is not already a multiple), its rows cut into blocks, its work items.
 template <class T>
-std::vector<T> padded(const T* q, int64_t p, int64_t k, int64_t kp) {
-    std::vector<T> out(static_cast<size_t>(p * kp), T(0));
-    for (int64_t i = 0; i < p; ++i) std::memcpy(out.data() + i * kp, q + i * k, sizeof(T) * k);
-    return out;
+struct Layer {
+    const RowPassArgs<T>* args = nullptr;
+    bool want_d = false, want_x = false;
+    int64_t kdp = 0, kxp = 0;           // padded widths (0: not asked)
+    const T* qd = nullptr;              // m x kdp
+    const T* qx = nullptr;              // n x kxp
+    std::vector<T> qd_copy, qx_copy;    // the padded copies, where needed
+    int64_t block_rows = 0;
+    size_t first = 0, end = 0;          // its work items [first, end)
+
+    // The arithmetic of `rows` of its rows: the two products per row and side, and reading the row
+    // (the squares, the packing); the unit of the thread heuristic and of the split between threads.
+    double flops(int64_t rows) const {
+        const double row = static_cast<double>(args->n + args->m);
+        return static_cast<double>(rows) * row * (2.0 * static_cast<double>(kdp + kxp) + 1.0);
+    }
+    // Its accumulators: px, pd (padded widths), sx, sg.
+    int64_t acc_size() const {
+        return args->n * kdp + args->m * kxp + (args->stats ? args->n + args->m : 0);
+    }
+};
+
+// A right-hand side (p x k) as a p x kp buffer (kp a multiple of half a panel): q itself when k is
+// one already, else a zero-padded copy kept in `copy`.
+template <class T>
+const T* padded(const T* q, int64_t p, int64_t k, int64_t kp, std::vector<T>& copy) {
+    if (kp == k) return q;
+    copy.assign(static_cast<size_t>(p * kp), T(0));
+    for (int64_t i = 0; i < p; ++i) std::memcpy(copy.data() + i * kp, q + i * k, sizeof(T) * k);
+    return copy.data();
 }
 
-struct Block {
+// One work item: a block of rows of one chunk of one layer; `start` is the arithmetic of the pass
+// before it.
+struct Item {
+    size_t layer;
     int chunk;
     int64_t row0, rows;
+    double start, flops;
 };
+
+// Where one segment of the pass accumulates one layer: px (n x kdp), pd (m x kxp), sx (n), sg (m),
+// each either the layer's output itself (the segment holds the whole layer and the width is
+// unpadded) or a private buffer.
+template <class T>
+struct Acc {
+    T *px = nullptr, *pd = nullptr, *sx = nullptr, *sg = nullptr;
+};
+
+// Segment `s` of `count`: the items whose middle falls in [s, s + 1) / count of the pass's
+// arithmetic -- contiguous ranges, in order, of about equal work.
+std::pair<size_t, size_t> segment(const std::vector<Item>& items, double total, size_t s, size_t count) {
+    auto first_of = [&](size_t k) {
+        return static_cast<size_t>(std::partition_point(items.begin(), items.end(), [&](const Item& it) {
+                                       return (it.start + 0.5 * it.flops) * count < total * k;
+                                   }) - items.begin());
+    };
+    return {s == 0 ? 0 : first_of(s), s + 1 == count ? items.size() : first_of(s + 1)};
+}
+
+// Where the segment `range` accumulates each layer it touches (acc[l]): a layer wholly inside it
+// in the layer's outputs themselves where the widths are unpadded, the rest in the buffer returned
+// (allocated for the worst case, touched only where used); all set to zero.
+template <class T>
+std::unique_ptr<T[]> accumulators(const std::vector<Layer<T>>& layers, const std::vector<Item>& items,
+                                  std::pair<size_t, size_t> range, Acc<T>* acc) {
+    if (range.first == range.second) return nullptr;
+    const size_t l0 = items[range.first].layer, l1 = items[range.second - 1].layer + 1;
+    int64_t bound = 0;
+    for (size_t l = l0; l < l1; ++l) bound += layers[l].acc_size();
+    std::unique_ptr<T[]> own(new T[static_cast<size_t>(bound)]);
+    T* next = own.get();
+    for (size_t l = l0; l < l1; ++l) {
+        const Layer<T>& layer = layers[l];
+        const RowPassArgs<T>& a = *layer.args;
+        const bool whole = layer.first >= range.first && layer.end <= range.second;
+        auto place = [&](T*& slot, T* out, int64_t rows, int64_t k, int64_t kp) {
+            if (whole && k == kp) {
+                slot = out;
+            } else {
+                slot = next;
+                next += rows * kp;
+            }
+            std::fill(slot, slot + rows * kp, T(0));
+        };
+        if (layer.want_d) place(acc[l].px, a.px, a.n, a.kd, layer.kdp);
+        if (layer.want_x) place(acc[l].pd, a.pd, a.m, a.kx, layer.kxp);
+        if (a.stats) place(acc[l].sx, a.sx, a.n, 1, 1);
+        if (a.stats) place(acc[l].sg, a.sg, a.m, 1, 1);
+    }
+    return own;
+}
+
+// One block: G_b qd (and G's squares) from one read of G_b, X_b qx (and X's squares) from one read
+// of X_b, then the products back through the rows just read.
+template <class T>
+void run_block(const Layer<T>& layer, const Item& it, const Acc<T>& acc, T* tmp_d, T* tmp_x, T* pack) {
+    const RowPassArgs<T>& a = *layer.args;
+    const T* x = a.xs[it.chunk] + it.row0 * a.n;
+    const T* g = a.gs[it.chunk] + it.row0 * a.m;
+    if (layer.want_d) block_a(g, it.rows, a.m, layer.qd, layer.kdp, tmp_d);
+    if (a.stats) sum_squares(g, it.rows, a.m, acc.sg);
+    if (layer.want_x) block_a(x, it.rows, a.n, layer.qx, layer.kxp, tmp_x);
+    if (a.stats) sum_squares(x, it.rows, a.n, acc.sx);
+    if (layer.want_d) block_b(x, it.rows, a.n, tmp_d, layer.kdp, acc.px, pack);
+    if (layer.want_x) block_b(g, it.rows, a.m, tmp_x, layer.kxp, acc.pd, pack);
+}
+
+// out (rows x k) = the sum, in segment order, of the segments' parts of one layer: `field` of
+// parts[s * stride] (rows x kp; nullptr: the segment had none of the layer). Nothing to do when the
+// only part is out itself, zeros when there is none.
+template <class T>
+void reduce(const Acc<T>* parts, size_t stride, size_t segments, T* Acc<T>::*field, int64_t rows, int64_t k,
+            int64_t kp, T* out) {
+    std::vector<const T*> from;
+    for (size_t s = 0; s < segments; ++s)
+        if (parts[s * stride].*field != nullptr) from.push_back(parts[s * stride].*field);
+    if (from.size() == 1 && from[0] == out) return;
+    for (int64_t i = 0; i < rows; ++i)
+        for (int64_t c = 0; c < k; ++c) {
+            T s = 0;
+            for (const T* p : from) s += p[i * kp + c];
+            out[i * k + c] = s;
+        }
+}
 
 }  // namespace
 
 template <class T>
-void row_pass(const RowPassArgs<T>& args) {
-    const int64_t n = args.n, m = args.m;
-    const bool want_d = args.qd != nullptr && args.kd > 0;
-    const bool want_x = args.qx != nullptr && args.kx > 0;
-    const int64_t kdp = want_d ? round_up(args.kd, kPanel<T> / 2) : 0;
-    const int64_t kxp = want_x ? round_up(args.kx, kPanel<T> / 2) : 0;
-    const std::vector<T> qd = want_d ? padded(args.qd, m, args.kd, kdp) : std::vector<T>();
-    const std::vector<T> qx = want_x ? padded(args.qx, n, args.kx, kxp) : std::vector<T>();
-
-    // Rows per block: the block of X and of G stays in a core's L2 between its two uses.
-    const int64_t wide = std::max<int64_t>(std::max(n, m), 1);
-    const int64_t budget = (192 * 1024) / (static_cast<int64_t>(sizeof(T)) * wide);
-    const int64_t block_rows = std::max<int64_t>(kRows, std::min<int64_t>(128, budget / kRows * kRows));
-    std::vector<Block> blocks;
-    for (size_t j = 0; j < args.rows.size(); ++j)
-        for (int64_t r0 = 0; r0 < args.rows[j]; r0 += block_rows)
-            blocks.push_back({static_cast<int>(j), r0, std::min(block_rows, args.rows[j] - r0)});
+void row_pass_many(const RowPassArgs<T>* jobs, size_t count, int threads) {
+    std::vector<Layer<T>> layers(count);
+    std::vector<Item> items;
+    double total = 0;
+    for (size_t l = 0; l < count; ++l) {
+        const RowPassArgs<T>& a = jobs[l];
+        Layer<T>& layer = layers[l];
+        layer.args = &a;
+        layer.want_d = a.qd != nullptr && a.kd > 0;
+        layer.want_x = a.qx != nullptr && a.kx > 0;
+        if (layer.want_d) layer.kdp = round_up(a.kd, kPanel<T> / 2);
+        if (layer.want_x) layer.kxp = round_up(a.kx, kPanel<T> / 2);
+        if (layer.want_d) layer.qd = padded(a.qd, a.m, a.kd, layer.kdp, layer.qd_copy);
+        if (layer.want_x) layer.qx = padded(a.qx, a.n, a.kx, layer.kxp, layer.qx_copy);
+        // Rows per block: the block of X and of G stays in a core's L2 between its two uses.
+        const int64_t wide = std::max<int64_t>(std::max(a.n, a.m), 1);
+        const int64_t budget = (192 * 1024) / (static_cast<int64_t>(sizeof(T)) * wide);
+        layer.block_rows = std::max<int64_t>(kRows, std::min<int64_t>(128, budget / kRows * kRows));
+        layer.first = items.size();
+        if (layer.want_d || layer.want_x || a.stats)
+            for (size_t j = 0; j < a.rows.size(); ++j)
+                for (int64_t r0 = 0; r0 < a.rows[j]; r0 += layer.block_rows) {
+                    const int64_t rows = std::min(layer.block_rows, a.rows[j] - r0);
+                    items.push_back({l, static_cast<int>(j), r0, rows, total, layer.flops(rows)});
+                    total += items.back().flops;
+                }
+        layer.end = items.size();
+    }
 
     // Threads only where they pay: starting and joining a team costs microseconds (far more on a
-    // loaded machine), so each thread gets at least ~2 MFLOP, and at least one row block.
-    int64_t total_rows = 0;
-    for (int64_t t : args.rows) total_rows += t;
-    const double flops = 2.0 * static_cast<double>(total_rows) * static_cast<double>(n + m) *
-                         static_cast<double>(kdp + kxp) + static_cast<double>(total_rows) * (n + m);
-    int threads = std::max(1, args.threads);
-    threads = static_cast<int>(std::min<double>(threads, std::max(1.0, flops / 2e6)));
-    threads = static_cast<int>(std::min<int64_t>(threads, std::max<size_t>(blocks.size(), 1)));
-    // Per-thread accumulators: px, pd (padded widths), sx, sg, laid out back to back.
-    const int64_t acc_size = n * kdp + m * kxp + (args.stats ? n + m : 0);
-    std::vector<std::vector<T>> acc(threads);
+    // loaded machine), so each thread gets at least ~2 MFLOP of the pass, and at least one item.
+    threads = std::max(1, threads);
+    threads = static_cast<int>(std::min<double>(threads, std::max(1.0, total / 2e6)));
+    threads = static_cast<int>(std::min<size_t>(threads, std::max<size_t>(items.size(), 1)));
+    // One segment per thread, and scratch for the widest layer.
+    const size_t segments = static_cast<size_t>(threads);
+    int64_t tmp_d_size = 0, tmp_x_size = 0, pack_size = 0;
+    for (const Layer<T>& layer : layers) {
+        tmp_d_size = std::max(tmp_d_size, layer.block_rows * layer.kdp);
+        tmp_x_size = std::max(tmp_x_size, layer.block_rows * layer.kxp);
+        pack_size = std::max(pack_size, layer.block_rows * std::max(layer.args->n, layer.args->m));
+    }
+    // parts[s * count + l]: where segment s accumulated layer l (all nullptr: it had none of it);
+    // own[s]: its private buffer.
+    std::vector<Acc<T>> parts(segments * count);
+    std::vector<std::unique_ptr<T[]>> own(segments);
 
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
-#ifdef _OPENMP
-        const int tid = omp_get_thread_num();
-        const int nth = omp_get_num_threads();
-#else
-        const int tid = 0, nth = 1;
-#endif
-        std::vector<T>& mine = acc[tid];
-        mine.assign(static_cast<size_t>(acc_size), T(0));
-        T* px = mine.data();
-        T* pd = px + n * kdp;
-        T* sx = pd + m * kxp;
-        T* sg = sx + n;
-        std::vector<T> tmp_d(static_cast<size_t>(block_rows * kdp));
-        std::vector<T> tmp_x(static_cast<size_t>(block_rows * kxp));
-        std::vector<T> pack(static_cast<size_t>(block_rows * std::max(n, m)));
-        const size_t lo = blocks.size() * tid / nth, hi = blocks.size() * (tid + 1) / nth;
-        for (size_t b = lo; b < hi; ++b) {
-            const Block& blk = blocks[b];
-            const T* x = args.xs[blk.chunk] + blk.row0 * n;
-            const T* g = args.gs[blk.chunk] + blk.row0 * m;
-            // Read G once: G_b qd (and its squares), then X once: X_b qx (and its squares);
-            // then the products back through the rows just read.
-            if (want_d) block_a(g, blk.rows, m, qd.data(), kdp, tmp_d.data());
-            if (args.stats) sum_squares(g, blk.rows, m, sg);
-            if (want_x) block_a(x, blk.rows, n, qx.data(), kxp, tmp_x.data());
-            if (args.stats) sum_squares(x, blk.rows, n, sx);
-            if (want_d) block_b(x, blk.rows, n, tmp_d.data(), kdp, px, pack.data());
-            if (want_x) block_b(g, blk.rows, m, tmp_x.data(), kxp, pd, pack.data());
+        std::vector<T> tmp_d(static_cast<size_t>(tmp_d_size)), tmp_x(static_cast<size_t>(tmp_x_size));
+        std::vector<T> pack(static_cast<size_t>(pack_size));
+        // Segment s on thread s (where the runtime gives fewer threads than asked, some take two:
+        // the result depends on the segments alone).
+#pragma omp for schedule(static, 1)
+        for (size_t s = 0; s < segments; ++s) {
+            const std::pair<size_t, size_t> range = segment(items, total, s, segments);
+            Acc<T>* acc = parts.data() + s * count;
+            own[s] = accumulators(layers, items, range, acc);
+            for (size_t i = range.first; i < range.second; ++i)
+                run_block(layers[items[i].layer], items[i], acc[items[i].layer], tmp_d.data(), tmp_x.data(),
+                          pack.data());
         }
-    }
-
-    // Sum the per-thread accumulators into the outputs (unpadding the widths).
-    auto total = [&](int64_t offset, int64_t i) {
-        T s = 0;
-        for (int t = 0; t < threads; ++t) s += acc[t][offset + i];
-        return s;
-    };
-    if (want_d)
-        for (int64_t i = 0; i < n; ++i)
-            for (int64_t k = 0; k < args.kd; ++k) args.px[i * args.kd + k] = total(0, i * kdp + k);
-    if (want_x)
-        for (int64_t i = 0; i < m; ++i)
-            for (int64_t k = 0; k < args.kx; ++k) args.pd[i * args.kx + k] = total(n * kdp, i * kxp + k);
-    if (args.stats) {
-        for (int64_t i = 0; i < n; ++i) args.sx[i] = total(n * kdp + m * kxp, i);
-        for (int64_t i = 0; i < m; ++i) args.sg[i] = total(n * kdp + m * kxp + n, i);
+        // Every layer's outputs: the sum of its parts in segment order (unpadding the widths).
+#pragma omp for schedule(static)
+        for (size_t l = 0; l < count; ++l) {
+            const Layer<T>& layer = layers[l];
+            const RowPassArgs<T>& a = *layer.args;
+            const Acc<T>* of = parts.data() + l;  // segment s's part: of[s * count]
+            if (layer.want_d) reduce(of, count, segments, &Acc<T>::px, a.n, a.kd, layer.kdp, a.px);
+            if (layer.want_x) reduce(of, count, segments, &Acc<T>::pd, a.m, a.kx, layer.kxp, a.pd);
+            if (a.stats) reduce(of, count, segments, &Acc<T>::sx, a.n, 1, 1, a.sx);
+            if (a.stats) reduce(of, count, segments, &Acc<T>::sg, a.m, 1, 1, a.sg);
+        }
     }
 }
 
-template void row_pass<float>(const RowPassArgs<float>&);
-template void row_pass<double>(const RowPassArgs<double>&);
+template void row_pass_many<float>(const RowPassArgs<float>*, size_t, int);
+template void row_pass_many<double>(const RowPassArgs<double>*, size_t, int);
 
 }  // namespace oplora

@@ -10,12 +10,19 @@
 //   sx = sum_j colsum(X_j^2)             (n)        diagonal K-FAC statistics
 //   sg = sum_j colsum(G_j^2)             (m)
 //
-// How: rows are cut into blocks of kRowBlock rows. For a block, the T_b x K intermediates
-// (G_b qd, X_b qx) are computed into a small buffer and immediately multiplied back by the same
-// rows, which are still in cache, so X and G stream from memory once per pass; the squares ride
-// along the first read. Threads (OpenMP) take whole row blocks and accumulate into private
-// outputs, summed at the end (deterministic for a given thread count). Inner loops are
+// How: rows are cut into blocks of up to 128 rows (fewer for wide layers: a block of X and G stays
+// in L2). For a block, the T_b x K intermediates (G_b qd, X_b qx) are computed into a small buffer
+// and immediately multiplied back by the same rows, which are still in cache, so X and G stream
+// from memory once per pass; the squares ride along the first read. Inner loops are
 // register-blocked panels written for the compiler's vectoriser (no intrinsics).
+//
+// A pass over a whole model (row_pass_many) runs every layer's row blocks as one list of work items
+// under one OpenMP team: a model has 100-200 LoRA layers of a few blocks each, and a team per layer
+// cost more than the layer's arithmetic. Each thread takes a contiguous range of (layer, block)
+// items of about equal arithmetic and accumulates into private per-layer outputs (a layer wholly
+// inside one thread's range is written in place); the layers shared by two threads are then summed
+// in thread order, so the result is deterministic for a given thread count. row_pass (one layer)
+// is the same code on a list of one.
 #pragma once
 
 #include <cstddef>
@@ -32,18 +39,27 @@ struct RowPassArgs {
     int64_t n = 0, m = 0;
     const T* qd = nullptr; int64_t kd = 0;  // m x kd (nullptr or kd == 0: not asked)
     const T* qx = nullptr; int64_t kx = 0;  // n x kx
+    // Outputs: accumulated while the rows are read, so they must not overlap any input.
     T* px = nullptr;  // n x kd (written when qd is given)
     T* pd = nullptr;  // m x kx
     T* sx = nullptr;  // n   (written when stats)
     T* sg = nullptr;  // m
     bool stats = false;
-    int threads = 1;
+    int threads = 1;  // row_pass only; row_pass_many takes one count for the whole pass
 };
 
+// Every layer of a pass in one call: jobs[0..count) (their `threads` fields are ignored) on up to
+// `threads` threads -- fewer where the whole pass has too little arithmetic to pay for them.
 template <class T>
-void row_pass(const RowPassArgs<T>& args);
+void row_pass_many(const RowPassArgs<T>* jobs, size_t count, int threads);
 
-extern template void row_pass<float>(const RowPassArgs<float>&);
-extern template void row_pass<double>(const RowPassArgs<double>&);
+// One layer: row_pass_many of one job on args.threads threads.
+template <class T>
+void row_pass(const RowPassArgs<T>& args) {
+    row_pass_many(&args, 1, args.threads);
+}
+
+extern template void row_pass_many<float>(const RowPassArgs<float>*, size_t, int);
+extern template void row_pass_many<double>(const RowPassArgs<double>*, size_t, int);
 
 }  // namespace oplora

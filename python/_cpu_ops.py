@@ -43,8 +43,10 @@ def rows(t: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def row_pass(jobs: Sequence[Job]) -> List[PassResult]:
+    """Every job in one ``_cpu.row_pass_many`` call per compute dtype (one OpenMP team over the row
+    blocks of all layers: a team per layer costs more than a small layer's arithmetic)."""
     threads = torch.get_num_threads()
-    out = []
+    out, calls = [], {}
     for xs, gs, qd, qx, stats in jobs:
         n, m = xs[0].shape[1], gs[0].shape[1]
         dtype = xs[0].dtype
@@ -53,8 +55,10 @@ def row_pass(jobs: Sequence[Job]) -> List[PassResult]:
         sx = torch.empty(n, dtype=dtype) if stats else None
         sg = torch.empty(m, dtype=dtype) if stats else None
         arrays = [None if t is None else _np(t) for t in (qd, qx, px, pd, sx, sg)]
-        _cpu.row_pass([_np(x) for x in xs], [_np(g) for g in gs], *arrays, threads=threads)
+        calls.setdefault(dtype, []).append(([_np(x) for x in xs], [_np(g) for g in gs], *arrays))
         out.append((px, pd, sx, sg))
+    for group in calls.values():
+        _cpu.row_pass_many(group, threads=threads)
     return out
 
 

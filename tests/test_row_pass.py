@@ -5,12 +5,14 @@ backends upcast float16/bfloat16 rows to float32, the Triton kernel reads them a
 reference gets them widened to the compute dtype, so the only difference is the order of the
 sums (bounds: tests/tolerances.py). Cases: odd shapes, ragged last tiles, several and empty
 chunks, every combination of products and statistics, mixed row dtypes, strided views, many
-layers in one call, NaN. On the CPU the Triton kernel runs through the interpreter, on small
+layers of every kind (and float32 beside float64) in one call, NaN. On the CPU the Triton kernel runs through the interpreter, on small
 blocks (several row tiles and column slices per call); the ``cuda`` test runs it compiled.
 
-Backend-specific cases: the C++ binding's checks of its buffers and its thread count; the Triton
-launcher's plan (launches per call, column groups, alignment), its refusals, and the backend
-adapter's float64 path and ``rows``.
+Backend-specific cases: the C++ binding's checks of its buffers and its thread count, and its
+grouped call (``row_pass_many``: one OpenMP team for every layer of a pass) against its per-layer
+one, on one and two threads, with its checks naming the job; the Triton launcher's plan
+(launches per call, column groups, alignment), its refusals, and the backend adapter's float64
+path and ``rows``.
 """
 
 import itertools
@@ -130,7 +132,24 @@ def strided_jobs():
     return [aligned, offset]
 
 
-JOB_SETS = {"layers": layers_of_several_shapes, "mixed": mixed_jobs, "strided": strided_jobs}
+def ragged_jobs():
+    """Layers of many shapes in one pass: 1-3 chunks, empty chunks, a layer with no rows, padded and
+    unpadded right-hand sides, with and without qd/qx/statistics each."""
+    cases = [(37, 53, [45, 0, 20], 6, None, True), (64, 25, [0], 11, 3, True), (29, 91, [7, 7, 7], 16, None, False),
+             (5, 7, [3], None, 2, True), (23, 37, [11, 4], 9, 17, False), (48, 64, [130], 16, 32, True),
+             (40, 40, [0, 0], None, None, True), (17, 70, [200, 1], 8, 8, False), (70, 17, [64], None, 16, False)]
+    return [make_job(*case, seed=i) for i, case in enumerate(cases)]
+
+
+def dtypes_jobs():
+    """float32 and float64 layers in one pass (the C++ adapter makes one call per dtype)."""
+    return [make_job(20, 30, [18], 5, None, True, seed=1), make_job(22, 31, [19], 4, 3, True, dtype=torch.float64, seed=2),
+            make_job(23, 17, [21], None, 6, False, seed=3), make_job(9, 12, [0, 5], 2, None, True, dtype=torch.float64,
+                                                                      seed=4)]
+
+
+JOB_SETS = {"layers": layers_of_several_shapes, "mixed": mixed_jobs, "strided": strided_jobs, "ragged": ragged_jobs,
+            "dtypes": dtypes_jobs}
 
 
 @pytest.mark.parametrize("jobs", sorted(JOB_SETS))
@@ -187,23 +206,40 @@ def _good():
                 sx=None, sg=None)
 
 
-@pytest.mark.parametrize("change,message", [
-    (dict(xs=[np.ones((4, 3), np.float16)]), r"xs\[0\] must be float32 or float64"),
-    (dict(gs=[np.ones((4, 2), np.float64)]), r"gs\[0\] must be float32 \(like the other operands\)"),
-    (dict(xs=[np.ones((6, 3), np.float32)[::2]]), r"xs\[0\] must be C-contiguous"),
-    (dict(gs=[np.ones((5, 2), np.float32)]), r"gs\[0\] has shape \(5, 2\) but dimension 0 must be 4"),
-    (dict(qd=np.ones((3, 5), np.float32)), r"qd has shape \(3, 5\) but dimension 0 must be 2"),
-    (dict(px=np.empty((3, 4), np.float32)), r"px has shape \(3, 4\) but dimension 1 must be 5"),
-    (dict(px=None), r"qd is given, so px \(n x Kd\) must be too"),
-    (dict(xs=[np.ones(4, np.float32)]), r"xs\[0\] must be 2-D, got shape \(4,\)"),
-    (dict(gs=[]), r"xs and gs must be non-empty lists of the same length"),
-    (dict(sx=np.empty(3, np.float32)), r"give both sx \(n\) and sg \(m\), or neither"),
-])
+def _jobs(change, at=1):
+    """Two good jobs (as _good) for the grouped call, `change` applied to jobs[at]."""
+    return [tuple({**_good(), **(change if i == at else {})}.values()) for i in range(2)]
+
+
+# (a change to a good job, what the error says: {j} where the grouped call names the job, jobs[1]).
+BAD_BUFFERS = [
+    (dict(xs=[np.ones((4, 3), np.float16)]), r"{j}xs\[0\] must be float32"),
+    (dict(gs=[np.ones((4, 2), np.float64)]), r"{j}gs\[0\] must be float32 \(like the other operands\)"),
+    (dict(xs=[np.ones((6, 3), np.float32)[::2]]), r"{j}xs\[0\] must be C-contiguous"),
+    (dict(gs=[np.ones((5, 2), np.float32)]), r"{j}gs\[0\] has shape \(5, 2\) but dimension 0 must be 4"),
+    (dict(qd=np.ones((3, 5), np.float32)), r"{j}qd has shape \(3, 5\) but dimension 0 must be 2"),
+    (dict(px=np.empty((3, 4), np.float32)), r"{j}px has shape \(3, 4\) but dimension 1 must be 5"),
+    (dict(px=None), r"{j}qd is given, so {j}px \(n x Kd\) must be too"),
+    (dict(qx=np.ones((3, 2), np.float32)), r"{j}qx is given, so {j}pd \(m x Kx\) must be too"),
+    (dict(qx=np.ones((3, 2), np.float32), pd=np.empty((2, 3), np.float32)),
+     r"{j}pd has shape \(2, 3\) but dimension 1 must be 2"),
+    (dict(xs=[np.ones(4, np.float32)]), r"{j}xs\[0\] must be 2-D, got shape \(4,\)"),
+    (dict(gs=[]), r"{j}xs and {j}gs must be non-empty lists of the same length"),
+    (dict(sx=np.empty(3, np.float32)), r"give both {j}sx \(n\) and {j}sg \(m\), or neither"),
+    (dict(sx=np.empty(4, np.float32), sg=np.empty(2, np.float32)), r"{j}sx has shape \(4,\) but dimension 0 must be 3"),
+]
+
+
+@pytest.mark.parametrize("grouped", [False, True], ids=["row_pass", "row_pass_many"])
+@pytest.mark.parametrize("change,message", BAD_BUFFERS)
 @pytest.mark.parametrize("backend", cpu_backends("cpp"))
-def test_cpp_rejects_bad_buffers(backend, change, message):
-    args = {**_good(), **change}
-    with pytest.raises(ValueError, match=message):
-        _cpu().row_pass(**args)
+def test_cpp_rejects_bad_buffers(backend, change, message, grouped):
+    """Every check names the argument, and in the grouped call the job."""
+    with pytest.raises(ValueError, match=message.format(j=r"jobs\[1\]\." if grouped else "")):
+        if grouped:
+            _cpu().row_pass_many(_jobs(change))
+        else:
+            _cpu().row_pass(**{**_good(), **change})
 
 
 @pytest.mark.parametrize("backend", cpu_backends("cpp"))
@@ -221,6 +257,85 @@ def test_cpp_second_chunk_must_match_the_first(backend):
     args["gs"].append(np.ones((2, 2), np.float32))
     with pytest.raises(ValueError, match=r"xs\[1\] has shape \(2, 4\) but dimension 1 must be 3"):
         _cpu().row_pass(**args)
+
+
+def grouped_pass(dtype):
+    """Layers for one grouped C++ call on two threads: enough arithmetic for both (the heuristic
+    wants ~2 MFLOP a thread), a large layer in the middle that the split between the threads cuts,
+    and around it small ones of every kind (accumulated in place or privately, padded widths,
+    empty chunks, a layer without rows, with and without qd/qx/statistics)."""
+    cases = [(37, 53, [45, 0, 20], 6, None, True), (64, 25, [0], 11, 3, True), (29, 91, [7, 7, 7], 16, None, False),
+             (150, 130, [300, 90], 16, 5, True),  # ~70% of the pass: the threads' boundary falls inside it
+             (5, 7, [3], None, 2, True), (23, 37, [11, 4], 9, 17, False), (48, 64, [130], 16, 32, True),
+             (40, 40, [0, 0], None, None, True), (17, 70, [200, 1], 8, 8, False)]
+    return [make_job(*case, dtype=dtype, seed=i) for i, case in enumerate(cases)]
+
+
+def _cpp_call(job):
+    """One job as the C++ binding takes it: (xs, gs, qd, qx, px, pd, sx, sg) as NumPy arrays, the
+    outputs filled with NaN (every entry must be written)."""
+    xs, gs, qd, qx, stats = job
+    n, m, dt = xs[0].shape[1], gs[0].shape[1], xs[0].numpy().dtype
+    px = np.full((n, qd.shape[1]), np.nan, dt) if qd is not None else None
+    pd = np.full((m, qx.shape[1]), np.nan, dt) if qx is not None else None
+    sx, sg = (np.full(n, np.nan, dt), np.full(m, np.nan, dt)) if stats else (None, None)
+    return ([x.numpy() for x in xs], [g.numpy() for g in gs], None if qd is None else qd.numpy(),
+            None if qx is None else qx.numpy(), px, pd, sx, sg)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("backend", cpu_backends("cpp"))
+def test_cpp_grouped_call_equals_the_per_layer_calls(backend, dtype, threads):
+    """row_pass_many = row_pass per layer (bit for bit on one thread, where the order of the sums is
+    the same) = the reference, and the same twice on a given thread count."""
+    jobs = grouped_pass(dtype)
+    grouped, again = [_cpp_call(job) for job in jobs], [_cpp_call(job) for job in jobs]
+    _cpu().row_pass_many(grouped, threads=threads)
+    _cpu().row_pass_many(again, threads=threads)
+    for job, call, second in zip(jobs, grouped, again):
+        alone = _cpp_call(job)
+        _cpu().row_pass(*alone, threads=threads)
+        for name, got, twice, single, want in zip(("px", "pd", "sx", "sg"), call[4:], second[4:], alone[4:],
+                                                  expected(job)):
+            assert (got is None) == (want is None), name
+            if want is None:
+                continue
+            assert np.array_equal(got, twice), name
+            if threads == 1:
+                assert np.array_equal(got, single), name
+            assert_close(torch.from_numpy(got), torch.from_numpy(single), "row_pass", dtype, what=name)
+            assert_close(torch.from_numpy(got), want, "row_pass", dtype, what=name)
+
+
+@pytest.mark.parametrize("backend", cpu_backends("cpp"))
+def test_cpp_grouped_call_of_no_jobs_does_nothing(backend):
+    _cpu().row_pass_many([], threads=2)
+
+
+@pytest.mark.parametrize("backend", cpu_backends("cpp"))
+def test_cpp_grouped_rejects_bad_jobs_and_threads(backend):
+    row_pass_many = _cpu().row_pass_many
+    with pytest.raises(ValueError, match=r"jobs\[0\]\.xs\[0\] must be float32 or float64"):
+        row_pass_many(_jobs(dict(xs=[np.ones((4, 3), np.float16)]), at=0))
+    with pytest.raises(ValueError, match=r"jobs\[0\]\.xs and jobs\[0\]\.gs must be non-empty"):
+        row_pass_many(_jobs(dict(xs=[]), at=0))
+    wide = tuple(v if v is None else [a.astype(np.float64) for a in v] if isinstance(v, list) else v.astype(np.float64)
+                 for v in _good().values())
+    with pytest.raises(ValueError, match=r"jobs\[1\]\.xs\[0\] must be float64 \(like the other operands\)"):
+        row_pass_many([wide, _jobs({})[0]])  # one dtype per call: the first job's
+    with pytest.raises(ValueError, match=r"jobs\[1\]\.qd must be a buffer \(a NumPy array\) or None"):
+        row_pass_many(_jobs(dict(qd=[[1.0] * 5] * 2)))
+    with pytest.raises(ValueError, match=r"jobs\[1\]\.xs must be a list of buffers"):
+        row_pass_many(_jobs(dict(xs=[[[1.0] * 3] * 4])))
+    with pytest.raises(ValueError, match=r"jobs\[1\] must be a tuple \(xs, gs, qd, qx, px, pd, sx, sg\)"):
+        row_pass_many([_jobs({})[0], _jobs({})[1][:7]])
+    jobs = _jobs({})
+    jobs[1][4].setflags(write=False)
+    with pytest.raises(ValueError, match=r"jobs\[1\]\.px must be writable"):
+        row_pass_many(jobs)
+    with pytest.raises(ValueError, match="threads must be >= 1, got 0"):
+        row_pass_many(_jobs({}), threads=0)
 
 
 # ------------------------------------------------ the Triton launcher (oplora_kernels.row_pass)
