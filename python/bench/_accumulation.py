@@ -132,5 +132,6 @@ def plot(rows: Sequence[Dict[str, object]], path: str, title: str) -> None:
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
     axes[0].set_yscale("log")
+    axes[2].set_yscale("log")
     axes[0].legend(fontsize=7)
     save_figure(fig, path, title)
