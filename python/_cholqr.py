@@ -33,10 +33,12 @@ synchronisation per call (for all shapes together) reads the acceptance flags.
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 from torch import Tensor
+
+from ._checks import group_by
 
 __all__ = ["thin_qr", "cholesky_qr2"]
 
@@ -87,12 +89,12 @@ def thin_qr(zs: Sequence[Tensor]) -> List[Tuple[Tensor, Tensor]]:
     (p < r) and non-float64 items. Results are new tensors; ``zs`` is not modified.
     """
     out: List = [None] * len(zs)
-    groups: Dict[tuple, List[int]] = {}
+    batched = [z.dim() in (2, 3) and z.dtype == torch.float64 and z.shape[-2] >= z.shape[-1] >= 1 for z in zs]
     for i, z in enumerate(zs):
-        if z.dim() in (2, 3) and z.dtype == torch.float64 and z.shape[-2] >= z.shape[-1] >= 1:
-            groups.setdefault((tuple(z.shape[-2:]), z.device), []).append(i)
-        else:
+        if not batched[i]:
             out[i] = torch.linalg.qr(z, mode="reduced")
+    groups = group_by(range(len(zs)), lambda i: (tuple(zs[i].shape[-2:]), zs[i].device) if batched[i] else None)
+    groups.pop(None, None)
     stacks = {i: zs[i] if zs[i].dim() == 3 else zs[i].unsqueeze(0) for index in groups.values() for i in index}
     factored = []
     for index in groups.values():

@@ -26,7 +26,7 @@ accept CPU tensors under ``TRITON_INTERPRET=1`` (how the tests exercise them wit
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import List, Sequence
 
 import torch
 import triton
@@ -35,6 +35,7 @@ from torch import Tensor
 from oplora_kernels import row_pass as _row_pass
 
 from . import _cholqr, reference
+from ._checks import group_by
 from ._ops import Job, Ops, PassResult, SmallProblem
 
 __all__ = ["OPS", "describe", "rows", "row_pass", "prox_solve"]
@@ -72,9 +73,7 @@ def prox_solve(problems: Sequence[SmallProblem]) -> List[Tensor]:
     problems of one shape and device solved in one batched call (their ``lam`` and ``p`` as
     per-matrix tensors)."""
     out: List = [None] * len(problems)
-    groups: Dict[tuple, List[int]] = {}
-    for i, (r_mat, y, x0, _, _) in enumerate(problems):
-        groups.setdefault((tuple(r_mat.shape[-2:]), tuple(y.shape[-2:]), r_mat.device), []).append(i)
+    groups = group_by(problems, lambda prob: (tuple(prob[0].shape[-2:]), tuple(prob[1].shape[-2:]), prob[0].device))
     for index in groups.values():
         if len(index) == 1:
             out[index[0]] = reference.prox_solve(*problems[index[0]])
