@@ -30,7 +30,7 @@ from .._checks import group_by
 from ..reference import compute_dtype
 from ..sites import Folded
 from . import engine
-from .statistics import KfacDiagRule, metric_from_statistics, update_statistics
+from .statistics import KfacDiagRule, StatsSpec, metric_from_statistics, update_statistics
 
 __all__ = ["StepContext", "Update", "Plan", "commit", "run_plans", "init_momentum", "plan_oplora",
            "plan_scaled_oplora", "plan_svd", "riemannian_precondition"]
@@ -260,9 +260,9 @@ def plan_scaled_oplora(
 
     common = dict(lr=lr, momentum=b1, dampening=b1, iters=iters, prox=prox, start=start,
                   momentum_rank=momentum_rank, seed=seed, grad_coeff=grad_coeff, extra_state=stats, folded=folded)
+    spec = StatsSpec(b2, metric, statistics, loss_reduction, init_metric_scale)
     if metric == "diag" and statistics == "kfac":
-        rule = KfacDiagRule(state, rows, stats, beta2=b2, loss_reduction=loss_reduction,
-                            init_scale=init_metric_scale, dtype=dtype, grad_coeff=grad_coeff, damping=damping,
+        rule = KfacDiagRule(state, rows, stats, spec, dtype=dtype, grad_coeff=grad_coeff, damping=damping,
                             power=metric_power)
         # With p = 0 the step has no metric: it need not wait for the statistics pass.
         step_metric = engine.STATS if metric_power != 0.0 else None
@@ -270,9 +270,7 @@ def plan_scaled_oplora(
     if chunks:
         raise ValueError(f"statistics={statistics!r}, metric={metric!r} are computed from the folded rows: "
                          "fold every chunk first")
-    d_in, d_out = update_statistics(state, folded, beta2=b2, metric=metric, statistics=statistics,
-                                    loss_reduction=loss_reduction, init_scale=init_metric_scale,
-                                    grad_coeff=grad_coeff, rows=rows, reduce=reduce)
+    d_in, d_out = update_statistics(state, folded, spec, grad_coeff=grad_coeff, rows=rows, reduce=reduce)
     stats["d_in"], stats["d_out"] = d_in, d_out
     step_metric = None
     if metric_power != 0.0:

@@ -11,6 +11,7 @@ folded into the dense gradient (dense K-FAC Grams, Shampoo's ``G G^T`` / ``G^T G
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -20,7 +21,7 @@ from .. import _rows
 from ..sites import Folded
 from . import engine
 
-__all__ = ["KfacDiagRule", "update_statistics", "metric_from_statistics", "grad_blocks"]
+__all__ = ["StatsSpec", "KfacDiagRule", "update_statistics", "metric_from_statistics", "grad_blocks"]
 
 Chunks = Sequence[Tuple[Tensor, Tensor]]
 
@@ -69,6 +70,19 @@ def _diag_metric(d: Tensor, damping: float, power: float) -> Tensor:
     return torch.ones_like(d) if power == 0.0 else (d + damping).pow(power)
 
 
+@dataclass(frozen=True)
+class StatsSpec:
+    """Which statistics and how they are averaged: the EMA factor ``beta2``, ``metric`` ("diag" or
+    "dense"), ``statistics`` ("kfac" or "shampoo"), ``loss_reduction`` ("mean": c = T, "sum":
+    c = 1/T) and ``init_scale``, the EMAs' start (``init_scale * ones``, or ``* I`` for dense)."""
+
+    beta2: float
+    metric: str = "diag"
+    statistics: str = "kfac"
+    loss_reduction: str = "mean"
+    init_scale: float = 1.0
+
+
 class KfacDiagRule(engine.StatsRule):
     """A layer's diagonal K-FAC statistics as the step engine's :class:`~oplora.optim.engine.StatsRule`:
     ``d_in <- b2 d_in + (1 - b2) sx / T`` and ``d_out <- b2 d_out + (1 - b2) c sg`` from the column
@@ -79,12 +93,13 @@ class KfacDiagRule(engine.StatsRule):
     ``out["d_in"]``, ``out["d_out"]``. ``grad_coeff`` multiplies the captured sD (its statistics
     scale by its square); ``rows`` is T (of all ranks under data parallelism)."""
 
-    def __init__(self, state: Dict, rows: int, out: Dict, *, beta2: float, loss_reduction: str, init_scale: float,
-                 dtype: torch.dtype, grad_coeff: float, damping: float, power: float):
+    def __init__(self, state: Dict, rows: int, out: Dict, spec: StatsSpec, *, dtype: torch.dtype, grad_coeff: float,
+                 damping: float, power: float):
         self.state, self.rows, self.out = state, rows, out
-        self.out_scale = _out_scale(rows, loss_reduction, grad_coeff)
-        self.beta2, self.init_scale, self.dtype, self.damping, self.power = beta2, init_scale, dtype, damping, power
-        self.key = (beta2, init_scale, dtype, damping, power)
+        self.out_scale = _out_scale(rows, spec.loss_reduction, grad_coeff)
+        self.beta2, self.init_scale, self.dtype, self.damping, self.power = (spec.beta2, spec.init_scale, dtype,
+                                                                             damping, power)
+        self.key = (spec.beta2, spec.init_scale, dtype, damping, power)
 
     @staticmethod
     def batch(rules: Sequence["KfacDiagRule"], sx: Tensor, sg: Tensor
@@ -104,24 +119,14 @@ class KfacDiagRule(engine.StatsRule):
         return (_diag_metric(new_out, first.damping, first.power), _diag_metric(new_in, first.damping, first.power))
 
 
-def update_statistics(
-    state: Dict,
-    folded: Folded,
-    *,
-    beta2: float,
-    metric: str,
-    statistics: str,
-    loss_reduction: str,
-    init_scale: float,
-    grad_coeff: float = 1.0,
-    rows: Optional[int] = None,
-    reduce: Optional[Callable[[List[Tensor]], None]] = None,
-) -> Tuple[Tensor, Tensor]:
+def update_statistics(state: Dict, folded: Folded, spec: StatsSpec, *, grad_coeff: float = 1.0,
+                      rows: Optional[int] = None, reduce: Optional[Callable[[List[Tensor]], None]] = None
+                      ) -> Tuple[Tensor, Tensor]:
     """The EMAs ``d_in`` and ``d_out`` of ``state`` updated by this step's rows, all folded into
     ``folded`` (``oplora.capture.Folded``), as new tensors (``state`` is not modified), for every
     kind but diagonal K-FAC (:class:`KfacDiagRule`).
 
-    ``statistics="kfac"``, ``metric="dense"``: the matrices ``X^T X / T`` (n x n) and
+    ``spec`` (:class:`StatsSpec`) says which. ``statistics="kfac"``, ``metric="dense"``: the matrices ``X^T X / T`` (n x n) and
     ``c g^T g`` (m x m) (the fold's Grams). ``statistics="shampoo"``: the statistics of G itself,
     ``d_out`` from ``c G G^T`` and ``d_in`` from ``c G^T G`` (their diagonals, or the matrices
     with ``metric="dense"``), with the same ``c`` as the authors' code; Shampoo's own
@@ -135,11 +140,12 @@ def update_statistics(
     rows = folded.rows if rows is None else rows
     g = folded.g
     m, n = g.shape
-    d_in, d_out = _statistics_start(state, metric=metric, init_scale=init_scale, n=n, m=m, device=g.device,
-                                    dtype=g.dtype)
-    out_scale = _out_scale(rows, loss_reduction, grad_coeff)
-    if statistics == "kfac":
-        if metric != "dense":
+    d_in, d_out = _statistics_start(state, metric=spec.metric, init_scale=spec.init_scale, n=n, m=m,
+                                    device=g.device, dtype=g.dtype)
+    out_scale = _out_scale(rows, spec.loss_reduction, grad_coeff)
+    beta2 = spec.beta2
+    if spec.statistics == "kfac":
+        if spec.metric != "dense":
             raise ValueError("diagonal K-FAC statistics are summed in the step's first row pass (KfacDiagRule)")
         sum_in, sum_out = folded.gram_x.clone(), folded.gram_g.clone()
         if reduce is not None:
@@ -149,7 +155,7 @@ def update_statistics(
         if reduce is not None:
             raise ValueError("the Shampoo statistics need the m x n gradient G itself; they cannot be "
                              "reduced over data-parallel ranks from thin products")
-        if metric == "diag":
+        if spec.metric == "diag":
             sq = g.square()
             new_out, new_in = sq.sum(1), sq.sum(0)
         else:
