@@ -5,7 +5,7 @@ The recipe (everything else is an ordinary Trainer run)::
     model = peft.get_peft_model(model, peft.LoraConfig(r=8, target_modules=[...], modules_to_save=["classifier"]))
     opt = oplora.create_optimizer(model, "oplora", lr=0.1, other_kwargs={"lr": 3e-3})   # or "scaled"
     sched = transformers.get_cosine_schedule_with_warmup(opt, warmup_steps, total_steps)
-    args = transformers.TrainingArguments(..., max_grad_norm=0.0, gradient_accumulation_steps=2)
+    args = transformers.TrainingArguments(..., gradient_accumulation_steps=2)   # max_grad_norm: see below
     trainer = transformers.Trainer(model=model, args=args, train_dataset=..., optimizers=(opt, sched))
     trainer.train()                                    # resume: trainer.train(resume_from_checkpoint=...)
 
@@ -15,11 +15,13 @@ Why each line:
   installs the hooks that capture X and sD); the LoRA factors are param group 0, every other
   trainable parameter (here the classifier head of ``modules_to_save``) group 1, trained by
   AdamW with ``other_kwargs``. Any transformers/torch scheduler drives both groups.
-* ``max_grad_norm=0.0``: the Trainer's ``clip_grad_norm_`` rescales ``.grad``; OPLoRA steps from
-  the captured activations and their gradients, not from the factors' ``.grad``, so the Trainer's
-  clipping would clip only the head and measure a norm that is not the one OPLoRA uses. Clip in
-  the optimizer instead: ``create_optimizer(model, "oplora", ..., max_grad_norm=1.0)`` clips the
-  implicit full gradient of every LoRA layer together with the other parameters' ``.grad``.
+* ``max_grad_norm``: the Trainer's clipping (1.0 by default) works: its ``clip_grad_norm_``
+  rescales every ``.grad`` by one coefficient, and the optimizer, which steps from the captured
+  activations and their gradients rather than from the factors' ``.grad``, applies that coefficient
+  to what it captured (``tests/test_trainer.py``). It measures the norm of the factor gradients
+  ``(B^T G, G A^T)`` and the head's. To clip by the norm of the full gradient ``G`` of each LoRA
+  layer instead -- what full fine-tuning would clip --, set ``max_grad_norm=0.0`` here and pass
+  ``create_optimizer(model, "oplora", ..., max_grad_norm=1.0)``. The demo below clips neither.
 * ``gradient_accumulation_steps``: works as it does for AdamW: every micro-batch's backward pass
   is captured, and the step uses all of them, exactly one step on the concatenated batch
   (``tests/test_trainer.py``). The Trainer divides each micro-batch loss by the number of
@@ -134,7 +136,7 @@ def train(name: str, pretrained: nn.Module, train_set, test_set, *, epochs: int,
     args = transformers.TrainingArguments(
         output_dir=out, num_train_epochs=epochs, per_device_train_batch_size=batch, gradient_accumulation_steps=2,
         per_device_eval_batch_size=1024, learning_rate=lr, lr_scheduler_type="cosine", warmup_steps=steps // 20,
-        weight_decay=0.0, max_grad_norm=0.0,  # the Trainer would clip .grad, which OPLoRA does not step from
+        weight_decay=0.0, max_grad_norm=0.0,  # no clipping, for any optimizer (see the docstring)
         eval_strategy="epoch", logging_strategy="epoch", save_strategy="no", report_to=[], use_cpu=True,
         disable_tqdm=True, seed=seed, data_seed=seed, remove_unused_columns=False,
         label_names=["labels"])

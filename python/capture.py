@@ -32,6 +32,10 @@ gradients accumulated into its factors (``reached``, by post-accumulate-grad hoo
 ``B``): a layer whose factors received gradients while its branch hooks saw nothing is refused at
 the step (``oplora.optim._guards.check_captured``), never skipped silently.
 
+What is held lives exactly as long as the factors' ``.grad`` (``oplora._lifetime``; checked before
+new rows arrive, at the layer's forward pass and at the step: :meth:`Capture.sync`). Frozen
+adapters are not captured; a ``create_graph=True`` pass through a branch sets ``second_order``.
+
 torch.compile: the module hooks are wrapped in ``torch.compiler.disable``, so that dynamo never
 traces them: a compiled forward breaks its graph at each LoRA branch and runs the hooks eagerly
 on real tensors (their tensor hook then fires in the backward of the compiled graphs), which
@@ -48,34 +52,20 @@ forward whose graph the backward pass runs.
 
 from __future__ import annotations
 
-import math
+import warnings
 import weakref
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, List, Optional, Set
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import _lifetime
+from ._hooks import accumulates as _accumulates, eager as _eager
+from ._patches import PATCH_BLOCK, conv_patches  # noqa: F401  (re-exported)
 from .sites import KINDS, Folded, LoRASite, Unsupported, find_lora_sites  # noqa: F401  (re-exported)
 
 __all__ = ["LoRASite", "Folded", "Unsupported", "find_lora_sites", "Capture", "CAPTURE_MODES", "KINDS",
            "PATCH_BLOCK", "conv_patches"]
-
-#: Numbers of unfolded Conv patches formed at once in a backward pass (16 MiB of float32); at
-#: least one output row of one sample.
-PATCH_BLOCK = 1 << 22
-
-
-def _accumulates(node) -> bool:
-    """Whether the running backward pass will execute ``node`` (a parameter's AccumulateGrad)."""
-    will_execute = getattr(torch._C, "_will_engine_execute_node", None)
-    if will_execute is None:  # an older torch without the query: record every pass
-        return True
-    try:
-        return bool(will_execute(node))
-    except RuntimeError:  # torch.autograd.grad(): leaf gradients are returned, never accumulated
-        return False
-
 
 CAPTURE_MODES = ("auto", "rows", "dense")
 
@@ -83,62 +73,6 @@ CAPTURE_MODES = ("auto", "rows", "dense")
 def _x_key(x: Tensor) -> tuple:
     """Identifies the memory of a captured X (q, k and v of a block capture the same one)."""
     return x.untyped_storage().data_ptr(), x.storage_offset(), tuple(x.shape)
-
-
-_EAGER_REASON = ("an oplora capture hook: it records X and sD eagerly between compiled graphs, so a model "
-                 "with oplora-captured LoRA layers compiles with fullgraph=False")
-
-
-def _eager(fn):
-    """``fn`` as a function torch.compile never traces (dynamo breaks the graph and calls it)."""
-    disable = getattr(getattr(torch, "compiler", None), "disable", None)
-    if disable is None:
-        return fn
-    try:
-        return disable(fn, reason=_EAGER_REASON)
-    except TypeError:  # a torch before disable(reason=)
-        return disable(fn)
-
-
-def _conv_windows(conv: nn.Module, x: Tensor) -> Tensor:
-    """The patches of ``x`` (N x C x S_1..S_d) for ``conv`` as a view (N, L_1..L_d, C, k_1..k_d):
-    ``x`` padded as ``conv`` pads it (a copy only when it pads), then strided windows."""
-    d = x.dim() - 2
-    pad = conv._reversed_padding_repeated_twice
-    if any(pad):
-        x = F.pad(x, pad, mode="constant" if conv.padding_mode == "zeros" else conv.padding_mode)
-    for i in range(d):
-        x = x.unfold(2 + i, conv.dilation[i] * (conv.kernel_size[i] - 1) + 1, conv.stride[i])
-    if any(dl != 1 for dl in conv.dilation):
-        x = x[(Ellipsis,) + tuple(slice(None, None, dl) for dl in conv.dilation)]
-    return x.permute(0, *range(2, 2 + d), 1, *range(2 + d, 2 + 2 * d))
-
-
-def conv_patches(conv: nn.Module, x: Tensor, block: Optional[int] = None) -> Iterator[Tuple[int, int, Tensor]]:
-    """The unfolded patches (im2col) of ``x`` (N x C x S_1..S_d) for ``conv`` in blocks of rows:
-    ``(lo, hi, P)``, P = rows ``lo:hi`` of the (N L) x (C k_1..k_d) patch matrix. Rows follow the
-    output positions (sample, then position in row-major order: the order of conv's output
-    (N, m, L_1..L_d) moved to (N, L_1..L_d, m)); columns follow the flattened kernel
-    (r, C, k_1..k_d). A block holds about ``block`` numbers, at least one output row (positions
-    of one index of L_1) of one sample (default :data:`PATCH_BLOCK`); only the block is materialized."""
-    block = PATCH_BLOCK if block is None else block
-    win = _conv_windows(conv, x)
-    d = x.dim() - 2
-    count, spatial = win.shape[0], tuple(win.shape[1:1 + d])
-    positions, width = math.prod(spatial), math.prod(win.shape[1 + d:])
-    per_block = max(1, block // max(width, 1))
-    if positions <= per_block:
-        step = per_block // positions
-        for s in range(0, count, step):
-            hi = min(s + step, count)
-            yield s * positions, hi * positions, win[s:hi].reshape(-1, width)
-        return
-    inner = positions // spatial[0]
-    step = max(1, per_block // inner)
-    for s in range(count):
-        for lo in range(0, spatial[0], step):
-            hi = min(lo + step, spatial[0])
-            yield s * positions + lo * inner, s * positions + hi * inner, win[s, lo:hi].reshape(-1, width)
 
 
 class Capture:
@@ -170,6 +104,10 @@ class Capture:
         self.stats = stats
         self._users: Dict[tuple, int] = {}  # captured X -> how many held chunks share it
         self._handles: List = []
+        self._watched: Set[int] = set()  # ids of the factors with a post-accumulate-grad hook
+        self._queued = False  # the end-of-backward mark is queued on the running backward pass
+        self._warned = False
+        self._owner_name = type(owner).__name__ if owner is not None else "Capture"
         for site in sites:
             site.closed = False
             where = site.layer if site.kind == "embedding" else None
@@ -177,8 +115,7 @@ class Capture:
             self._handles.append(before.register_forward_pre_hook(_eager(self._input_hook(site, before)),
                                                                   with_kwargs=True))
             self._handles.append(after.register_forward_hook(_eager(self._output_hook(site, after)), with_kwargs=True))
-            for p in (site.A, site.B):
-                self._handles.append(p.register_post_accumulate_grad_hook(self._reached_hook(site)))
+        self.watch()
         if owner is not None:
             self._finalizer = weakref.finalize(owner, Capture._remove, self._handles, sites, self._users)
 
@@ -200,18 +137,88 @@ class Capture:
                                "DistributedDataParallel")
         return False
 
-    @staticmethod
-    def _reached_hook(site: LoRASite):
+    def watch(self) -> None:
+        """Post-accumulate-grad hooks on the trainable factors that have none yet (a factor frozen
+        when the capture was built gets one once it is trainable: hooks need ``requires_grad``)."""
+        for site in self.sites:
+            for p in (site.A, site.B):
+                if p.requires_grad and id(p) not in self._watched:
+                    self._watched.add(id(p))
+                    self._handles.append(p.register_post_accumulate_grad_hook(self._reached_hook(site)))
+
+    def _reached_hook(self, site: LoRASite):
         def hook(param: Tensor) -> None:
             if not site.closed and (param is site.A or param is site.B):
                 site.reached += 1
+                _lifetime.accumulated(site, param)
+                self._mark_after_backward()
         return hook
 
-    @staticmethod
-    def _input_hook(site: LoRASite, expected: nn.Module):
+    def _mark_after_backward(self) -> None:
+        """Renew the marks of the sites autograd accumulated into, once the backward pass is over."""
+        if self._queued:
+            return
+        self._queued = _lifetime.queue_after_backward(self._marked)
+        if not self._queued:
+            self._marked()
+
+    def _marked(self) -> None:
+        self._queued = False
+        _lifetime.snapshot([site for site in self.sites if site.mark is not None and site.mark.dirty])
+
+    def sync(self, sites: Optional[List[LoRASite]] = None, force: bool = False) -> None:
+        """Bring what is held for ``sites`` (default: all) in line with their factors' ``.grad``
+        (``oplora._lifetime``): rows of discarded gradients released, a uniform rescale taken into
+        the site's ``coeff``, any other change warned about once. ``force``: compare the values
+        even where no tensor or version changed."""
+        held = [site for site in (self.sites if sites is None else sites) if site.held]
+        for site, verdict in _lifetime.verdicts(held, force):
+            if verdict == _lifetime.DISCARD:
+                self._drop(site)
+            elif verdict == _lifetime.CHANGED:
+                self._warn_changed(site)
+            elif isinstance(verdict, float):
+                site.coeff *= verdict
+
+    def _warn_changed(self, site: LoRASite) -> None:
+        if not self._warned:
+            self._warned = True
+            warnings.warn(_lifetime.changed_message(self._owner_name, site.name), stacklevel=3)
+
+    def release_frozen(self) -> None:
+        """Drop what is held for the sites whose factors are not both trainable now."""
+        for site in self.sites:
+            if site.held and not site.trainable:
+                self._drop(site)
+
+    def _drop(self, site: LoRASite) -> None:
+        """Release what ``site`` holds (its chunks no longer count as users of their X)."""
+        self._unuse(site)
+        site.release()
+
+    def _unuse(self, site: LoRASite) -> None:
+        for x, _, _ in site.chunks:
+            key = _x_key(x)
+            self._users[key] -= 1
+            if not self._users[key]:
+                del self._users[key]
+
+    def _rescaled(self, site: LoRASite) -> None:
+        """Before more rows join rows whose gradient was rescaled by ``coeff``: every held row folded
+        into the dense gradient, which takes the coefficient."""
+        if site.coeff == 1.0:
+            return
+        self._fold_site(site)
+        if site.folded is not None:
+            site.folded.scale(site.coeff)
+        site.coeff = 1.0
+
+    def _input_hook(self, site: LoRASite, expected: nn.Module):
         def hook(module, args, kwargs):
             if not Capture._acts(site, module, expected):
                 return None
+            if site.held:
+                self.sync([site])  # rows of discarded gradients are released before this forward's
             x = args[0] if args else kwargs.get("x", kwargs.get("input"))
             if torch.is_grad_enabled() and isinstance(x, Tensor):
                 site._pending.append((x.detach(), kwargs.get("adapter_names")))
@@ -224,8 +231,11 @@ class Capture:
                 return None
             x, names = site._pending.pop()
             site._pending.clear()
-            if not (torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad):
-                return None
+            if not (torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad
+                    and site.trainable):
+                return None  # no gradient, or a frozen adapter (it is not trained while frozen)
+            if id(site.B) not in self._watched or id(site.A) not in self._watched:
+                self.watch()
             scaling, samples = site.scaling, None
             if site.kind == "embedding":
                 layer = module
@@ -247,9 +257,18 @@ class Capture:
             version = x._version
 
             def grad_hook(grad: Tensor) -> None:
-                if site.closed or not _accumulates(accumulator):
+                if site.closed:
+                    return
+                if torch.is_grad_enabled():  # create_graph=True: second-order terms may reach the factors later
+                    site.second_order = True
+                if not _accumulates(accumulator):
                     return
                 site.passes += 1
+                if site.held:
+                    self.sync([site])
+                    self._rescaled(site)
+                _lifetime.pending(site)
+                self._mark_after_backward()
                 grad = grad.detach()
                 if samples is not None:
                     grad = grad.index_select(0, samples)
@@ -299,11 +318,7 @@ class Capture:
 
     def _fold_site(self, site: LoRASite) -> None:
         """Fold ``site``'s held chunks into its dense gradient (they no longer count as users)."""
-        for x, _, _ in site.chunks:
-            key = _x_key(x)
-            self._users[key] -= 1
-            if not self._users[key]:
-                del self._users[key]
+        self._unuse(site)
         site.fold(self.stats)
 
     @staticmethod
@@ -330,7 +345,7 @@ class Capture:
         if fold:
             self._fold_site(site)
             site._ensure_folded(torch.float64 in (x.dtype, g.dtype), g.device, self.stats)
-        for lo, hi, patches in conv_patches(site.lora_A, x):
+        for lo, hi, patches in conv_patches(site.lora_A, x, PATCH_BLOCK):
             gb = g[lo:hi]
             if live is not None:
                 keep = live[lo:hi].nonzero().squeeze(1)
@@ -368,6 +383,7 @@ class Capture:
     def clear(self) -> None:
         """Release every captured tensor (the hooks stay)."""
         Capture._release(self.sites, self._users)
+        self._queued = False
 
     def close(self) -> None:
         """Remove every hook and release every captured tensor."""

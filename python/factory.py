@@ -34,8 +34,11 @@ def create_optimizer(model: nn.Module, name: str = "oplora", **kwargs) -> LoRAOp
         name: ``"oplora"`` (:class:`oplora.OPLoRA`), ``"scaled"`` (:class:`oplora.ScaledOPLoRA`),
             ``"svd"`` (:class:`oplora.SVDLoRA`) or ``"riemannian"`` (:class:`oplora.RiemannianLoRA`);
             the class names are accepted too, case-insensitively (``"ScaledOPLoRA"``).
-        **kwargs: the class's own keyword arguments (``lr``, ``momentum``, ``other_kwargs``, ...),
-            passed through unchanged and validated by the class.
+        **kwargs: the class's own keyword arguments (``lr``, ``momentum``, ``other_kwargs``,
+            ``master_factors``, ...), passed through unchanged and validated by the class. The
+            other-parameter optimizer's lr defaults to its own default (AdamW's 1e-3) for
+            ``"oplora"`` and ``"svd"``, whose ``lr`` is on SGD's scale, and to ``lr`` for
+            ``"scaled"`` (Adam's scale); ``other_kwargs={"lr": ...}`` sets it.
 
     Returns the optimizer (a ``torch.optim.Optimizer``), ready for ``Trainer(optimizers=(opt,
     scheduler))`` or a hand-written loop. Nothing is modified on ``model`` other than the capture

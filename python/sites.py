@@ -34,8 +34,10 @@ convolutions, layers whose forward merges ``B A`` into the base weights (PEFT's
 ``MultiheadAttention``, ``ParamWrapper``) and the LoRA layers inside them, factors of other module
 types -- are reported as
 unsupported with the reason, for the optimizer to hand to its ``other`` optimizer with a
-warning, or to refuse with ``strict=True``. Every adapter with trainable factors is its own site,
-so several adapters never mix; an inactive adapter is simply never reached.
+warning, or to refuse with ``strict=True``. Every adapter is its own site, so several adapters
+never mix; an adapter frozen now (``requires_grad`` off on both factors, as PEFT's
+``set_adapter`` leaves the inactive ones) is a site too, trained at the steps it receives
+gradients at; an inactive adapter is simply never reached.
 """
 
 from __future__ import annotations
@@ -97,6 +99,14 @@ class Folded:
             _rows.add_gram(self.gram_x, x)
             self.gram_g.addmm_(g.mT, g)
 
+    def scale(self, c: float) -> None:
+        """The rows' gradient multiplied by ``c`` in place: ``g`` by c, the gradient statistics
+        (``sg``, ``gram_g``) by c^2; X's statistics unchanged."""
+        self.g.mul_(c)
+        for t in (self.sg, self.gram_g):
+            if t is not None:
+                t.mul_(c * c)
+
     def tensors(self) -> List[Tensor]:
         return [t for t in (self.g, self.sx, self.sg, self.gram_x, self.gram_g) if t is not None]
 
@@ -110,12 +120,17 @@ class LoRASite:
     ``chunks`` holds the captured ``(X, sD, s)`` triples since the last step: X (T_j x n dense
     rows, or T_j token ids) and sD (T_j x m) detached, in the dtype the forward pass used, rows
     without gradient dropped; ``folded`` the rows already folded into the dense gradient
-    (:class:`Folded`), or None. The layer's gradient is ``folded.g + sum_j sD_j^T X_j``.
+    (:class:`Folded`), or None. The layer's gradient is ``coeff (folded.g + sum_j sD_j^T X_j)``:
+    ``coeff`` is the product of the uniform rescales of the factors' ``.grad`` seen since the
+    rows were captured (``clip_grad_norm_``, GradScaler's ``unscale_``; ``oplora._lifetime``,
+    whose record of the factors' gradients is ``mark``).
     ``modified`` names a problem found at a fold (a captured X changed in place), for the step to
     raise. ``passes``: backward passes (accumulating into ``.grad``) that reached the branch
     since the last step, with or without rows; ``reached``: gradients accumulated into ``A`` or
-    ``B`` since then. ``closed``: the capture was removed; its hooks, wherever copies of them
-    survive (compiled code), do nothing.
+    ``B`` since then; ``second_order``: a backward pass with ``create_graph=True`` ran through the
+    branch since the last step (its graph can carry second-order terms to the factors that the
+    rows do not hold: checked at the step). ``closed``: the capture was removed; its hooks,
+    wherever copies of them survive (compiled code), do nothing.
     """
 
     name: str
@@ -130,7 +145,10 @@ class LoRASite:
     modified: bool = False
     passes: int = 0
     reached: int = 0
+    coeff: float = 1.0
+    second_order: bool = False
     closed: bool = False
+    mark: Optional[object] = field(default=None, repr=False)
     _pending: List[tuple] = field(default_factory=list, repr=False)
 
     @property
@@ -177,6 +195,16 @@ class LoRASite:
         return float(s[self.adapter] if self.adapter is not None else s)
 
     @property
+    def trainable(self) -> bool:
+        """Whether both factors have ``requires_grad`` now (an adapter is trained only then)."""
+        return self.A.requires_grad and self.B.requires_grad
+
+    @property
+    def held(self) -> bool:
+        """Whether anything is captured for the next step (rows held or folded)."""
+        return bool(self.chunks) or self.folded is not None
+
+    @property
     def rows(self) -> int:
         """Rows captured since the last step, held or folded."""
         return sum(x.shape[0] for x, _, _ in self.chunks) + (self.folded.rows if self.folded is not None else 0)
@@ -199,13 +227,20 @@ class LoRASite:
             self.folded = Folded.empty(m, n, torch.float64 if float64 else torch.float32, device, stats)
         return self.folded
 
-    def clear(self) -> None:
+    def release(self) -> None:
+        """Drop everything captured (and the record of the factors' gradients); the inputs of a
+        forward pass in flight stay."""
         self.chunks.clear()
         self.x_versions.clear()
-        self._pending.clear()
         self.folded = None
         self.modified = False
         self.passes = self.reached = 0
+        self.coeff = 1.0
+        self.mark = None
+
+    def clear(self) -> None:
+        self.release()
+        self._pending.clear()
 
 
 @dataclass
@@ -231,10 +266,6 @@ def _peft_lora() -> Optional[SimpleNamespace]:
     merging = tuple(cls for cls in (getattr(layer_module, name, None) for name in ("MultiheadAttention", "ParamWrapper"))
                     if isinstance(cls, type))
     return SimpleNamespace(LoraLayer=LoraLayer, merging=merging)
-
-
-def _trainable(params) -> List[nn.Parameter]:
-    return [p for p in params if p.requires_grad]
 
 
 def _conv_problem(lora_a: nn.Module, lora_b: nn.Module) -> Optional[str]:
@@ -264,10 +295,11 @@ def _embedding_problem(module: nn.Module, adapter: str) -> Optional[str]:
 
 
 def find_lora_sites(model: nn.Module) -> Tuple[List[LoRASite], List[Unsupported]]:
-    """The LoRA sites of ``model`` with trainable factors, and the LoRA parameters not supported.
+    """Every LoRA site of ``model``, and the LoRA parameters not supported (frozen ones included).
 
-    A site's factors are trainable when both ``A`` and ``B`` have ``requires_grad``; a frozen
-    adapter (both off) is skipped; one factor frozen and the other not is reported unsupported.
+    A site is an adapter whose factors are both trainable or both frozen now (``requires_grad``;
+    :attr:`LoRASite.trainable`): the optimizers cover every adapter and train it at the steps it
+    is trainable and reached at. One factor frozen and the other not is reported unsupported.
     PEFT adapters are classified by structure (module docstring): ``nn.Linear`` factors are the
     ``"linear"`` kind over any base layer, ``nn.Conv1d/2d/3d`` factors the ``"conv"`` kind,
     ``lora_embedding_A/B`` the ``"embedding"`` kind; variants are unsupported.
@@ -277,18 +309,14 @@ def find_lora_sites(model: nn.Module) -> Tuple[List[LoRASite], List[Unsupported]
     unsupported: List[Unsupported] = []
 
     def add(site: LoRASite, params: List[Tensor]):
-        a, b = site.A, site.B
-        if not a.requires_grad and not b.requires_grad:
-            return
-        if a.requires_grad != b.requires_grad:
-            unsupported.append(Unsupported(site.name, "only one of its two LoRA factors is trainable", _trainable(params)))
+        if site.A.requires_grad != site.B.requires_grad:
+            unsupported.append(Unsupported(site.name, "only one of its two LoRA factors is trainable", list(params)))
             return
         sites.append(site)
 
     def refuse(label: str, reason: str, params: List[Tensor]):
-        params = _trainable(params)
         if params:
-            unsupported.append(Unsupported(label, reason, params))
+            unsupported.append(Unsupported(label, reason, list(params)))
 
     merging: List[Tuple[str, str]] = []  # (name, class) of the layers that merge B A into their weights
     for name, module in model.named_modules():

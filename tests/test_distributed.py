@@ -6,6 +6,7 @@ with each other; refusals are raised on every
 rank together; FSDP is refused with the plan."""
 
 import contextlib
+import warnings
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ WORLD = 2
 ROWS = 24  # rows of the global batch; each rank takes ROWS // WORLD
 STEPS = 4
 ACCUMULATE_AT = 2  # this step is two micro-batches (DDP no_sync on the first)
+USER_CLIP = 0.05  # clip_grad_norm_ of DDP's averaged .grad, in the training loop
 
 CONFIGS = {
     "oplora": lambda m, **kw: oplora.OPLoRA(m, lr=0.05, momentum=0.9, **kw),
@@ -57,8 +59,9 @@ def spread_loss(model, x, y):
     return WORLD * 0.5 * (model(x) - y).square().sum() / ROWS
 
 
-def train(model, opt, rows, loss=loss_fn, accumulate=True):
-    """STEPS steps on ``rows`` (a slice of each global batch); ``model`` may be a DDP wrapper."""
+def train(model, opt, rows, loss=loss_fn, accumulate=True, clip=None):
+    """STEPS steps on ``rows`` (a slice of each global batch); ``model`` may be a DDP wrapper;
+    ``clip``: ``clip_grad_norm_`` of every ``.grad`` (DDP's averaged ones) before each step."""
     for step in range(STEPS):
         x, y = batch(seed=step, rows=ROWS)
         x, y = x[rows], y[rows]
@@ -70,6 +73,8 @@ def train(model, opt, rows, loss=loss_fn, accumulate=True):
             (0.5 * loss_fn(model, x[half:], y[half:])).backward()
         else:
             loss(model, x, y).backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
     return [p.detach().clone() for p in opt.lora_group["params"]] + \
         [p.detach().clone() for g in opt.param_groups[1:] for p in g["params"]]
@@ -102,6 +107,11 @@ def worker(rank, init_file, out_dir):
         for name in CONFIGS:
             model = DistributedDataParallel(make_model())
             results[name] = train(model, build(name, model, rank), share)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model = DistributedDataParallel(make_model())
+            results["user_clip"] = train(model, build("scaled", model, rank), share, clip=USER_CLIP)
+        results["user_clip_warnings"] = [str(w.message) for w in caught if "not used" in str(w.message)]
         for name, make in KINDS.items():
             torch.manual_seed(100 + rank)
             model = DistributedDataParallel(mixed_model(dtype=torch.float32))
@@ -148,7 +158,7 @@ def refusals(rank, share):
         if rank == 0:
             xb[0, 0] = float("nan")
         loss_fn(model, xb, y).backward()
-    for p in model.parameters():
+    for p in opt.param_groups[1]["params"]:  # the factors' .grad stay as they are: only the rows tell
         if p.grad is not None:
             p.grad.nan_to_num_(0.0)
     opt.step()
@@ -180,6 +190,20 @@ def test_two_ranks_step_as_one_process_on_the_whole_batch(ranks, name):
     moved = [not torch.equal(p, q) for p, q in zip(single, make_model().parameters())]
     assert any(moved)
     for p, q in zip(ranks[0][name], single):
+        torch.testing.assert_close(p, q, rtol=2e-5, atol=2e-6)
+
+
+def test_clip_grad_norm_of_the_averaged_gradients_applies_on_every_rank(ranks):
+    """The mark of the factors' gradients is taken after DDP's reduction wrote the averaged ones:
+    a user-side clip_grad_norm_ rescales them by one coefficient on every rank, which the
+    captured rows take -- as one process clipping its whole batch's gradients, and nothing warns."""
+    model = make_model()
+    single = train(model, build("scaled", model, 0), slice(None), clip=USER_CLIP)
+    for rank in ranks:
+        assert not rank["user_clip_warnings"]
+        assert all(torch.equal(p, q) for p, q in zip(rank["user_clip"], ranks[0]["user_clip"]))
+    assert any(not torch.allclose(p, q) for p, q in zip(ranks[0]["user_clip"], ranks[0]["scaled"]))  # it clipped
+    for p, q in zip(ranks[0]["user_clip"], single):
         torch.testing.assert_close(p, q, rtol=2e-5, atol=2e-6)
 
 

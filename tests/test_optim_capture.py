@@ -163,7 +163,7 @@ def test_peft_inactive_adapter_is_neither_trained_nor_captured():
     model.set_adapter("second")
     first = {n: p.detach().clone() for n, p in model.named_parameters() if ".first." in n}
     opt = oplora.OPLoRA(model, lr=0.5)
-    assert all(name.endswith("[second]") for name in opt.lora_layers) and len(opt.lora_layers) == 2
+    assert len(opt.lora_layers) == 4  # every adapter is covered: the frozen one trains once it is set
     second_before = model.base_model.model.fc1.lora_A["second"].weight.detach().clone()
     for _ in range(2):
         opt.zero_grad()
@@ -173,6 +173,7 @@ def test_peft_inactive_adapter_is_neither_trained_nor_captured():
         if ".first." in n:
             assert torch.equal(p, first[n]), n
     assert not torch.equal(model.base_model.model.fc1.lora_A["second"].weight, second_before)
+    assert all(site.name.endswith("[second]") for site in opt._sites if site.B in opt.state)
 
 
 def test_nothing_captured_without_backward_or_under_no_grad():
@@ -220,14 +221,15 @@ def test_close_and_garbage_collection_remove_the_hooks():
     assert hook_count() == 0
 
 
-def test_model_without_lora_raises():
-    with pytest.raises(ValueError, match="no trainable LoRA layer"):
+def test_model_without_lora_raises_and_one_all_frozen_is_covered():
+    with pytest.raises(ValueError, match="no LoRA layer"):
         oplora.OPLoRA(Net())
     model = lora_net()
     for p in model.parameters():
         p.requires_grad_(False)
-    with pytest.raises(ValueError, match="no trainable LoRA layer"):
-        oplora.OPLoRA(model)
+    with pytest.warns(UserWarning, match="no LoRA factor of the model requires grad now"):
+        opt = oplora.OPLoRA(model, lr=0.1)
+    assert opt.lora_layers == ["fc1", "fc2"]
     with pytest.raises(TypeError, match="nn.Module"):
         oplora.OPLoRA(list(lora_net().parameters()))
 
@@ -253,15 +255,16 @@ def test_unsupported_lora_goes_to_other_with_a_warning_or_raises_when_strict():
         oplora.OPLoRA(model, strict=True)
 
 
-def test_find_sites_skips_frozen_layers_and_flags_half_frozen_ones():
+def test_find_sites_covers_frozen_adapters_and_flags_half_frozen_ones():
     model = lora_net()
     model.fc1.lora_A.weight.requires_grad_(False)
     model.fc1.lora_B.weight.requires_grad_(False)
     sites, unsupported = find_lora_sites(model)
-    assert [s.name for s in sites] == ["fc2"] and not unsupported
+    assert [(s.name, s.trainable) for s in sites] == [("fc1", False), ("fc2", True)] and not unsupported
     model.fc2.lora_A.weight.requires_grad_(False)
     sites, unsupported = find_lora_sites(model)
-    assert not sites and unsupported[0].name == "fc2" and "only one" in unsupported[0].reason
+    assert [s.name for s in sites] == ["fc1"] and unsupported[0].name == "fc2"
+    assert "only one" in unsupported[0].reason and len(unsupported[0].params) == 2
 
 
 def test_nonfinite_capture_raises_naming_the_layer_and_moves_nothing():
@@ -295,8 +298,11 @@ def test_dora_adapters_are_not_captured_as_plain_lora():
     model = peft.get_peft_model(Net(), cfg)
     with pytest.raises(ValueError, match=r"fc1\[default\]: a LoRA variant"):
         oplora.OPLoRA(model, strict=True)
-    with pytest.warns(UserWarning, match="DoRA"), pytest.raises(ValueError, match="no trainable LoRA layer"):
-        oplora.OPLoRA(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one message, no warning before it
+        with pytest.raises(ValueError, match=r"every LoRA layer of the model is of a kind it cannot train.*DoRA"
+                                             r".*torch optimizer"):
+            oplora.OPLoRA(model)
 
 
 @pytest.mark.parametrize("reentrant", [False, True])

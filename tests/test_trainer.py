@@ -5,14 +5,15 @@ reproduces the uninterrupted run (factors, head, momentum, K-FAC statistics, sch
 
 What the Trainer does between micro-batches (transformers 5): each micro-batch's loss is divided
 by ``gradient_accumulation_steps`` and back-propagated (the optimizer captures X and sD of each);
-after the last one it would clip ``.grad`` (``max_grad_norm``, disabled here: the optimizer steps
-from the captured activations, not from ``.grad``), then ``optimizer.step()``,
-``lr_scheduler.step()`` and ``model.zero_grad()``.
+after the last one it clips ``.grad`` (``max_grad_norm``: one coefficient for every gradient,
+which the optimizer applies to what it captured; disabled in most tests here, tested on its own),
+then ``optimizer.step()``, ``lr_scheduler.step()`` and ``model.zero_grad()``.
 """
 
 import csv
 import os
 import sys
+import warnings
 
 import pytest
 import torch
@@ -169,6 +170,40 @@ def test_trainer_gradient_accumulation_equals_the_doubled_batch(tmp_path, name, 
     # Float32: two chunks are summed in another order than one concatenated batch, and three
     # steps of lr 0.1 carry that rounding into entries of size ~1e-2 (seen: 3e-6 on one of them).
     assert_same(runs[2], runs[1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["oplora", "scaled"])
+def test_trainer_max_grad_norm_clips_as_the_loss_scaled_by_its_coefficient(tmp_path, name):
+    """The Trainer's own clipping (``max_grad_norm``, 1.0 by default) rescales the factors'
+    ``.grad`` by one coefficient -- the LoRA factors' and the ``modules_to_save`` head's -- and the
+    optimizer applies it to the captured gradient, silently. Each step equals the unclipped
+    Trainer's step on the loss scaled by that coefficient (from the ``grad_norm`` the Trainer logs)."""
+    max_norm, steps = 0.05, 3
+    model = tiny_peft_bert()
+    opt = make_optimizer(model, name)
+    args = args_for(tmp_path / "clipped", max_steps=steps, per_device_train_batch_size=8, max_grad_norm=max_norm,
+                    logging_strategy="steps", logging_steps=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=Pairs(64), optimizers=(opt, None))
+        trainer.train()
+    assert not [w for w in caught if "not used" in str(w.message)]
+    norms = [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]
+    coeffs = [min(1.0, max_norm / (norm + 1e-6)) for norm in norms]
+    assert len(coeffs) == steps and max(coeffs) < 1.0  # every step was clipped
+    clipped = trained_tensors(model, opt)
+    opt.close()
+
+    class ScaledLoss(transformers.Trainer):
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            return super().compute_loss(model, inputs, *args, **kwargs) * coeffs[self.state.global_step]
+
+    twin = tiny_peft_bert()
+    twin_opt = make_optimizer(twin, name)
+    ScaledLoss(model=twin, args=args_for(tmp_path / "scaled", max_steps=steps, per_device_train_batch_size=8),
+               train_dataset=Pairs(64), optimizers=(twin_opt, None)).train()
+    assert_same(trained_tensors(twin, twin_opt), clipped, rtol=1e-4, atol=1e-6)
+    twin_opt.close()
 
 
 @pytest.mark.parametrize("name", ["oplora", "scaled"])

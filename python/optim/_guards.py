@@ -1,10 +1,13 @@
 """What an optimizer refuses, and why: the checks that keep a step from silently mis-training.
 
 At construction: a model that is not a module, sharded (FSDP) parameters, LoRA layers that cannot
-be captured (warned, or refused with ``strict=True``), a model with none, a bad ``max_grad_norm``.
-At every step, before anything moves: a model changed since construction, a layer whose factors
-received gradients while nothing was captured for it, a layer on mixed devices, a captured X
-modified in place after its backward pass, NaN/Inf in what the step reads.
+be captured (warned, or refused with ``strict=True``), a model with none, or with only such
+layers, a bad ``max_grad_norm``. At every step, before anything moves: a structural change of the
+model since construction (layers added or removed, factors replaced, one factor of an adapter
+frozen and not the other), a layer whose factors received gradients while nothing was captured
+for it, factor gradients that second-order terms reached (a gradient penalty through
+``create_graph=True``), a layer on mixed devices, a captured X modified in place after its
+backward pass, NaN/Inf in what the step reads.
 Each check names the layer or parameter; the optimizer (``oplora.optim.base``) decides the order.
 """
 
@@ -16,12 +19,16 @@ import sys
 import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import torch
 from torch import Tensor, nn
 
+from .. import _rows
 from .._checks import check_real, first_nonfinite
+from ..reference import compute_dtype
 from ..sites import LoRASite, find_lora_sites
 
-__all__ = ["check_max_norm", "refuse_sharded", "lora_sites", "check_model", "check_captured", "find_nonfinite"]
+__all__ = ["check_max_norm", "refuse_sharded", "lora_sites", "check_model", "check_captured", "check_second_order",
+           "find_nonfinite"]
 
 _SHARDED_PLAN = (
     "oplora optimizers need every rank to hold whole LoRA factors (B m x r, A r x n), as under "
@@ -68,33 +75,46 @@ def refuse_sharded(owner: str, model: nn.Module) -> None:
         raise NotImplementedError(f"{owner}: {sharded}; {_SHARDED_PLAN}")
 
 
-def lora_sites(owner: str, model: nn.Module, *, strict: bool, other_name: str) -> List[LoRASite]:
-    """The LoRA layers the optimizer trains. Unsupported LoRA layers are refused
-    (``strict=True``, ValueError) or left to the other-parameter optimizer with a warning; a
-    model with no trainable LoRA layer is refused (ValueError)."""
+def lora_sites(owner: str, model: nn.Module, *, strict: bool, other_name: str
+               ) -> Tuple[List[LoRASite], List[nn.Parameter]]:
+    """Every LoRA adapter of ``model`` the optimizer trains (frozen ones included: they are trained
+    once they receive gradients), and the parameters of the unsupported LoRA layers (frozen ones
+    included), for the other-parameter optimizer. Unsupported LoRA layers are refused
+    (``strict=True``, ValueError) or left to that optimizer with a warning; a model with no LoRA
+    layer, or with only unsupported ones, is refused (ValueError, one message); a model whose
+    adapters are all frozen now is warned about."""
     sites, unsupported = find_lora_sites(model)
+    listing = "; ".join(f"{u.name}: {u.reason}" for u in unsupported)
+    if not sites and unsupported:
+        raise ValueError(f"{owner}: every LoRA layer of the model is of a kind it cannot train from captured "
+                         f"activations ({listing}). Train such adapters with a torch optimizer (e.g. "
+                         "torch.optim.AdamW over the trainable parameters), or use plain LoRA adapters "
+                         "(no DoRA or other variant; Linear, Conv1d/2d/3d with groups=1 or Embedding layers)")
     if unsupported:
-        listing = "; ".join(f"{u.name}: {u.reason}" for u in unsupported)
         if strict:
             raise ValueError(f"{owner}(strict=True): unsupported LoRA layers: {listing}")
         warnings.warn(f"{owner}: these LoRA layers cannot be captured and are trained by the "
                       f"other-parameter optimizer ({other_name}) instead: {listing}", stacklevel=4)
     if not sites:
-        raise ValueError(f"{owner}: the model has no trainable LoRA layer "
-                         "(oplora.LoRALinear, or PEFT LoRA on Linear, Conv or Embedding layers, with "
-                         "requires_grad factors); "
+        raise ValueError(f"{owner}: the model has no LoRA layer "
+                         "(oplora.LoRALinear, or PEFT LoRA on Linear, Conv or Embedding layers); "
                          "add adapters with oplora.add_lora(...) or peft.get_peft_model(...)")
-    return sites
+    if not any(site.trainable for site in sites):
+        warnings.warn(f"{owner}: no LoRA factor of the model requires grad now; each adapter is trained at the "
+                      "steps its factors require grad and receive gradients (as a torch optimizer built from "
+                      "model.parameters() would)", stacklevel=4)
+    return sites, [p for u in unsupported for p in u.params]
 
 
 def check_model(owner: str, model: Optional[nn.Module], sites: Sequence[LoRASite], lora: Sequence[Tensor],
                 known: Sequence[Tensor]) -> None:
-    """Refuse (RuntimeError naming them) changes of ``model`` since the optimizer was built that
-    would silently lose or skip training: LoRA layers added or removed, factors replaced by new
-    tensors or with ``requires_grad`` off, trainable parameters the optimizer does not know
-    (``known``: every parameter of its groups; ``lora``: A then B of each site). An other
-    parameter with ``requires_grad`` turned off simply gets no gradient and is skipped by its
-    optimizer, as with any torch optimizer. ``model`` None (garbage collected): factors only."""
+    """Refuse (RuntimeError naming them) the structural changes of ``model`` since the optimizer
+    was built that would silently lose or skip training: LoRA layers added or removed, factors
+    replaced by new tensors, an adapter with one factor trainable and the other frozen,
+    trainable parameters the optimizer does not know (``known``: every parameter of its groups;
+    ``lora``: A then B of each site). Freezing or unfreezing known parameters is no change: a
+    frozen adapter, like any parameter without a gradient, is simply not trained at that step.
+    ``model`` None (garbage collected): factors only."""
     params = [] if model is None else list(model.parameters())
     present = None if model is None else {id(p) for p in params}
     problems = []
@@ -104,9 +124,10 @@ def check_model(owner: str, model: Optional[nn.Module], sites: Sequence[LoRASite
             problems.append(f"LoRA layer {site.name!r}: a factor was replaced by a new tensor")
         elif present is not None and (id(a) not in present or id(b) not in present):
             problems.append(f"LoRA layer {site.name!r} was removed from the model")
-        elif not (a.requires_grad and b.requires_grad):
-            problems.append(f"LoRA layer {site.name!r}: requires_grad was turned off on its factors "
-                            "(it would silently stop training)")
+        elif a.requires_grad != b.requires_grad:
+            problems.append(f"LoRA layer {site.name!r}: only one of its two factors requires grad (the optimizers "
+                            "update both; an optimizer built now hands such a layer to its other-parameter "
+                            "optimizer)")
     known_ids = {id(p) for p in known}
     unknown = {id(p) for p in params if p.requires_grad and id(p) not in known_ids}
     if unknown:
@@ -139,6 +160,66 @@ def check_captured(owner: str, sites: Sequence[LoRASite]) -> None:
             "compiled forward, or call torch._dynamo.reset() after building it; or the layer's forward "
             "bypasses lora_A/lora_B (a fused LoRA kernel, weights merged into the base layer): run the plain "
             "PEFT forward. Nothing was updated")
+
+
+def _second_order_error(site: LoRASite) -> float:
+    """``||(grad_B, grad_A) - coeff (G a^T, b^T G)|| / ||coeff (G a^T, b^T G)||`` with ``G`` from what
+    ``site`` holds (one pass over its rows), the factors as matrices; an Embedding's
+    ``padding_idx`` column of ``grad_A`` (zero by ``F.embedding``'s rule) left out."""
+    b, a = site.b.detach(), site.a.detach()
+    dtype = compute_dtype(b, *(t for x, g, _ in site.chunks for t in (x, g) if t.is_floating_point()))
+    bf, af = b.to(dtype), a.to(dtype)
+    m, n = site.shape
+    want_b = torch.zeros(m, bf.shape[1], dtype=dtype, device=b.device)
+    want_a = torch.zeros(af.shape[0], n, dtype=dtype, device=b.device)
+    for x, g, _ in site.chunks:
+        g = g.to(dtype)
+        want_b += g.mT @ _rows.x_times(_rows.to(x, dtype), af.mT)
+        want_a += _rows.xt_times(_rows.to(x, dtype), g @ bf, n).mT
+    if site.folded is not None:
+        f = site.folded.g.to(dtype)
+        want_b += f @ af.mT
+        want_a += bf.mT @ f
+    got_b = site.B.grad.reshape(m, -1).to(dtype)
+    got_a = site.A.grad.reshape(-1, n).to(dtype)
+    want_b, want_a = want_b * site.coeff, want_a * site.coeff
+    pad = getattr(site.layer.get_base_layer(), "padding_idx", None) if site.kind == "embedding" else None
+    if pad is not None:
+        want_a[:, pad] = got_a[:, pad]
+    diff = torch.cat([(got_b - want_b).reshape(-1), (got_a - want_a).reshape(-1)])
+    want = torch.cat([want_b.reshape(-1), want_a.reshape(-1)])
+    return float(diff.norm() / want.norm().clamp_min(torch.finfo(dtype).tiny))
+
+
+def check_second_order(owner: str, sites: Sequence[LoRASite], distributed: bool) -> None:
+    """Refuse (RuntimeError naming it) a layer whose factor gradients include second-order terms
+    that its captured rows do not carry: after a backward pass with ``create_graph=True`` through its
+    branch (``site.second_order``), its ``.grad`` must still equal ``(G A^T, B^T G)`` of the rows
+    (times the layer's rescale ``coeff``), to the precision of the rows, gradients and factors
+    (4 units, plus the float32 or float64 sums over the T rows). An input-gradient penalty
+    (``torch.autograd.grad(loss, x, create_graph=True)`` added to the loss) puts such terms there;
+    a diagnostic ``create_graph`` pass left out of the loss does not. On several ranks the factor
+    gradients are averaged and the rows are not, so such a layer is refused unchecked."""
+    for site in sites:
+        if not (site.second_order and site.held):
+            continue
+        if distributed:
+            error = "unchecked (data parallel)"
+        else:
+            eps = max(torch.finfo(t.dtype).eps for t in (site.A.grad, site.B.grad, site.B, *(
+                t for x, g, _ in site.chunks for t in (x, g) if t.is_floating_point())))
+            acc = torch.finfo(compute_dtype(site.B, *(g for _, g, _ in site.chunks))).eps
+            tol = 4.0 * eps + 16.0 * acc * math.sqrt(max(site.rows, 1))
+            value = _second_order_error(site)
+            if value <= tol:
+                continue
+            error = f"off by {value:.2e} relative"
+        raise RuntimeError(
+            f"{owner}: the factor gradients of LoRA layer {site.name!r} are not those of its captured activations "
+            f"({error}) after a backward pass with create_graph=True ran through it: a gradient penalty "
+            "(torch.autograd.grad(..., create_graph=True) added to the loss) puts second-order terms into "
+            "them that X and sD do not carry. Keep the LoRA layers out of the penalty's graph, or use "
+            "RiemannianLoRA, which steps from .grad. Nothing was updated")
 
 
 def _check_devices(owner: str, site: LoRASite, state: Dict) -> None:
@@ -174,6 +255,8 @@ def find_nonfinite(owner: str, sites: Sequence[LoRASite], captured: bool, state:
     named: List[Tuple[str, Tensor]] = []
     for site in sites:
         if not captured:
+            if not site.trainable:
+                continue  # a frozen adapter is not stepped, whatever its .grad holds
             named += [(f"the gradient of {what} of LoRA layer {site.name!r}", p.grad)
                       for what, p in (("A", site.A), ("B", site.B)) if p.grad is not None]
             continue

@@ -27,18 +27,22 @@ def resolve(spec: OtherSpec, what: str) -> Type[torch.optim.Optimizer]:
                      f"torch.optim.Optimizer subclass, got {spec!r}")
 
 
-def build(spec: OtherSpec, params: List[nn.Parameter], lr: float, kwargs: Optional[dict],
+def build(spec: OtherSpec, params: List[nn.Parameter], lr: Optional[float], kwargs: Optional[dict],
           what: str) -> torch.optim.Optimizer:
-    """A torch optimizer over ``params`` (``spec`` a name in ``_OTHER`` or an Optimizer class)."""
+    """A torch optimizer over ``params`` (``spec`` a name in ``_OTHER`` or an Optimizer class);
+    ``lr`` is its learning rate unless ``kwargs`` has one (None: the class's own default, e.g.
+    AdamW's 1e-3)."""
     cls = resolve(spec, what)
     if kwargs is not None and not isinstance(kwargs, dict):
         raise ValueError(f"{what}_kwargs must be a dict, got {type(kwargs).__name__}")
     kwargs = dict(kwargs or {})
-    kwargs.setdefault("lr", lr)
+    if lr is not None:
+        kwargs.setdefault("lr", lr)
     try:
         return cls(params, **kwargs)
     except (TypeError, ValueError) as err:
-        raise ValueError(f"{what}={cls.__name__} rejected {what}_kwargs={kwargs!r}: {err}") from err
+        hint = "" if "lr" in kwargs else f" (it has no default lr: pass {what}_kwargs={{'lr': ...}})"
+        raise ValueError(f"{what}={cls.__name__} rejected {what}_kwargs={kwargs!r}{hint}: {err}") from err
 
 
 def share(inner: torch.optim.Optimizer, group: dict, state) -> torch.optim.Optimizer:

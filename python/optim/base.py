@@ -11,43 +11,46 @@ the math is elsewhere (SPEC section 3):
 * per-layer state keyed by the layer's ``B`` factor, tensors and plain values only;
 * the LoRA layers (``oplora.capture``) and, for the optimizers that need X and sD, the hooks.
 
-A step, in order (:meth:`step`): the guards (``_guards``: model unchanged, devices, NaN/Inf;
-every rank agreeing under data parallelism, ``_distributed``), GradScaler unscaling and clipping
-(``clipping``) -- which give the step's :class:`~oplora.optim.functional.StepContext`, passed
-down as an argument -- then the LoRA layers (:meth:`_step_lora`), then the other parameters.
+A step, in order (:meth:`step`): the guards (``_guards``: model structure unchanged, devices,
+NaN/Inf; every rank agreeing under data parallelism, ``_distributed``), what is captured brought
+in line with the factors' ``.grad`` (``oplora._lifetime``: discarded, rescaled; frozen adapters
+dropped), GradScaler unscaling and clipping (``clipping``) -- which give the step's
+:class:`~oplora.optim.functional.StepContext`, passed down as an argument -- then the LoRA
+layers (:meth:`_step_lora`), then the other parameters. ``load_state_dict`` validates what it
+loads (``_checkpoint``); ``master_factors`` keeps float32 factors in the state (``_masters``).
 
 Subclasses set their hyper-parameters (validated) in ``defaults`` and either implement
-``_plan(index, site, chunks, folded, state, group, ctx) -> Plan`` (a layer's update from its
-captured rows and the rows folded into its dense gradient; the default :meth:`_step_lora` solves every reached layer's plan together in the step
-engine and commits all or none) or override :meth:`_step_lora` (RiemannianLoRA, which steps from
-autograd's factor gradients and sets ``uses_capture = False``).
+``_plan(index, site, factors, chunks, folded, state, group, ctx) -> Plan`` (a layer's update of
+``factors`` -- ``(B, A)`` as matrices, or their float32 masters -- from its captured rows and the
+rows folded into its dense gradient; the default :meth:`_step_lora` solves every reached
+layer's plan together in the step engine and commits all or none) or override
+:meth:`_step_lora` (RiemannianLoRA, which steps from autograd's factor gradients and sets
+``uses_capture = False``); ``_state_spec`` says what a layer's state holds (for
+``load_state_dict``), ``_other_shares_lr`` whether the other optimizer's lr defaults to ``lr``.
 """
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import weakref
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from .._checks import check_choice
 from ..capture import CAPTURE_MODES, Capture
 from ..reference import compute_dtype
 from ..sites import Folded, LoRASite
-from . import _distributed, _guards, _inner, clipping, engine
+from . import _checkpoint, _distributed, _guards, _inner, _masters, engine
 from . import functional as F
+from ._context import ContextMixin
 from ._inner import OtherSpec
 
 __all__ = ["LoRAOptimizer"]
 
 
-def _mul(tensors: List[Tensor], coeff: float) -> None:
-    for t in tensors:
-        t.mul_(coeff)
-
-class LoRAOptimizer(torch.optim.Optimizer):
+class LoRAOptimizer(ContextMixin, torch.optim.Optimizer):
     """Base class: LoRA layers of ``model`` updated by the subclass, the rest by ``other``.
 
     Args:
@@ -57,7 +60,10 @@ class LoRAOptimizer(torch.optim.Optimizer):
         defaults: the LoRA group's hyper-parameters (``lr`` included), already validated.
         other: optimizer for every other trainable parameter: ``"adamw"`` (default), ``"adam"``,
             ``"sgd"``, or a ``torch.optim.Optimizer`` subclass.
-        other_kwargs: its keyword arguments; ``lr`` defaults to the LoRA learning rate.
+        other_kwargs: its keyword arguments. Its ``lr`` defaults to its own default (AdamW's
+            1e-3) where this optimizer's lr is on SGD's scale (OPLoRA, SVDLoRA, RiemannianLoRA
+            with base SGD), and to ``lr`` where it is on Adam's (ScaledOPLoRA, RiemannianLoRA
+            with base AdamW).
         strict: raise instead of warning when the model has LoRA factors on a layer type that
             cannot be captured (DoRA and other variants, grouped convolutions, ...); without it they
             go to ``other``.
@@ -74,6 +80,13 @@ class LoRAOptimizer(torch.optim.Optimizer):
             that a layer holds at most ``min(T (m + n), m n)`` numbers however many micro-batches
             accumulate; ``"rows"`` always the rows; ``"dense"`` always the dense gradient. The steps
             are the same, to float32 rounding. ``capture_bytes()`` reports what is held.
+        master_factors: for bfloat16/float16 LoRA factors, keep float32 copies of them in the state
+            (``master_B``, ``master_A``) and step those, writing their rounding into the factors, so
+            that updates smaller than the factors' precision accumulate instead of being lost
+            (``oplora.optim._masters``). Memory: 4 bytes per LoRA parameter for the masters, and
+            the momentum (kept in the dtype of what is stepped) in float32 too: 8 bytes of state
+            per parameter instead of 2 (OPLoRA; AdamW on bf16 factors keeps 4). No effect for
+            float32/float64 factors.
 
     Clipping (``max_grad_norm``): the total norm over every LoRA layer's implicit gradient and
     every other ``.grad``, after GradScaler unscaling (:mod:`oplora.optim.clipping`); the
@@ -84,8 +97,13 @@ class LoRAOptimizer(torch.optim.Optimizer):
     at construction): clipping of the captured optimizers, SVDLoRA, Shampoo statistics. FSDP
     modules and DTensor parameters are refused with the plan (``NotImplementedError``).
 
-    Raises ``TypeError`` for a non-module model and ``ValueError`` when the model has no
-    trainable LoRA layer or for a bad ``max_grad_norm``, ``skip_nonfinite`` or ``process_group``.
+    The optimizer covers every LoRA adapter of the model, frozen or not: an adapter is trained
+    at the steps its factors require grad and received gradients at (PEFT's ``set_adapter``
+    between steps simply switches which adapter trains); the others keep their factors and state.
+
+    Raises ``TypeError`` for a non-module model and ``ValueError`` when the model has no LoRA
+    layer or only unsupported ones, or for a bad ``max_grad_norm``, ``skip_nonfinite``,
+    ``master_factors`` or ``process_group``.
     """
 
     #: whether the subclass needs X and sD (False: it works from autograd's factor gradients).
@@ -94,18 +112,22 @@ class LoRAOptimizer(torch.optim.Optimizer):
     def __init__(self, model: nn.Module, defaults: dict, *, other: OtherSpec = "adamw",
                  other_kwargs: Optional[dict] = None, strict: bool = False,
                  max_grad_norm: Optional[float] = None, skip_nonfinite: bool = False, process_group=None,
-                 capture: str = "auto"):
+                 capture: str = "auto", master_factors: bool = False):
         name = type(self).__name__
         if not isinstance(model, nn.Module):
             raise TypeError(f"{name} is built from the model (an nn.Module), got {type(model).__name__}; "
                             "it finds the LoRA layers itself")
         defaults = dict(defaults, max_grad_norm=_guards.check_max_norm(max_grad_norm))
-        if not isinstance(skip_nonfinite, bool):
-            raise ValueError(f"skip_nonfinite must be a bool, got {skip_nonfinite!r}")
+        for flag, value in (("skip_nonfinite", skip_nonfinite), ("master_factors", master_factors)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{flag} must be a bool, got {value!r}")
+        if self.uses_capture:
+            defaults["master_factors"] = master_factors
         check_choice(capture, "capture", CAPTURE_MODES)
         group = _distributed.resolve_group(process_group)
         _guards.refuse_sharded(name, model)
-        sites = _guards.lora_sites(name, model, strict=strict, other_name=_inner.resolve(other, "other").__name__)
+        sites, unsupported = _guards.lora_sites(name, model, strict=strict,
+                                                other_name=_inner.resolve(other, "other").__name__)
         if group is not None:
             reason = self._distributed_unsupported(defaults)
             if reason is not None:
@@ -113,6 +135,7 @@ class LoRAOptimizer(torch.optim.Optimizer):
                                           f"data-parallel ranks: {reason}")
         lora_params = [p for site in sites for p in (site.A, site.B)]
         super().__init__([{"params": lora_params, "kind": "lora"}], defaults)
+        self._hyper = tuple(defaults)  # this optimizer's hyper-parameters (a checkpoint must hold them)
         self._group_arg, self._group = process_group, group
         self._grad_norm: Optional[float] = None
         self.skip_nonfinite = skip_nonfinite
@@ -123,9 +146,11 @@ class LoRAOptimizer(torch.optim.Optimizer):
         self._model = weakref.ref(model)
         self._names = {id(p): n for n, p in model.named_parameters()}
         lora_ids = {id(p) for p in lora_params}
-        other_params = list({id(p): p for p in model.parameters() if p.requires_grad and id(p) not in lora_ids}.values())
+        trainable = [p for p in model.parameters() if p.requires_grad and id(p) not in lora_ids]
+        other_params = list({id(p): p for p in trainable + unsupported}.values())
         if other_params:
-            inner = _inner.build(other, other_params, defaults["lr"], other_kwargs, "other")
+            lr = defaults["lr"] if self._other_shares_lr(defaults) else None
+            inner = _inner.build(other, other_params, lr, other_kwargs, "other")
             group_dict = {"params": other_params, "kind": "other"}
             self.param_groups.append(group_dict)
             self._inner["other"] = _inner.share(inner, group_dict, self.state)
@@ -143,6 +168,19 @@ class LoRAOptimizer(torch.optim.Optimizer):
                     "every rank's m x n gradient or rows, which never cross the network; clip without "
                     "data parallelism, or leave max_grad_norm=None")
         return None
+
+    def _other_shares_lr(self, defaults: dict) -> bool:
+        """Whether the other optimizer's lr defaults to this optimizer's ``lr`` (on Adam's scale)
+        rather than to its own default (this lr on SGD's scale)."""
+        return False
+
+    def _state_spec(self, site: LoRASite, group: dict) -> Dict[str, Optional[Tuple[int, ...]]]:
+        """The entries a stepped layer's state must hold (``load_state_dict`` checks them): name ->
+        shape of the tensor (None: the integer ``step``)."""
+        spec: Dict[str, Optional[Tuple[int, ...]]] = {"step": None}
+        if group.get("master_factors") and _masters.wanted(site):
+            spec.update(master_B=tuple(site.b.shape), master_A=tuple(site.a.shape))
+        return spec
 
     def _fold_stats(self, defaults: dict) -> Optional[str]:
         """The statistics rows folded into the dense gradient must keep (``oplora.capture.Folded``)."""
@@ -164,7 +202,8 @@ class LoRAOptimizer(torch.optim.Optimizer):
 
     @property
     def lora_layers(self) -> List[str]:
-        """Names of the LoRA layers this optimizer updates (``module.path[adapter]`` for PEFT)."""
+        """Names of the LoRA adapters this optimizer covers (``module.path[adapter]`` for PEFT), frozen
+        ones included: each is trained at the steps its factors require grad and were reached at."""
         return [site.name for site in self._sites]
 
     def grad_norm(self) -> Optional[float]:
@@ -178,8 +217,12 @@ class LoRAOptimizer(torch.optim.Optimizer):
     def capture_bytes(self) -> int:
         """Bytes the capture holds now for the next step: captured X (each once, however many
         layers share it) and sD, and the rows folded into dense gradients (``capture=``). At most
-        ``sum over layers of min(T (m + n), m n) x 4`` bytes with ``capture="auto"`` (float32)."""
-        return 0 if self._capture is None else self._capture.held_bytes()
+        ``sum over layers of min(T (m + n), m n) x 4`` bytes with ``capture="auto"`` (float32).
+        Rows whose factor gradients were discarded since (``oplora._lifetime``) are released first."""
+        if self._capture is None:
+            return 0
+        self._capture.sync()
+        return self._capture.held_bytes()
 
     def close(self) -> None:
         """Remove the capture hooks and release captured tensors (also done at garbage collection)."""
@@ -195,22 +238,21 @@ class LoRAOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore a ``state_dict()`` of the same optimizer on the same model; resumes bit-exactly.
 
+        What is loaded is validated first (``oplora.optim._checkpoint``): the LoRA group's
+        hyper-parameters, and per LoRA layer every state entry its settings need, with the
+        layer's shapes, finite values, non-negative K-FAC statistics; per other parameter the
+        torch optimizer's moment buffers' shapes. Anything wrong raises ``ValueError`` naming the
+        layer (or parameter) and the key, and the optimizer stays as it was.
+
         Unlike the base class, the LoRA layers' state keeps the dtype it was saved with (the
         K-FAC statistics stay float32 for bf16 factors); tensors move to the factor's device.
         """
+        _checkpoint.validate(self, state_dict)
         super().load_state_dict(state_dict)
         for kind, inner in self._inner.items():
             inner.param_groups = [g for g in self.param_groups if g["kind"] == kind]
             inner.state = self.state
-        saved = state_dict["state"]
-        for index, site in enumerate(self._sites):
-            entry = saved.get(2 * index + 1)
-            if not entry:
-                continue
-            own = self.state[site.B]
-            for key, value in entry.items():
-                if isinstance(value, Tensor) and isinstance(own.get(key), Tensor) and own[key].dtype != value.dtype:
-                    own[key] = value.to(device=site.B.device, copy=True)
+        _checkpoint.keep_dtypes(self, state_dict)
 
     #: ``torch.amp.GradScaler.step(opt)`` hands this optimizer the loss scale (``grad_scale``) and
     #: ``found_inf`` instead of unscaling ``.grad`` itself: the captured sD is scaled too, and only
@@ -224,16 +266,19 @@ class LoRAOptimizer(torch.optim.Optimizer):
         ``closure`` (optional) re-evaluates the model and returns the loss; it runs with grad
         enabled before the update. Captured tensors are released afterwards, whatever happens.
 
-        In order: the model is checked against the one the optimizer was built from; GradScaler's
-        verdict is read; the captured X and sD (RiemannianLoRA: the factor gradients) and every
-        other ``.grad`` are checked for NaN/Inf (all ranks agree on the verdict); gradients are
-        unscaled, measured and clipped (``max_grad_norm``); every reached layer is solved
-        (reduced over the ranks) and committed, all layers or none; the other optimizer steps.
+        In order: the model's structure is checked against the one the optimizer was built from;
+        what is captured is brought in line with the factors' ``.grad`` (rows of discarded or
+        zeroed gradients dropped, a uniform rescale such as ``clip_grad_norm_`` applied, frozen
+        adapters dropped); GradScaler's verdict is read; the captured X and sD (RiemannianLoRA: the
+        factor gradients) and every other ``.grad`` are checked for NaN/Inf (all ranks agree on the
+        verdict); gradients are unscaled, measured and clipped (``max_grad_norm``); every reached
+        layer is solved (reduced over the ranks) and committed, all layers or none; the other
+        optimizer steps.
 
         Under ``torch.amp.GradScaler`` (``scaler.step(opt)``): a step whose gradients hold inf/NaN
         is skipped whole (factors, momentum, statistics, other parameters); otherwise the captured
-        sD and every ``.grad`` are unscaled before the update. ``scaler.unscale_(opt)`` before
-        ``scaler.step(opt)`` is refused (it unscales ``.grad`` only, not the captured sD).
+        sD and every ``.grad`` are unscaled before the update. After ``scaler.unscale_(opt)`` (and
+        a clipping of ``.grad``) the captured sD takes the factors' unscaling and rescale.
 
         Raises, before anything moves (so nothing is lost):
 
@@ -242,11 +287,13 @@ class LoRAOptimizer(torch.optim.Optimizer):
           skipped and counted in ``skipped_steps``);
         * ``RuntimeError`` naming the layer when its factors received gradients since the last
           step while nothing was captured for it (its forward bypassed the capture hooks: code
-          compiled by torch.compile before the optimizer was built, a fused LoRA kernel), when a
-          captured X was modified in place after its backward pass, when a layer's factors, captured tensors or state are on different
-          devices, or when the model changed after the optimizer was built (a LoRA layer added or
-          removed, a factor replaced or its ``requires_grad`` turned off, a new trainable
-          parameter), and when another rank refused the step;
+          compiled by torch.compile before the optimizer was built, a fused LoRA kernel), when
+          its factor gradients carry second-order terms its rows do not (``create_graph=True``), when a
+          captured X was modified in place after its backward pass, when a layer's factors,
+          captured tensors or state are on different devices, or when the model's structure
+          changed after the optimizer was built (a LoRA layer added or removed, a factor replaced,
+          one factor of an adapter frozen without the other, a new trainable parameter), and when
+          another rank refused the step;
         * ``NotImplementedError`` for clipping a captured optimizer on several ranks.
         """
         loss = None
@@ -261,95 +308,9 @@ class LoRAOptimizer(torch.optim.Optimizer):
         finally:
             if self._capture is not None:
                 self._capture.clear()
+                for site in self._sites:
+                    site.second_order = False  # zero_grad() keeps it: a create_graph graph may outlive it
         return loss
-
-    def _context(self) -> Optional[F.StepContext]:
-        """Guards, unscaling and clipping: the context of this step, or None when it is skipped."""
-        name = type(self).__name__
-        _guards.check_model(name, self._model(), self._sites, self.lora_group["params"],
-                            [p for g in self.param_groups for p in g["params"]])
-        inv_scale = self._amp_inverse_scale()
-        self._grad_norm = None
-        if inv_scale is None:  # GradScaler found inf/NaN: skip the step, as torch optimizers do
-            return None
-        group = _distributed.resolve_group(self._group_arg)
-        if group is not self._group:
-            raise RuntimeError(f"{name} was built before torch.distributed was initialized (or the process "
-                               "group changed since): build the optimizer after init_process_group, so that "
-                               "every rank starts from the same state")
-        rows = [site.rows for site in self._sites]
-        error, bad, world = None, None, 1
-        try:
-            if self.uses_capture:
-                _guards.check_captured(name, self._sites)
-            bad = self._find_nonfinite(rows=False)  # the rows: checked on the step's products
-        except RuntimeError as err:
-            if group is None:
-                raise
-            error = err  # raised once every rank knows, so that none is left waiting in a collective
-        if group is not None:
-            world = torch.distributed.get_world_size(group)
-            bad, rows = _distributed.agree(name, group, error, bad, rows, self._sites[0].B.device)
-        if bad is not None:
-            return self._nonfinite(f"{bad} holds NaN or Inf")
-        if inv_scale != 1.0:
-            _mul([p.grad for g in self.param_groups for p in g["params"] if p.grad is not None], inv_scale)
-        # The .grad the step reads: the other group's (captured optimizers), or every group's.
-        stepped = [p.grad for g in self.param_groups[1 if self.uses_capture else 0:] for p in g["params"]
-                   if p.grad is not None]
-        coeff = inv_scale
-        max_norm = self.lora_group["max_grad_norm"]
-        if max_norm is not None:
-            reason = self._distributed_unsupported(self.lora_group) if group is not None else None
-            if reason is not None:
-                raise NotImplementedError(f"{name} with {world} data-parallel ranks: {reason}")
-            total = clipping.total_norm(self._sites if self.uses_capture else [], stepped, inv_scale)
-            if not math.isfinite(total):
-                return self._nonfinite(f"the total gradient norm overflowed ({total})")
-            self._grad_norm = total
-            clip = min(1.0, float(max_norm) / (total + 1e-6))
-            if clip < 1.0:
-                _mul(stepped, clip)
-                coeff *= clip
-        if group is None:
-            return F.StepContext(grad_coeff=coeff)
-        return F.StepContext(grad_coeff=coeff / world, rows=dict(enumerate(rows)),
-                             reduce=lambda tensors: _distributed.all_reduce_sum(tensors, group))
-
-    def _find_nonfinite(self, rows: bool) -> Optional[str]:
-        """:func:`oplora.optim._guards.find_nonfinite` over this optimizer's layers, state and other
-        gradients; with ``rows=False`` a bad other gradient is named after a full scan, which may
-        find a bad row first (a NaN in the rows makes every later gradient NaN too)."""
-        others = [(self._names.get(id(p), "?"), p.grad) for g in self.param_groups[1:] for p in g["params"]
-                  if p.grad is not None]
-        scan = lambda full: _guards.find_nonfinite(type(self).__name__, self._sites, self.uses_capture,  # noqa: E731
-                                                   self.state, others, rows=full)
-        bad = scan(rows)
-        return scan(True) if bad is not None and not rows else bad
-
-    def _nonfinite(self, what: str) -> None:
-        """Skip the step (``skip_nonfinite``; returns None, falsy) or raise FloatingPointError saying
-        ``what``."""
-        if not self.skip_nonfinite:
-            raise FloatingPointError(f"{type(self).__name__}: {what}; nothing was updated "
-                                     "(skip_nonfinite=True skips such steps instead)")
-        self.skipped_steps += 1
-        return None
-
-    def _amp_inverse_scale(self) -> Optional[float]:
-        """1 / loss scale set by GradScaler.step (1.0 without one); None when it found inf/NaN."""
-        found_inf = getattr(self, "found_inf", None)
-        if found_inf is None:
-            return 1.0
-        if float(found_inf) > 0:
-            return None
-        scale = getattr(self, "grad_scale", None)
-        if scale is None:
-            raise RuntimeError(f"{type(self).__name__}: GradScaler.unscale_() was called before "
-                               "GradScaler.step(): it unscales .grad only, while this optimizer steps "
-                               "from the captured activations' gradients; call scaler.step(opt) "
-                               "without unscale_ (nothing was updated)")
-        return 1.0 / float(scale)
 
     def _step_lora(self, ctx: F.StepContext) -> bool:
         """Plan every reached layer's update (``self._plan``), solve them together, then write them
@@ -359,25 +320,38 @@ class LoRAOptimizer(torch.optim.Optimizer):
         On several ranks a layer reached on any rank is stepped on all (with no rows of its own
         where it was not reached), so that every rank takes part in the same reductions."""
         group, pending = self.lora_group, []
+        held = [index for index, site in enumerate(self._sites) if site.held or ctx.rows.get(index, 0) > 0]
+        masters = _masters.factors(self._sites, self.state, held) if group.get("master_factors") else {}
         try:
-            for index, site in enumerate(self._sites):
+            for index in held:
+                site = self._sites[index]
                 chunks = [(x, g) for x, g, _ in site.chunks]
-                if not chunks and site.folded is None and ctx.rows.get(index, 0) > 0:
+                if not chunks and site.folded is None:  # reached on another rank only
                     m, n = site.shape
                     chunks = [(site.A.new_zeros(0, n), site.B.new_zeros(0, m))]
-                if chunks or site.folded is not None:
-                    state = self.state.get(site.B, {})
-                    pending.append((site, self._plan(index, site, chunks, site.folded, state, group, ctx)))
+                state = self.state.get(site.B, {})
+                # The rows' gradient was rescaled since (clip_grad_norm_, unscale_: oplora._lifetime).
+                site_ctx = ctx if site.coeff == 1.0 else dataclasses.replace(
+                    ctx, grad_coeff=ctx.grad_coeff * site.coeff)
+                factors = masters.get(index, (site.b, site.a))
+                pending.append((index, self._plan(index, site, factors, chunks, site.folded, state, group, site_ctx)))
             updates = F.run_plans([plan for _, plan in pending], ctx.reduce)
         except (FloatingPointError, torch.linalg.LinAlgError) as err:
             # A NaN or Inf in the rows showed in a layer's products (or broke a solve): name it.
             bad = self._find_nonfinite(rows=True)
             if bad is None and isinstance(err, engine.NonFiniteProducts):
-                bad = f"the gradient products of LoRA layer {pending[err.index][0].name!r} (another rank's rows?)"
+                name = self._sites[pending[err.index][0]].name
+                bad = f"the gradient products of LoRA layer {name!r} (another rank's rows?)"
             if bad is None:
                 raise
             return self._nonfinite(f"{bad} holds NaN or Inf")
-        F.commit([(update, site.b, site.a, self.state[site.B]) for (site, _), update in zip(pending, updates)])
+        targets = []
+        for (index, _), update in zip(pending, updates):
+            site = self._sites[index]
+            if index in masters:  # the float32 result is the new master; the factors get its rounding
+                update.state["master_B"], update.state["master_A"] = update.b, update.a
+            targets.append((update, site.b, site.a, self.state[site.B]))
+        F.commit(targets)
         return True
 
     def _fold_all(self, site: LoRASite) -> Folded:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, Optional, Tuple
 
 from torch import nn
 
@@ -11,6 +11,7 @@ from . import _inner
 from . import functional as F
 from ._inner import OtherSpec
 from .base import LoRAOptimizer
+from ..sites import LoRASite
 
 __all__ = ["SVDLoRA", "RiemannianLoRA"]
 
@@ -21,25 +22,33 @@ class SVDLoRA(LoRAOptimizer):
     The accuracy ideal OPLoRA approximates, at the cost it avoids: per layer it forms the m x n
     matrix ``B A - lr M`` (``M = G = sD^T X``, or with ``momentum > 0`` the heavy-ball buffer
     ``M <- momentum M + G``, an m x n state) and runs a full SVD; balanced factors
-    ``B = U_r S_r^1/2``, ``A = S_r^1/2 V_r^T``. Other parameters, ``max_grad_norm``,
-    ``skip_nonfinite``: as in :class:`OPLoRA`. Refused on several data-parallel ranks
+    ``B = U_r S_r^1/2``, ``A = S_r^1/2 V_r^T``. Other parameters (their optimizer's lr defaults to
+    its own default: ``lr`` is on SGD's scale), ``max_grad_norm``, ``skip_nonfinite``,
+    ``capture``, ``master_factors``: as in :class:`OPLoRA`. Refused on several data-parallel ranks
     (``NotImplementedError``): the step needs every rank's m x n gradient.
     """
 
     def __init__(self, model: nn.Module, lr: float = 1e-3, *, momentum: float = 0.0,
                  other: OtherSpec = "adamw", other_kwargs: Optional[dict] = None, strict: bool = False,
                  max_grad_norm: Optional[float] = None, skip_nonfinite: bool = False, process_group=None,
-                 capture: str = "auto"):
+                 capture: str = "auto", master_factors: bool = False):
         defaults = {
             "lr": check_real(lr, "lr", low=0.0),
             "momentum": check_real(momentum, "momentum", low=0.0, high=1.0, high_open=True),
         }
         super().__init__(model, defaults, other=other, other_kwargs=other_kwargs, strict=strict,
                          max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite, process_group=process_group,
-                         capture=capture)
+                         capture=capture, master_factors=master_factors)
 
-    def _plan(self, index, site, chunks, folded, state, group, ctx: F.StepContext) -> F.Plan:
-        return F.plan_svd(site.b, site.a, self._fold_all(site), state, lr=float(group["lr"]),
+    def _state_spec(self, site: LoRASite, group: dict) -> Dict[str, Optional[Tuple[int, ...]]]:
+        spec = super()._state_spec(site, group)
+        if float(group["momentum"]) != 0.0:
+            spec["momentum_buffer"] = site.shape
+        return spec
+
+    def _plan(self, index, site, factors, chunks, folded, state, group, ctx: F.StepContext) -> F.Plan:
+        b, a = factors
+        return F.plan_svd(b, a, self._fold_all(site), state, lr=float(group["lr"]),
                           momentum=float(group["momentum"]), grad_coeff=ctx.grad_coeff)
 
     def _distributed_unsupported(self, defaults):
@@ -63,7 +72,9 @@ class RiemannianLoRA(LoRAOptimizer):
     ``max_grad_norm`` clips as ``torch.nn.utils.clip_grad_norm_`` over every ``.grad`` (the factor
     gradients included: they are what this optimizer steps from), before the preconditioning.
     Under DDP the factor gradients are already averaged, so it needs no reduction of its own
-    (clipping included).
+    (clipping included). An adapter frozen at a step is not stepped, whatever its ``.grad`` holds.
+    The other optimizer's lr defaults to ``lr`` with ``base="adamw"`` (Adam's scale) and to its
+    own default with ``base="sgd"``.
     """
 
     uses_capture = False
@@ -83,18 +94,30 @@ class RiemannianLoRA(LoRAOptimizer):
         inner = _inner.build(base, list(lora["params"]), defaults["lr"], base_kwargs, "base")
         self._inner["lora"] = _inner.share(inner, lora, self.state)
 
+    def _other_shares_lr(self, defaults: dict) -> bool:
+        return defaults["base"] == "adamw"
+
     def _step_lora(self, ctx: F.StepContext) -> bool:
-        """Precondition every layer's factor gradients, then step the base optimizer (``ctx`` is
-        not needed: autograd's gradients are already unscaled, clipped and averaged)."""
+        """Precondition every trainable layer's factor gradients, then step the base optimizer,
+        the frozen layers' gradients hidden from it (``ctx`` is not needed: autograd's gradients
+        are already unscaled, clipped and averaged)."""
         damping = float(self.lora_group["damping"])
+        hidden = [(p, p.grad) for site in self._sites if not site.trainable for p in (site.A, site.B)
+                  if p.grad is not None]
         for site in self._sites:
             a, b = site.A, site.B
-            if a.grad is None or b.grad is None:
+            if a.grad is None or b.grad is None or not site.trainable:
                 continue
             # Conv factors as matrices (the flattened kernel): the gradients reshaped alike.
             mat_b, mat_a = site.b, site.a
             grad_b, grad_a = F.riemannian_precondition(mat_b, mat_a, b.grad.reshape(mat_b.shape),
                                                        a.grad.reshape(mat_a.shape), damping)
             b.grad, a.grad = grad_b.view(b.shape), grad_a.view(a.shape)
-        self._inner["lora"].step()
+        for p, _ in hidden:
+            p.grad = None
+        try:
+            self._inner["lora"].step()
+        finally:
+            for p, grad in hidden:
+                p.grad = grad
         return True

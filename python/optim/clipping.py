@@ -97,10 +97,11 @@ def site_sq_norm(site: LoRASite) -> Tensor:
 
 
 def total_norm(sites: Sequence[LoRASite], grads: Iterable[Tensor], inv_scale: float) -> float:
-    """``sqrt(sum_sites ||G||_F^2 * inv_scale^2 + sum ||grad||^2)``: the captured layers' implicit
-    gradients (rows captured under a loss scale, unscaled by ``inv_scale``) and the other
+    """``sqrt(sum_sites ||coeff G||_F^2 * inv_scale^2 + sum ||grad||^2)``: the captured layers'
+    implicit gradients (rows captured under a loss scale, unscaled by ``inv_scale``; rescaled since
+    by the site's ``coeff``, e.g. a ``clip_grad_norm_`` of the factors' ``.grad``) and the other
     gradients ``grads`` (already unscaled), one host sync per device."""
-    parts: List[Tensor] = [site_sq_norm(site) * inv_scale**2 for site in sites if site.chunks or site.folded]
+    parts: List[Tensor] = [site_sq_norm(site) * (inv_scale * site.coeff)**2 for site in sites if site.held]
     parts += [torch.linalg.vector_norm(g, dtype=torch.float64).square() for g in grads]
     return math.sqrt(sum(float(torch.stack([parts[i] for i in index]).sum())
                          for index in group_by(parts, lambda t: t.device).values()))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -11,6 +11,7 @@ from .._checks import check_choice, check_int, check_real
 from . import functional as F
 from ._inner import OtherSpec
 from .base import LoRAOptimizer
+from ..sites import LoRASite
 
 __all__ = ["OPLoRA", "ScaledOPLoRA"]
 
@@ -28,6 +29,14 @@ def _common(lr, iters, prox, momentum_rank, start, seed) -> dict:
     }
 
 
+def _momentum_spec(spec: dict, site: LoRASite, group: dict, momentum: float) -> dict:
+    """``spec`` with the low-rank momentum's entries, when the step keeps one (``momentum != 0``)."""
+    if momentum != 0.0:
+        (m, n), k = site.shape, group["momentum_rank"] or site.b.shape[1]
+        spec.update(momentum_U=(m, k), momentum_V=(k, n))
+    return spec
+
+
 class OPLoRA(LoRAOptimizer):
     """OPLoRA: the full-training step projected back to rank r by LoRSum, at Adam's memory.
 
@@ -43,8 +52,10 @@ class OPLoRA(LoRAOptimizer):
        ``momentum = 0`` no momentum state exists.
 
     Every other trainable parameter is trained by ``other`` (AdamW by default) with
-    ``other_kwargs`` (its ``lr`` defaults to ``lr``); it is param group 1. Layers not reached by a
-    backward pass since the last step are left untouched (momentum too).
+    ``other_kwargs``; it is param group 1. Its ``lr`` defaults to the other optimizer's own default
+    (AdamW's 1e-3), not to ``lr``, which is on SGD's scale. Layers not reached by a backward pass
+    since the last step (adapters inactive or frozen at that step included) are left untouched
+    (momentum too).
 
     Args:
         model: the model holding the LoRA layers (``oplora.LoRALinear``, PEFT LoRA on Linear,
@@ -58,32 +69,38 @@ class OPLoRA(LoRAOptimizer):
         other, other_kwargs, strict: see :class:`oplora.optim.base.LoRAOptimizer`.
         seed: seed of the random momentum start (default: drawn from torch's global generator;
             broadcast from rank 0 under torch.distributed).
-        max_grad_norm, skip_nonfinite, process_group, capture: clipping of the implicit gradient,
-            NaN/Inf handling, data-parallel group, what is held between backward and step
-            (rows or the dense gradient): see :class:`oplora.optim.base.LoRAOptimizer`.
+        max_grad_norm, skip_nonfinite, process_group, capture, master_factors: clipping of the
+            implicit gradient, NaN/Inf handling, data-parallel group, what is held between
+            backward and step (rows or the dense gradient), float32 master factors for bf16/fp16
+            factors: see :class:`oplora.optim.base.LoRAOptimizer`.
 
     State per layer (keyed by its B factor): ``step``, ``momentum_U`` (m x k), ``momentum_V``
-    (k x n) in the factors' dtype: params + state = 2x the LoRA parameters (Adam: 3x).
+    (k x n) in the factors' dtype: params + state = 2x the LoRA parameters (Adam: 3x); with
+    ``master_factors`` for bf16/fp16 factors, ``master_B``, ``master_A`` and the momentum in float32.
     """
 
     def __init__(self, model: nn.Module, lr: float = 1e-3, *, momentum: float = 0.9, dampening: float = 0.0,
                  iters: int = 1, prox: float = 1e-2, momentum_rank: Optional[int] = None, start: str = "A",
                  other: OtherSpec = "adamw", other_kwargs: Optional[dict] = None, strict: bool = False,
                  seed: Optional[int] = None, max_grad_norm: Optional[float] = None, skip_nonfinite: bool = False,
-                 process_group=None, capture: str = "auto"):
+                 process_group=None, capture: str = "auto", master_factors: bool = False):
         defaults = _common(lr, iters, prox, momentum_rank, start, seed)
         defaults["momentum"] = check_real(momentum, "momentum", low=0.0, high=1.0, high_open=True)
         defaults["dampening"] = check_real(dampening, "dampening", low=0.0, high=1.0)
         super().__init__(model, defaults, other=other, other_kwargs=other_kwargs, strict=strict,
                          max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite, process_group=process_group,
-                         capture=capture)
+                         capture=capture, master_factors=master_factors)
 
-    def _plan(self, index, site, chunks, folded, state, group, ctx: F.StepContext) -> F.Plan:
+    def _state_spec(self, site: LoRASite, group: dict) -> Dict[str, Optional[Tuple[int, ...]]]:
+        return _momentum_spec(super()._state_spec(site, group), site, group, float(group["momentum"]))
+
+    def _plan(self, index, site, factors, chunks, folded, state, group, ctx: F.StepContext) -> F.Plan:
+        b, a = factors
         return F.plan_oplora(
-            site.b, site.a, chunks, state, folded=folded,
+            b, a, chunks, state, folded=folded,
             lr=float(group["lr"]), momentum=float(group["momentum"]), dampening=float(group["dampening"]),
             iters=int(group["iters"]), prox=float(group["prox"]), start=group["start"],
-            momentum_rank=group["momentum_rank"] or site.b.shape[1], seed=self._site_seed(group, index),
+            momentum_rank=group["momentum_rank"] or b.shape[1], seed=self._site_seed(group, index),
             grad_coeff=ctx.grad_coeff,
         )
 
@@ -101,12 +118,13 @@ class ScaledOPLoRA(LoRAOptimizer):
     ``metric_power = 0`` is exactly OPLoRA with ``momentum = dampening = b1``.
 
     Args:
-        lr: learning rate (>= 0); the metric normalises the gradient, so lr is on Adam's scale.
+        lr: learning rate (>= 0); the metric normalises the gradient, so lr is on Adam's scale,
+            and the other optimizer's lr defaults to it.
         betas: ``(b1, b2)``, each in [0, 1): momentum and statistics EMA.
         damping: > 0, added to the statistics before the power.
         metric_power: p in [0, 1] (1: K-FAC, 1/2: its square root, 0: OPLoRA).
         iters, prox, momentum_rank, start, other, other_kwargs, strict, seed, max_grad_norm,
-            skip_nonfinite, process_group, capture: as in :class:`OPLoRA`.
+            skip_nonfinite, process_group, capture, master_factors: as in :class:`OPLoRA`.
         metric: ``"diag"`` (vectors, the default) or ``"dense"`` (n x n and m x m EMAs, for small
             layers: memory m^2 + n^2 per layer and an eigen-decomposition per step).
         statistics: ``"kfac"`` (X and g, above) or ``"shampoo"`` (``G G^T`` and ``G^T G``, whose
@@ -128,7 +146,7 @@ class ScaledOPLoRA(LoRAOptimizer):
                  init_metric_scale: float = 1.0, momentum_rank: Optional[int] = None, start: str = "A",
                  other: OtherSpec = "adamw", other_kwargs: Optional[dict] = None, strict: bool = False,
                  seed: Optional[int] = None, max_grad_norm: Optional[float] = None, skip_nonfinite: bool = False,
-                 process_group=None, capture: str = "auto"):
+                 process_group=None, capture: str = "auto", master_factors: bool = False):
         defaults = _common(lr, iters, prox, momentum_rank, start, seed)
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"betas must be a pair (b1, b2), got {betas!r}")
@@ -142,7 +160,17 @@ class ScaledOPLoRA(LoRAOptimizer):
         defaults["init_metric_scale"] = check_real(init_metric_scale, "init_metric_scale", low=0.0, low_open=True)
         super().__init__(model, defaults, other=other, other_kwargs=other_kwargs, strict=strict,
                          max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite, process_group=process_group,
-                         capture=capture)
+                         capture=capture, master_factors=master_factors)
+
+    def _other_shares_lr(self, defaults: dict) -> bool:
+        return True  # lr on Adam's scale
+
+    def _state_spec(self, site: LoRASite, group: dict) -> Dict[str, Optional[Tuple[int, ...]]]:
+        spec = _momentum_spec(super()._state_spec(site, group), site, group, float(group["betas"][0]))
+        m, n = site.shape
+        dense = group["metric"] == "dense"
+        spec.update(d_in=(n, n) if dense else (n,), d_out=(m, m) if dense else (m,))
+        return spec
 
     def _distributed_unsupported(self, defaults):
         if defaults["statistics"] == "shampoo":
@@ -155,15 +183,16 @@ class ScaledOPLoRA(LoRAOptimizer):
             return defaults["metric"]  # "diag": column sums of squares; "dense": Grams
         return None  # Shampoo: from G itself
 
-    def _plan(self, index, site, chunks, folded, state, group, ctx: F.StepContext) -> F.Plan:
+    def _plan(self, index, site, factors, chunks, folded, state, group, ctx: F.StepContext) -> F.Plan:
         if not (group["metric"] == "diag" and group["statistics"] == "kfac"):
             chunks, folded = [], self._fold_all(site)  # these statistics are computed from G itself
+        b, a = factors
         return F.plan_scaled_oplora(
-            site.b, site.a, chunks, state, folded=folded,
+            b, a, chunks, state, folded=folded,
             lr=float(group["lr"]), betas=tuple(float(b) for b in group["betas"]), damping=float(group["damping"]),
             metric_power=float(group["metric_power"]), iters=int(group["iters"]), prox=float(group["prox"]),
             start=group["start"], metric=group["metric"], statistics=group["statistics"],
             loss_reduction=group["loss_reduction"], init_metric_scale=float(group["init_metric_scale"]),
-            momentum_rank=group["momentum_rank"] or site.b.shape[1], seed=self._site_seed(group, index),
+            momentum_rank=group["momentum_rank"] or b.shape[1], seed=self._site_seed(group, index),
             grad_coeff=ctx.grad_coeff, rows=ctx.rows.get(index), reduce=ctx.reduce,
         )

@@ -110,8 +110,9 @@ class KfacDiagRule(engine.StatsRule):
         d_in, d_out = (engine.stack_layers([start[k] for start in starts]) for k in (0, 1))
         rows, out_scale = (_per_layer([getattr(rule, name) for rule in rules], sx) for name in ("rows", "out_scale"))
         b2 = first.beta2
-        new_in = d_in * b2 + (1.0 - b2) * (sx.to(first.dtype) / rows)
-        new_out = d_out * b2 + (1.0 - b2) * (sg.to(first.dtype) * out_scale)
+        # Per-layer T and c (float64 b x 1 tensors when they differ) must not promote the EMAs.
+        new_in = (d_in * b2 + (1.0 - b2) * (sx.to(first.dtype) / rows)).to(first.dtype)
+        new_out = (d_out * b2 + (1.0 - b2) * (sg.to(first.dtype) * out_scale)).to(first.dtype)
         for rule, d_in_i, d_out_i in zip(rules, new_in, new_out):
             rule.out["d_in"], rule.out["d_out"] = d_in_i, d_out_i
         if first.power == 0.0:
