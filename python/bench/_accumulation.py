@@ -25,23 +25,16 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-import oplora
 
 from ._common import format_table
-from ._smollm import ATTENTION, loss_of, lora_model, token_batches
+from ._smollm import ATTENTION, OPTIMIZERS, loss_of, lora_model, token_batches
 
 __all__ = ["CONFIGS", "measure", "table", "plot"]
 
 MiB = 2.0**20
 
-#: (label, optimizer builder); the capture mode is part of the label.
-CONFIGS: Dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {
-    "AdamW": lambda m: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4),
-    "OPLoRA auto": lambda m: oplora.OPLoRA(m, lr=1e-3, seed=0, capture="auto"),
-    "OPLoRA rows": lambda m: oplora.OPLoRA(m, lr=1e-3, seed=0, capture="rows"),
-    "ScaledOPLoRA auto": lambda m: oplora.ScaledOPLoRA(m, lr=1e-4, seed=0, capture="auto"),
-    "ScaledOPLoRA rows": lambda m: oplora.ScaledOPLoRA(m, lr=1e-4, seed=0, capture="rows"),
-}
+#: (label, optimizer builder); the capture mode is part of the label (the model suite's too).
+CONFIGS = OPTIMIZERS
 
 
 def _lora_shapes(model: nn.Module) -> List[Tuple[int, int]]:

