@@ -21,6 +21,11 @@ layer's forward pass and at the step, what happened to them since is read back (
   for a warning). A change that keeps all four (a permutation of the entries) passes unseen;
 * nothing changed (:data:`KEEP`).
 
+Under FSDP2 the factors' ``.grad`` are sharded DTensors (FSDP's reduce-scatter writes them):
+each rank marks and reads its own shard of the sharded parameters' gradients (``LoRASite.grad_params``:
+during FSDP's forward and backward the modules hold unsharded copies instead) (a uniform rescale -- ``clip_grad_norm_`` over DTensors --
+scales every shard by the one coefficient); a rank whose shard of both is empty reads nothing.
+
 The fingerprint is taken once per backward pass, after it (and after DistributedDataParallel's
 reduction, which writes the averaged gradients into ``.grad``): a callback queued on the
 autograd engine re-queues itself, so that it runs after every callback queued during the pass
@@ -43,6 +48,7 @@ import torch
 from torch import Tensor
 
 from ._checks import group_by
+from ._dtensor import local
 
 __all__ = ["GradMark", "KEEP", "DISCARD", "CHANGED", "pending", "accumulated", "snapshot", "verdicts",
            "queue_after_backward", "changed_message"]
@@ -82,8 +88,14 @@ class GradMark:
         self.tokens[k], self.versions[k] = token, grad._version
 
 
+def _grad(p: Tensor) -> Optional[Tensor]:
+    """``p.grad``; for FSDP2's sharded factors this rank's shard of it (DTensor: ``oplora._dtensor``),
+    whose version counter the in-place writes through the DTensor bump."""
+    return local(p.grad)
+
+
 def _grads(site) -> Optional[Tuple[Tensor, Tensor]]:
-    a, b = site.A.grad, site.B.grad
+    a, b = (_grad(p) for p in site.grad_params)
     return None if a is None or b is None else (a, b)
 
 
@@ -94,8 +106,8 @@ def pending(site) -> None:
     mark = site.mark if site.mark is not None else GradMark()
     site.mark = mark
     if not mark.dirty:
-        for k, p in enumerate((site.A, site.B)):
-            mark.record(k, p.grad)
+        for k, p in enumerate(site.grad_params):
+            mark.record(k, _grad(p))
         mark.dirty = True
 
 
@@ -103,7 +115,9 @@ def accumulated(site, param: Tensor) -> None:
     """Autograd accumulated into ``param`` (a factor of ``site``): its gradient is recorded as it
     is now, and the site's copy is due (``dirty``) at the end of the backward pass."""
     pending(site)
-    site.mark.record(0 if param is site.A else 1, param.grad)
+    a, b = site.grad_params
+    if param is a or param is b:  # not FSDP2's unsharded copy, whose .grad it reduces into the shards
+        site.mark.record(0 if param is a else 1, _grad(param))
 
 
 def _layout(grads: Sequence[Tensor]) -> tuple:
@@ -121,8 +135,10 @@ def _fingerprints(grads: Sequence[Tuple[Tensor, Tensor]]) -> List[Tensor]:
             v = torch.stack([grads[i][k].detach() for i in index]).reshape(len(index), -1)
             v = v.to(torch.promote_types(v.dtype, torch.float32))
             a = v.abs()
+            # An empty shard (FSDP2, more ranks than rows) has no largest magnitude: 0.
+            top = a.amax(1).double() if v.shape[1] else v.new_zeros(len(index), dtype=torch.float64)
             sides.append(torch.stack([v.sum(1, dtype=torch.float64), a.sum(1, dtype=torch.float64),
-                                      v.square().sum(1, dtype=torch.float64), a.amax(1).double()], 1))
+                                      v.square().sum(1, dtype=torch.float64), top], 1))
         stacked = torch.stack(sides, 1)
         for j, i in enumerate(index):
             out[i] = stacked[j]
@@ -135,6 +151,12 @@ def snapshot(sites: Sequence) -> None:
     marked = []
     for site in sites:
         grads = _grads(site)
+        if grads is None and site.held:
+            # Rows arrived but .grad is None after the pass: FSDP2 without gradient sync
+            # (set_requires_gradient_sync(False)) keeps the gradients in its unsharded parameters
+            # until the synced pass. Marked as None: only a gradient that appears and then goes is read.
+            site.mark = GradMark(dirty=False)
+            continue
         if grads is None or not site.held:
             site.mark = None
             continue
@@ -163,19 +185,22 @@ def verdicts(sites: Sequence, force: bool = False) -> List[Tuple[object, Verdict
         if mark is not None and mark.dirty:
             # A backward pass is bringing rows: what autograd leaves is the reference. A dirty mark
             # that no longer matches belongs to a pass interrupted before its end.
-            if not mark.same((site.A.grad, site.B.grad)):
+            if not mark.same(tuple(_grad(p) for p in site.grad_params)):
                 out.append((site, DISCARD) if _grads(site) is None else (site, KEEP))
                 renew.append(site)
             continue
         grads = _grads(site)
         if grads is None:
-            out.append((site, DISCARD))
+            if not (mark is not None and mark.prints is None and mark.same(tuple(_grad(p) for p in site.grad_params))):
+                out.append((site, DISCARD))
             continue
         if mark is None or mark.prints is None:
             renew.append(site)  # never marked: the gradients as they are now are the reference
             continue
         if mark.same(grads) and not force:
             continue
+        if grads[0].numel() + grads[1].numel() == 0:
+            continue  # this rank holds no entry of them (FSDP2 shards): nothing to read, the rows stay
         if mark.where != _layout(grads):
             renew.append(site)  # moved or cast (module.to): the step's device checks speak for it
             continue

@@ -129,7 +129,8 @@ class LoRASite:
     since the last step, with or without rows; ``reached``: gradients accumulated into ``A`` or
     ``B`` since then; ``second_order``: a backward pass with ``create_graph=True`` ran through the
     branch since the last step (its graph can carry second-order terms to the factors that the
-    rows do not hold: checked at the step). ``closed``: the capture was removed; its hooks,
+    rows do not hold: checked at the step). ``pinned``: the factors as the optimizer was built
+    with, when FSDP2 shards them (:attr:`grad_params`). ``closed``: the capture was removed; its hooks,
     wherever copies of them survive (compiled code), do nothing.
     """
 
@@ -149,6 +150,7 @@ class LoRASite:
     second_order: bool = False
     closed: bool = False
     mark: Optional[object] = field(default=None, repr=False)
+    pinned: Optional[Tuple[Tensor, Tensor]] = field(default=None, repr=False)
     _pending: List[tuple] = field(default_factory=list, repr=False)
 
     @property
@@ -162,6 +164,13 @@ class LoRASite:
         if self.kind == "embedding":
             return self.layer.lora_embedding_B[self.adapter]
         return self.lora_B.weight
+
+    @property
+    def grad_params(self) -> Tuple[Tensor, Tensor]:
+        """``(A, B)`` whose ``.grad`` the training loop acts on (``oplora._lifetime``): ``pinned``
+        when set -- FSDP2's sharded factors, which its forward and backward swap for unsharded
+        copies in the modules -- else the factors the modules hold now."""
+        return self.pinned if self.pinned is not None else (self.A, self.B)
 
     @property
     def shape(self) -> Tuple[int, int]:

@@ -3,7 +3,7 @@ DistributedDataParallel replica on half of every batch, step exactly as one proc
 batch -- momentum, K-FAC statistics (diagonal and dense), gradient accumulation, rows held or
 folded into the dense gradient, the momentum seed drawn differently on each rank -- and agree
 with each other; refusals are raised on every
-rank together; FSDP is refused with the plan."""
+rank together. FSDP2 (sharded factors): tests/test_fsdp.py."""
 
 import contextlib
 import warnings
@@ -164,13 +164,6 @@ def refusals(rank, share):
     opt.step()
     out["skipped"] = opt.skipped_steps
     out["unchanged"] = all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
-    from torch.distributed.fsdp import fully_shard
-    sharded = make_model()
-    fully_shard(sharded)
-    try:
-        oplora.OPLoRA(sharded)
-    except NotImplementedError as err:
-        out["fsdp"] = str(err)
     return out
 
 
@@ -258,11 +251,6 @@ def test_a_step_refused_on_one_rank_is_refused_on_all(ranks):
 def test_a_non_finite_step_on_one_rank_is_skipped_on_all(ranks):
     for rank in ranks:
         assert rank["skipped"] == 1 and rank["unchanged"]
-
-
-def test_fsdp_is_refused_with_the_plan(ranks):
-    for rank in ranks:
-        assert "FSDP" in rank["fsdp"] and "DistributedDataParallel" in rank["fsdp"]
 
 
 def test_an_optimizer_built_before_init_process_group_is_refused(ranks):

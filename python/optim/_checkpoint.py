@@ -17,6 +17,7 @@ and the key, before the optimizer changes:
   its moment buffers (``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``, ``momentum_buffer``) of the
   parameter's shape, finite.
 
+Under FSDP2 the state tensors may be DTensors (shards): each is checked whole, on every rank.
 A checkpoint whose groups or parameter counts differ is left to ``torch.optim.Optimizer``, which
 refuses it the same way (ValueError, nothing loaded).
 """
@@ -28,6 +29,8 @@ from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
+
+from .._dtensor import is_dtensor
 
 __all__ = ["validate", "keep_dtypes"]
 
@@ -52,6 +55,8 @@ def _check_step(owner: str, where: str, value) -> None:
 
 
 def _check_tensor(owner: str, where: str, key: str, value, shape: Tuple[int, ...]) -> None:
+    if is_dtensor(value):  # FSDP2 shards: every rank checks the whole tensor, so all decide alike
+        value = value.full_tensor()
     if not isinstance(value, Tensor) or not value.is_floating_point():
         raise _refuse(owner, where, key, f"expected a floating-point tensor, got {type(value).__name__}"
                       + (f" of {value.dtype}" if isinstance(value, Tensor) else ""))

@@ -49,8 +49,9 @@ class ContextMixin:
                                "every rank starts from the same state")
         if self._capture is not None:
             self._capture.watch()
-            # unscale_ writes .grad without bumping versions: compare the values themselves then.
-            self._capture.sync(force=unscaled)
+            # unscale_ writes .grad without bumping versions, and so may writes through a DTensor
+            # (FSDP2) into its shard: compare the values themselves then.
+            self._capture.sync(force=unscaled or self._sharded)
             self._capture.release_frozen()
         rows = [site.rows for site in self._sites]
         error, bad, world = None, None, 1

@@ -1,6 +1,6 @@
 """What an optimizer refuses, and why: the checks that keep a step from silently mis-training.
 
-At construction: a model that is not a module, sharded (FSDP) parameters, LoRA layers that cannot
+At construction: a model that is not a module, FSDP1 (``FullyShardedDataParallel``) modules, LoRA layers that cannot
 be captured (warned, or refused with ``strict=True``), a model with none, or with only such
 layers, a bad ``max_grad_norm``. At every step, before anything moves: a structural change of the
 model since construction (layers added or removed, factors replaced, one factor of an adapter
@@ -24,18 +24,18 @@ from torch import Tensor, nn
 
 from .. import _rows
 from .._checks import check_real, first_nonfinite
+from .._dtensor import local
 from ..reference import compute_dtype
 from ..sites import LoRASite, find_lora_sites
 
-__all__ = ["check_max_norm", "refuse_sharded", "lora_sites", "check_model", "check_captured", "check_second_order",
+__all__ = ["check_max_norm", "refuse_fsdp1", "lora_sites", "check_model", "check_captured", "check_second_order",
            "find_nonfinite"]
 
-_SHARDED_PLAN = (
-    "oplora optimizers need every rank to hold whole LoRA factors (B m x r, A r x n), as under "
-    "DistributedDataParallel, which is supported (the thin products are reduced, never X, D or "
-    "m x n). Planned for FSDP: keep the LoRA modules replicated (FSDP ignored_modules / not "
-    "passed to fully_shard) and shard only the frozen base weights, with the thin products reduced "
-    "as under DDP. Until then wrap the model with DistributedDataParallel")
+_FSDP1 = (
+    "FSDP1 flattens a module's parameters into one FlatParameter, so the LoRA factors do not exist as "
+    "tensors the optimizer can read or write. Use FSDP2 instead: torch.distributed.fsdp.fully_shard on each "
+    "block and on the root (the factors become sharded DTensors, which the oplora optimizers gather at the "
+    "step), or DistributedDataParallel")
 
 
 def check_max_norm(value) -> Optional[float]:
@@ -47,32 +47,26 @@ def check_max_norm(value) -> Optional[float]:
     return check_real(value, "max_grad_norm", low=0.0, low_open=True)
 
 
-def _sharded(model: nn.Module) -> Optional[str]:
-    """The first FSDP-wrapped module or DTensor parameter of ``model`` (its description), or None.
+def _fsdp1(model: nn.Module) -> Optional[str]:
+    """The first FSDP1 (``FullyShardedDataParallel``) module of ``model`` (its description), or None.
 
-    Only the types of modules already imported are looked up: a model cannot hold FSDP or DTensor
-    objects unless their modules were imported, so nothing is imported here.
-    """
-    fsdp = sys.modules.get("torch.distributed.fsdp")
-    types = tuple(cls for cls in (getattr(fsdp, name, None) for name in ("FullyShardedDataParallel", "FSDPModule"))
-                  if isinstance(cls, type))
-    if types:
+    Only the types of modules already imported are looked up: a model cannot hold FSDP objects
+    unless their module was imported, so nothing is imported here."""
+    cls = getattr(sys.modules.get("torch.distributed.fsdp"), "FullyShardedDataParallel", None)
+    if isinstance(cls, type):
         for name, module in model.named_modules():
-            if isinstance(module, types):
-                return f"module {name or '<the model>'!r} is {type(module).__name__} (FSDP)"
-    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
-    if isinstance(dtensor, type):
-        for name, p in model.named_parameters():
-            if isinstance(p, dtensor):
-                return f"parameter {name!r} is a DTensor (FSDP2 fully_shard or tensor parallel)"
+            if isinstance(module, cls):
+                return f"module {name or '<the model>'!r} is FullyShardedDataParallel (FSDP1)"
     return None
 
 
-def refuse_sharded(owner: str, model: nn.Module) -> None:
-    """``NotImplementedError`` with the plan when ``model`` holds FSDP modules or DTensors."""
-    sharded = _sharded(model)
-    if sharded is not None:
-        raise NotImplementedError(f"{owner}: {sharded}; {_SHARDED_PLAN}")
+def refuse_fsdp1(owner: str, model: nn.Module) -> None:
+    """``NotImplementedError`` naming the module and the alternative (FSDP2 ``fully_shard``, DDP)
+    when ``model`` holds FSDP1 modules. FSDP2's sharded factors (DTensors) are supported
+    (``oplora.optim._fsdp``); their placements are checked per layer there."""
+    found = _fsdp1(model)
+    if found is not None:
+        raise NotImplementedError(f"{owner}: {found}; {_FSDP1}")
 
 
 def lora_sites(owner: str, model: nn.Module, *, strict: bool, other_name: str
@@ -278,5 +272,6 @@ def find_nonfinite(owner: str, sites: Sequence[LoRASite], captured: bool, state:
     named += [(f"the gradient of parameter {name!r}", grad) for name, grad in others]
     if not named:
         return None
-    bad = first_nonfinite([t for _, t in named])
+    # DTensor gradients (FSDP2): this rank's shard; the ranks agree on the verdict (``_distributed.agree``).
+    bad = first_nonfinite([local(t) for _, t in named])
     return None if bad is None else named[bad][0]

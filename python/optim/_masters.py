@@ -32,32 +32,33 @@ def wanted(site) -> bool:
     return site.B.dtype in LOW or site.A.dtype in LOW
 
 
-def _fresh(site) -> Tuple[Tensor, Tensor]:
-    return site.b.detach().float(), site.a.detach().float()
+def _fresh(b: Tensor, a: Tensor) -> Tuple[Tensor, Tensor]:
+    return b.detach().float(), a.detach().float()
 
 
-def factors(sites: Sequence, state: Dict, indices: Sequence[int]) -> Dict[int, Tuple[Tensor, Tensor]]:
+def factors(sites: Sequence, views: Dict[int, Tuple[Tensor, Tensor, Dict]],
+            indices: Sequence[int]) -> Dict[int, Tuple[Tensor, Tensor]]:
     """The float32 ``(B, A)`` (matrices) to step from, for each of ``indices`` whose site
     :func:`wanted` them: the state's masters when the factors are still their rounding, else new
-    float32 copies of the factors (nothing is written; one host synchronisation for all)."""
+    float32 copies of the factors (nothing is written; one host synchronisation for all).
+    ``views[i]``: the layer's factors as matrices and its state, as the step reads them (whole
+    tensors, gathered under FSDP2: ``oplora.optim._fsdp``)."""
     out: Dict[int, Tuple[Tensor, Tensor]] = {}
     checks: List[Tuple[int, Tensor]] = []
     for i in indices:
-        site = sites[i]
-        if not wanted(site):
+        if not wanted(sites[i]):
             continue
-        entry = state.get(site.B, {})
+        b, a, entry = views[i]
         mb, ma = entry.get("master_B"), entry.get("master_A")
-        b, a = site.b, site.a
         if (isinstance(mb, Tensor) and isinstance(ma, Tensor) and mb.shape == b.shape and ma.shape == a.shape
                 and mb.device == b.device and ma.device == a.device):
             out[i] = (mb, ma)
             checks.append((i, (mb.to(b.dtype) != b).any() | (ma.to(a.dtype) != a).any()))
         else:
-            out[i] = _fresh(site)
+            out[i] = _fresh(b, a)
     for index in group_by(range(len(checks)), lambda k: checks[k][1].device).values():
         changed = torch.stack([checks[k][1] for k in index]).tolist()
         for k, stale in zip(index, changed):
             if stale:
-                out[checks[k][0]] = _fresh(sites[checks[k][0]])
+                out[checks[k][0]] = _fresh(*views[checks[k][0]][:2])
     return out

@@ -42,7 +42,7 @@ from .._checks import check_choice
 from ..capture import CAPTURE_MODES, Capture
 from ..reference import compute_dtype
 from ..sites import Folded, LoRASite
-from . import _checkpoint, _distributed, _guards, _inner, _masters, engine
+from . import _checkpoint, _distributed, _fsdp, _guards, _inner, _masters, engine
 from . import functional as F
 from ._context import ContextMixin
 from ._inner import OtherSpec
@@ -125,9 +125,14 @@ class LoRAOptimizer(ContextMixin, torch.optim.Optimizer):
             defaults["master_factors"] = master_factors
         check_choice(capture, "capture", CAPTURE_MODES)
         group = _distributed.resolve_group(process_group)
-        _guards.refuse_sharded(name, model)
+        _guards.refuse_fsdp1(name, model)
         sites, unsupported = _guards.lora_sites(name, model, strict=strict,
                                                 other_name=_inner.resolve(other, "other").__name__)
+        #: per site, the layout of its FSDP2-sharded factors (None: whole tensors on every rank).
+        self._layouts: List[Optional[_fsdp.Layout]] = [_fsdp.site_layout(name, site) for site in sites]
+        for site, lay in zip(sites, self._layouts):
+            if lay is not None:
+                site.pinned = (site.A, site.B)
         if group is not None:
             reason = self._distributed_unsupported(defaults)
             if reason is not None:
@@ -160,6 +165,11 @@ class LoRAOptimizer(ContextMixin, torch.optim.Optimizer):
         self._capture = (Capture(sites, owner=self, mode=capture, stats=self._fold_stats(defaults))
                          if self.uses_capture else None)
         self._built = True
+
+    @property
+    def _sharded(self) -> bool:
+        """Whether any LoRA layer's factors are FSDP2-sharded DTensors (``oplora.optim._fsdp``)."""
+        return any(lay is not None for lay in self._layouts)
 
     def _distributed_unsupported(self, defaults: dict) -> Optional[str]:
         """Why this optimizer cannot run with these hyper-parameters on several ranks, or None."""
@@ -246,6 +256,8 @@ class LoRAOptimizer(ContextMixin, torch.optim.Optimizer):
 
         Unlike the base class, the LoRA layers' state keeps the dtype it was saved with (the
         K-FAC statistics stay float32 for bf16 factors); tensors move to the factor's device.
+        FSDP2: the state of a sharded layer may be its shards (DTensors, any layout) or whole
+        tensors (a full state dict); each rank keeps its rows (``oplora.optim._fsdp``).
         """
         _checkpoint.validate(self, state_dict)
         super().load_state_dict(state_dict)
@@ -253,6 +265,9 @@ class LoRAOptimizer(ContextMixin, torch.optim.Optimizer):
             inner.param_groups = [g for g in self.param_groups if g["kind"] == kind]
             inner.state = self.state
         _checkpoint.keep_dtypes(self, state_dict)
+        for site, lay in zip(self._sites, self._layouts):
+            if lay is not None and self.state.get(site.B):
+                _fsdp.adopt(self.state[site.B], lay)
 
     #: ``torch.amp.GradScaler.step(opt)`` hands this optimizer the loss scale (``grad_scale``) and
     #: ``found_inf`` instead of unscaling ``.grad`` itself: the captured sD is scaled too, and only
@@ -321,19 +336,20 @@ class LoRAOptimizer(ContextMixin, torch.optim.Optimizer):
         where it was not reached), so that every rank takes part in the same reductions."""
         group, pending = self.lora_group, []
         held = [index for index, site in enumerate(self._sites) if site.held or ctx.rows.get(index, 0) > 0]
-        masters = _masters.factors(self._sites, self.state, held) if group.get("master_factors") else {}
+        views = self._views(held)
+        masters = _masters.factors(self._sites, views, held) if group.get("master_factors") else {}
         try:
             for index in held:
                 site = self._sites[index]
+                b, a, state = views[index]
                 chunks = [(x, g) for x, g, _ in site.chunks]
                 if not chunks and site.folded is None:  # reached on another rank only
                     m, n = site.shape
-                    chunks = [(site.A.new_zeros(0, n), site.B.new_zeros(0, m))]
-                state = self.state.get(site.B, {})
+                    chunks = [(a.new_zeros(0, n), b.new_zeros(0, m))]
                 # The rows' gradient was rescaled since (clip_grad_norm_, unscale_: oplora._lifetime).
                 site_ctx = ctx if site.coeff == 1.0 else dataclasses.replace(
                     ctx, grad_coeff=ctx.grad_coeff * site.coeff)
-                factors = masters.get(index, (site.b, site.a))
+                factors = masters.get(index, (b, a))
                 pending.append((index, self._plan(index, site, factors, chunks, site.folded, state, group, site_ctx)))
             updates = F.run_plans([plan for _, plan in pending], ctx.reduce)
         except (FloatingPointError, torch.linalg.LinAlgError) as err:
@@ -345,14 +361,70 @@ class LoRAOptimizer(ContextMixin, torch.optim.Optimizer):
             if bad is None:
                 raise
             return self._nonfinite(f"{bad} holds NaN or Inf")
-        targets = []
+        targets, sharded = [], []
         for (index, _), update in zip(pending, updates):
             site = self._sites[index]
             if index in masters:  # the float32 result is the new master; the factors get its rounding
                 update.state["master_B"], update.state["master_A"] = update.b, update.a
-            targets.append((update, site.b, site.a, self.state[site.B]))
+            state = self.state[site.B]
+            if self._layouts[index] is None:
+                targets.append((update, site.b, site.a, state))
+            else:  # this rank's rows of the whole update into its shards
+                sharded.append((update, site, state, self._layouts[index]))
         F.commit(targets)
+        _fsdp.commit(sharded)
+        self._start_sharded_state()
         return True
+
+    def _views(self, indices: List[int]) -> Dict[int, Tuple[torch.Tensor, torch.Tensor, Dict]]:
+        """Per layer of ``indices``: its factors as matrices and its state, as the step reads them.
+        Sharded layers (FSDP2): whole tensors, gathered together (``_fsdp.gather``: one all-gather
+        per process group and dtype); the others: the factors themselves and the state dict."""
+        views: Dict[int, Tuple[torch.Tensor, torch.Tensor, Dict]] = {}
+        wanted, layouts, where = [], [], []
+        for index in indices:
+            site, lay = self._sites[index], self._layouts[index]
+            state = self.state.get(site.B, {})
+            if lay is None:
+                views[index] = (site.b, site.a, state)
+                continue
+            names = [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.dim() > 0]
+            wanted += [site.B, site.A] + [state[k] for k in names]
+            layouts += [lay] * (2 + len(names))
+            where.append((index, names))
+        whole = iter(_fsdp.gather(wanted, layouts))
+        for index, names in where:
+            site = self._sites[index]
+            b, a = next(whole), next(whole)
+            state = dict(self.state.get(site.B, {}))
+            state.update((k, next(whole)) for k in names)
+            views[index] = (b.view(b.shape[0], -1), a.view(a.shape[0], -1), state)
+        return views
+
+    def _start_sharded_state(self) -> None:
+        """FSDP2: every sharded layer without a state gets its start state (``_initial_state``, the
+        values its first step would start from), as this rank's shards, so that the template that
+        ``torch.distributed.checkpoint.state_dict`` builds from a fresh optimizer (one step with
+        zero gradients and lr 0) holds every entry a checkpoint may hold. The ``A`` factor gets an
+        empty entry: a layer's state is keyed by ``B``, and ``set_state_dict`` (strict) wants an
+        entry for every trainable parameter."""
+        group = self.lora_group
+        for index, (site, lay) in enumerate(zip(self._sites, self._layouts)):
+            if lay is not None and not self.state.get(site.B):
+                start = self._initial_state(index, site, group)
+                self.state[site.B] = {k: _fsdp.shard_state(v, lay) for k, v in start.items()}
+            if lay is not None:
+                self.state.setdefault(site.A, {})
+
+    def _initial_state(self, index: int, site: LoRASite, group: dict) -> Dict[str, object]:
+        """A layer's state before its first step, with the entries of :meth:`_state_spec` (whole
+        tensors, or DTensors already sharded like the factors): ``step`` 0 and, with master
+        factors, the factors in float32; subclasses add theirs (momentum start, statistics)."""
+        start: Dict[str, object] = {"step": 0}
+        if group.get("master_factors") and _masters.wanted(site):
+            start.update(master_B=site.B.detach().to(torch.float32, copy=True),
+                         master_A=site.A.detach().to(torch.float32, copy=True))
+        return start
 
     def _fold_all(self, site: LoRASite) -> Folded:
         """Every row of ``site`` folded into its dense gradient, for the updates that need G itself

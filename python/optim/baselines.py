@@ -7,7 +7,8 @@ from typing import Dict, Optional, Tuple
 from torch import nn
 
 from .._checks import check_choice, check_real
-from . import _inner
+from .._dtensor import local
+from . import _fsdp, _inner
 from . import functional as F
 from ._inner import OtherSpec
 from .base import LoRAOptimizer
@@ -72,7 +73,12 @@ class RiemannianLoRA(LoRAOptimizer):
     ``max_grad_norm`` clips as ``torch.nn.utils.clip_grad_norm_`` over every ``.grad`` (the factor
     gradients included: they are what this optimizer steps from), before the preconditioning.
     Under DDP the factor gradients are already averaged, so it needs no reduction of its own
-    (clipping included). An adapter frozen at a step is not stepped, whatever its ``.grad`` holds.
+    (clipping included). Under FSDP2 (sharded factors) the factors and gradients are gathered for
+    the r x r solves and each rank writes its rows of the result into its gradient shards; the
+    base optimizer then steps the shards (its state sharded as for any FSDP2 parameter); clip
+    there with ``torch.nn.utils.clip_grad_norm_`` (``max_grad_norm`` is refused: the norm of
+    sharded gradients needs a reduction this optimizer does not make).
+    An adapter frozen at a step is not stepped, whatever its ``.grad`` holds.
     The other optimizer's lr defaults to ``lr`` with ``base="adamw"`` (Adam's scale) and to its
     own default with ``base="sgd"``.
     """
@@ -97,6 +103,13 @@ class RiemannianLoRA(LoRAOptimizer):
     def _other_shares_lr(self, defaults: dict) -> bool:
         return defaults["base"] == "adamw"
 
+    def _distributed_unsupported(self, defaults: dict) -> Optional[str]:
+        if self._sharded and defaults.get("max_grad_norm") is not None:
+            return ("max_grad_norm with FSDP2-sharded factors: the norm of sharded gradients needs a reduction "
+                    "this optimizer does not make; clip with torch.nn.utils.clip_grad_norm_(model.parameters(), "
+                    "max_norm) before step(), which reduces the norm of DTensor gradients over the mesh")
+        return super()._distributed_unsupported(defaults)
+
     def _step_lora(self, ctx: F.StepContext) -> bool:
         """Precondition every trainable layer's factor gradients, then step the base optimizer,
         the frozen layers' gradients hidden from it (``ctx`` is not needed: autograd's gradients
@@ -104,15 +117,30 @@ class RiemannianLoRA(LoRAOptimizer):
         damping = float(self.lora_group["damping"])
         hidden = [(p, p.grad) for site in self._sites if not site.trainable for p in (site.A, site.B)
                   if p.grad is not None]
-        for site in self._sites:
-            a, b = site.A, site.B
-            if a.grad is None or b.grad is None or not site.trainable:
-                continue
+        stepped = [i for i, site in enumerate(self._sites)
+                   if site.A.grad is not None and site.B.grad is not None and site.trainable]
+        # FSDP2: the factors and their gradients gathered whole (one all-gather), each rank's rows
+        # of the preconditioned gradients written back into its gradient shards.
+        tensors, layouts = [], []
+        for i in stepped:
+            site = self._sites[i]
+            tensors += [site.B, site.A, site.B.grad, site.A.grad]
+            layouts += [self._layouts[i]] * 4
+        whole = iter(_fsdp.gather(tensors, layouts))
+        for i in stepped:
+            site, lay = self._sites[i], self._layouts[i]
+            b, a, grad_b, grad_a = (next(whole) for _ in range(4))
             # Conv factors as matrices (the flattened kernel): the gradients reshaped alike.
-            mat_b, mat_a = site.b, site.a
-            grad_b, grad_a = F.riemannian_precondition(mat_b, mat_a, b.grad.reshape(mat_b.shape),
-                                                       a.grad.reshape(mat_a.shape), damping)
-            b.grad, a.grad = grad_b.view(b.shape), grad_a.view(a.shape)
+            mat_b, mat_a = b.reshape(b.shape[0], -1), a.reshape(a.shape[0], -1)
+            grad_b, grad_a = F.riemannian_precondition(mat_b, mat_a, grad_b.reshape(mat_b.shape),
+                                                       grad_a.reshape(mat_a.shape), damping)
+            if lay is None:
+                site.B.grad, site.A.grad = grad_b.view(site.B.shape), grad_a.view(site.A.shape)
+                continue
+            for p, new in ((site.B, grad_b), (site.A, grad_a)):
+                lo, hi = lay.rows(new.shape[0])
+                mine = local(p.grad)
+                mine.copy_(new[lo:hi].view(mine.shape))
         for p, _ in hidden:
             p.grad = None
         try:

@@ -10,6 +10,8 @@ from torch import nn
 from .._checks import check_choice, check_int, check_real
 from . import functional as F
 from ._inner import OtherSpec
+from .statistics import statistics_start
+from ..reference import compute_dtype
 from .base import LoRAOptimizer
 from ..sites import LoRASite
 
@@ -35,6 +37,18 @@ def _momentum_spec(spec: dict, site: LoRASite, group: dict, momentum: float) -> 
         (m, n), k = site.shape, group["momentum_rank"] or site.b.shape[1]
         spec.update(momentum_U=(m, k), momentum_V=(k, n))
     return spec
+
+
+def _momentum_start(start: dict, site: LoRASite, group: dict, momentum: float, seed: int) -> dict:
+    """``start`` (a layer's state before its first step) with the momentum's start
+    (:func:`oplora.optim.functional.init_momentum`) in the dtype of what is stepped (the float32
+    masters, else the factors), when the step keeps one (``momentum != 0``)."""
+    if momentum != 0.0:
+        (m, n), k = site.shape, group["momentum_rank"] or site.b.shape[1]
+        dtype = torch.float32 if "master_B" in start else site.B.dtype
+        b, a = (torch.empty(shape, dtype=dtype, device=site.B.device) for shape in ((m, 0), (0, n)))
+        start["momentum_U"], start["momentum_V"] = F.init_momentum(b, a, k, seed)
+    return start
 
 
 class OPLoRA(LoRAOptimizer):
@@ -93,6 +107,10 @@ class OPLoRA(LoRAOptimizer):
 
     def _state_spec(self, site: LoRASite, group: dict) -> Dict[str, Optional[Tuple[int, ...]]]:
         return _momentum_spec(super()._state_spec(site, group), site, group, float(group["momentum"]))
+
+    def _initial_state(self, index: int, site: LoRASite, group: dict) -> dict:
+        return _momentum_start(super()._initial_state(index, site, group), site, group, float(group["momentum"]),
+                               self._site_seed(group, index))
 
     def _plan(self, index, site, factors, chunks, folded, state, group, ctx: F.StepContext) -> F.Plan:
         b, a = factors
@@ -171,6 +189,14 @@ class ScaledOPLoRA(LoRAOptimizer):
         dense = group["metric"] == "dense"
         spec.update(d_in=(n, n) if dense else (n,), d_out=(m, m) if dense else (m,))
         return spec
+
+    def _initial_state(self, index: int, site: LoRASite, group: dict) -> dict:
+        start = _momentum_start(super()._initial_state(index, site, group), site, group, float(group["betas"][0]),
+                                self._site_seed(group, index))
+        (m, n), dtype = site.shape, compute_dtype(site.B)
+        start["d_in"], start["d_out"] = statistics_start(group["metric"], float(group["init_metric_scale"]), n, m,
+                                                         site.B.device, dtype)
+        return start
 
     def _distributed_unsupported(self, defaults):
         if defaults["statistics"] == "shampoo":

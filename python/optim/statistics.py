@@ -21,7 +21,8 @@ from .. import _rows
 from ..sites import Folded
 from . import engine
 
-__all__ = ["StatsSpec", "KfacDiagRule", "update_statistics", "metric_from_statistics", "grad_blocks"]
+__all__ = ["StatsSpec", "KfacDiagRule", "update_statistics", "metric_from_statistics", "grad_blocks",
+           "statistics_start"]
 
 Chunks = Sequence[Tuple[Tensor, Tensor]]
 
@@ -43,14 +44,21 @@ def grad_blocks(chunks: Chunks, dtype: torch.dtype, block: int = 256, n: Optiona
         yield lo, out
 
 
-def _statistics_start(state: Dict, *, metric: str, init_scale: float, n: int, m: int, device: torch.device,
-                      dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
-    if "d_in" in state:
-        return state["d_in"], state["d_out"]
+def statistics_start(metric: str, init_scale: float, n: int, m: int, device: torch.device,
+                     dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+    """``(d_in, d_out)`` before the first step: ``init_scale`` times ones (``metric="diag"``, n and
+    m) or times the identity (``"dense"``, n x n and m x m)."""
     if metric == "diag":
         return (torch.full((n,), init_scale, dtype=dtype, device=device),
                 torch.full((m,), init_scale, dtype=dtype, device=device))
     return init_scale * torch.eye(n, dtype=dtype, device=device), init_scale * torch.eye(m, dtype=dtype, device=device)
+
+
+def _statistics_start(state: Dict, *, metric: str, init_scale: float, n: int, m: int, device: torch.device,
+                      dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+    if "d_in" in state:
+        return state["d_in"], state["d_out"]
+    return statistics_start(metric, init_scale, n, m, device, dtype)
 
 
 def _out_scale(rows: int, loss_reduction: str, grad_coeff: float) -> float:
