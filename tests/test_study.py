@@ -1,0 +1,168 @@
+"""``examples/_study.py``, the machinery of the fine-tuning studies: the queue (grid order, edge
+extension, seeds), the shared CSV, claims, and a run killed mid-way resuming to the same rows as
+an uninterrupted one. On a tiny PEFT model, so it runs in seconds."""
+
+import math
+import os
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "examples"))
+
+peft = pytest.importorskip("peft")
+pytest.importorskip("transformers")
+
+import _study  # noqa: E402
+
+
+class Tiny(_study.Task):
+    name = "tiny"
+    title = "tiny regression"
+    metrics = ("test_loss",)
+    select = "test_loss"
+    steps, warmup, eval_every = 6, 1, 2
+
+    def __init__(self, stop_at=None):
+        self.stop_at = stop_at
+        self.calls = 0
+
+    def setup(self):
+        g = torch.Generator().manual_seed(0)
+        self.w = torch.randn(8, 4, generator=g, dtype=torch.float64)
+        self.x = torch.randn(64, 8, generator=g, dtype=torch.float64)
+
+    def model(self, seed):
+        torch.manual_seed(seed)
+        base = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4)).double()
+        base.requires_grad_(False)
+        return peft.get_peft_model(base, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["0", "2"],
+                                                         init_lora_weights="gaussian"))
+
+    def batch(self, seed, step):
+        g = torch.Generator().manual_seed(1000 * seed + step)
+        x = torch.randn(16, 8, generator=g, dtype=torch.float64)
+        return x, torch.tanh(x @ self.w)
+
+    def loss(self, model, batch):
+        self.calls += 1
+        if self.stop_at is not None and self.calls > self.stop_at:
+            raise KeyboardInterrupt("killed")
+        x, y = batch
+        return ((model(x) - y) ** 2).mean()
+
+    def evaluate(self, model):
+        return {"test_loss": float(((model(self.x) - torch.tanh(self.x @ self.w)) ** 2).mean())}
+
+
+def _rows(key, task, folder, stop_at=None):
+    task.setup()
+    results = _study.Results(os.path.join(folder, "tiny.csv"), task.metrics)
+    runs = os.path.join(folder, "runs")
+    os.makedirs(runs, exist_ok=True)
+    task.stop_at = stop_at
+    try:
+        _study.train(task, key, results, runs, lambda msg: None)
+    except KeyboardInterrupt:
+        pass
+    return results
+
+
+@pytest.mark.parametrize("name", ["AdamW", "OPLoRA", "ScaledOPLoRA", "LoRA+"])
+def test_a_killed_run_resumes_to_the_rows_of_an_uninterrupted_one(tmp_path, name):
+    key = _study.RunKey(name, 1e-2, 0)
+    whole = _rows(key, Tiny(), str(tmp_path / "whole")).rows()
+    assert [int(r["step"]) for r in whole] == [0, 2, 4, 6]
+    # Killed in step 4 (after the checkpoint of step 2 and the row of step 2), then run again.
+    cut = _rows(key, Tiny(), str(tmp_path / "cut"), stop_at=3)
+    assert [int(r["step"]) for r in cut.rows()] == [0, 2]
+    assert os.path.exists(tmp_path / "cut" / "runs" / (key.tag + ".pt"))
+    again = _rows(key, Tiny(), str(tmp_path / "cut")).rows()
+    assert [int(r["step"]) for r in again] == [0, 2, 4, 6]
+    for a, b in zip(whole, again):
+        assert a["train_loss"] == b["train_loss"] and a["test_loss"] == b["test_loss"], (name, a, b)
+    assert float(whole[-1]["test_loss"]) < float(whole[0]["test_loss"])
+    assert not os.path.exists(tmp_path / "cut" / "runs" / (key.tag + ".pt"))  # removed when the run is over
+
+
+def test_rows_past_the_checkpoint_are_dropped_on_resume(tmp_path):
+    results = _study.Results(str(tmp_path / "r.csv"), ("m",))
+    key, other = _study.RunKey("AdamW", 1e-3, 0), _study.RunKey("AdamW", 3e-3, 0)
+    for step in (0, 2, 4):
+        results.append({"optimizer": "AdamW", "lr": 1e-3, "seed": 0, "step": step, "m": step})
+        results.append({"optimizer": "AdamW", "lr": 3e-3, "seed": 0, "step": step, "m": step})
+    results.truncate(key, 2)
+    runs = _study.runs_of(results.rows())
+    assert [r["step"] for r in runs[key]] == ["0", "2"] and [r["step"] for r in runs[other]] == ["0", "2", "4"]
+
+
+def _done(task, name, lr, seed, value, diverged=False):
+    rows = [{"optimizer": name, "lr": str(lr), "seed": str(seed), "step": "0", "wall_s": "0", "test_loss": "9", "train_loss": "",
+             "status": ""},
+            {"optimizer": name, "lr": str(lr), "seed": str(seed), "step": str(task.steps), "wall_s": "6", "test_loss": str(value),
+             "train_loss": "1", "status": "diverged" if diverged else ""}]
+    return {_study.RunKey(name, lr, seed): rows}
+
+
+def test_queue_order_extension_and_seeds():
+    task = Tiny()
+    grid = {"AdamW": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2), "OPLoRA": (1e-3, 3e-3, 1e-2)}
+    todo, blocked = _study.pending(task, grid, 2, {})
+    # Middle lrs of every optimizer first, then their neighbours, then the edges.
+    assert todo[:2] == [_study.RunKey("AdamW", 1e-3, 0), _study.RunKey("OPLoRA", 3e-3, 0)]
+    assert [k.lr for k in todo if k.optimizer == "AdamW"] == [1e-3, 3e-4, 3e-3, 1e-4, 1e-2]
+    assert blocked and len(todo) == 8
+    done = {}
+    for lr, value in zip(grid["AdamW"], (5.0, 4.0, 3.0, 3.5, math.nan)):
+        done.update(_done(task, "AdamW", lr, 0, value, diverged=math.isnan(value)))
+    for lr, value in zip(grid["OPLoRA"], (5.0, 4.0, 3.0)):  # best on the upper edge
+        done.update(_done(task, "OPLoRA", lr, 0, value))
+    todo, blocked = _study.pending(task, grid, 2, done)
+    assert todo == [_study.RunKey("AdamW", 1e-3, 1), _study.RunKey("OPLoRA", 3e-2, 0)] and blocked
+    done.update(_done(task, "OPLoRA", 3e-2, 0, 3.5))  # the extension is worse: 1e-2 is inside now
+    done.update(_done(task, "AdamW", 1e-3, 1, 3.1))
+    todo, blocked = _study.pending(task, grid, 2, done)
+    assert todo == [_study.RunKey("OPLoRA", 1e-2, 1)] and not blocked
+    done.update(_done(task, "OPLoRA", 1e-2, 1, 3.2))
+    assert _study.pending(task, grid, 2, done) == ([], False)
+    sums = {s.optimizer: s for s in _study.summarize(task, grid, 2, [r for rows in done.values() for r in rows])}
+    assert sums["AdamW"].best == 1e-3 and sorted(sums["AdamW"].finals) == [3.0, 3.1] and sums["AdamW"].complete
+    assert sums["AdamW"].grid[1e-2] == math.inf  # diverged counts as the worst
+    assert sums["OPLoRA"].best == 1e-2 and 3e-2 in sums["OPLoRA"].grid
+
+
+def test_extension_stops_after_the_limit_and_higher_is_better():
+    task = Tiny()
+    task.higher_is_better, task.extend = True, 1
+    grid = {"AdamW": (1e-3, 3e-3, 1e-2)}
+    done = {}
+    for lr, value in zip(grid["AdamW"] + (3e-2,), (0.5, 0.6, 0.7, 0.8)):  # always better upwards
+        done.update(_done(task, "AdamW", lr, 0, value))
+    todo, blocked = _study.pending(task, grid, 2, done)
+    assert todo == [_study.RunKey("AdamW", 3e-2, 1)] and not blocked  # no second extension
+
+
+def test_claims_exclude_live_workers_and_take_over_dead_ones(tmp_path):
+    key = _study.RunKey("OPLoRA[start=B]", 1e-3, 0)
+    assert "[" not in key.tag and "]" not in key.tag
+    assert _study.claim(str(tmp_path), key)
+    assert not _study.claim(str(tmp_path), key)  # this (live) process holds it
+    with open(tmp_path / (key.tag + ".claim"), "w") as f:
+        f.write("999999999")  # a pid that does not exist
+    assert _study.claim(str(tmp_path), key)
+
+
+def test_optimizer_names_with_arguments():
+    assert _study.split_name("OPLoRA[start=B,iters=2,prox=0.001]") == ("OPLoRA", {"start": "B", "iters": 2,
+                                                                                 "prox": 0.001})
+    assert _study.split_name("LoRA+") == ("LoRA+", {})
+    with pytest.raises(SystemExit, match="unknown optimizer"):
+        _study.split_name("Adam")
+    assert _study.half_decades(1e-4, 5) == (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
+    model = Tiny().model(0)
+    opt = _study.build_optimizer("OPLoRA[start=B,iters=2]", model, 1e-2, 0)
+    assert opt.param_groups[0]["start"] == "B" and opt.param_groups[0]["iters"] == 2
+    opt.close()
