@@ -271,3 +271,27 @@ def test_fsdp1_is_refused_naming_fully_shard():
     model.add_module("fsdp1", wrapper)
     with pytest.raises(NotImplementedError, match="FSDP1.*fully_shard"):
         oplora.OPLoRA(model)
+
+
+@pytest.mark.parametrize("name, kwargs", [("oplora", dict(momentum=0.9)), ("scaled", {}),
+                                          ("oplora", dict(momentum=0.0, iters=2)), ("oplora", dict(iters=0))])
+def test_network_bytes_is_what_the_reduce_hook_receives(name, kwargs):
+    """The README's bytes per step (``_distributed.network_bytes``) against the buffers the step
+    engine hands its reduce hook on a model of two LoRA layers."""
+    import dataclasses
+
+    from oplora.optim import _distributed
+    from test_optim_safety import batch, loss_fn, make_model
+
+    model = make_model()
+    make = oplora.OPLoRA if name == "oplora" else oplora.ScaledOPLoRA
+    opt = make(model, lr=0.01, **kwargs)
+    loss_fn(model, *batch()).backward()
+    seen = []
+    with torch.no_grad():
+        ctx = dataclasses.replace(opt._context(), reduce=lambda ts: seen.append(sum(t.nbytes for t in ts)))
+        opt._step_lora(ctx)
+    shapes = [site.shape for site in opt._sites]
+    want = _distributed.network_bytes(shapes, 3, optimizer=name, iters=kwargs.get("iters", 1),
+                                      momentum=kwargs.get("momentum", 0.9) != 0.0, fsdp=False)
+    assert sum(seen) == want["all_reduce"] - 8 * (2 + len(shapes))  # the header is reduced before the step

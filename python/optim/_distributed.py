@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .._checks import group_by
 
-__all__ = ["resolve_group", "all_reduce_sum", "broadcast_seed", "agree"]
+__all__ = ["resolve_group", "all_reduce_sum", "broadcast_seed", "agree", "network_bytes"]
 
 
 def resolve_group(process_group):
@@ -87,3 +87,37 @@ def agree(owner: str, group, error: Optional[BaseException], bad: Optional[str],
     if n_bad and bad is None:
         bad = "a captured tensor or gradient on another rank"
     return bad, rows
+
+
+def network_bytes(shapes: Sequence[Tuple[int, int]], rank: int, *, optimizer: str = "oplora", iters: int = 1,
+                  momentum: bool = True, momentum_rank: Optional[int] = None, factor_bytes: int = 4,
+                  product_bytes: int = 4, fsdp: bool = True) -> dict:
+    """Bytes of the buffers one ``step()`` reduces or gathers, for LoRA layers of ``shapes``
+    (``(m, n)`` each, rank ``rank``), next to those of the data-parallel wrapper's own gradient
+    reduction of the factors. Payload sizes: a ring all-reduce sends about ``2 (W - 1) / W`` of
+    its buffer per rank, an all-gather or reduce-scatter ``(W - 1) / W``.
+
+    * ``all_reduce``: the step engine's products (``product_bytes`` each, float32): per layer and
+      LoRSum round, ``(m + n) (r + k)`` -- the A-side products ``G^T Q`` (n x (r + k)) and the
+      B-side ``G Q`` (m x (r + k)) of the step's and the momentum's problems, k = the momentum's
+      rank (``momentum_rank or r``; 0 without momentum); ``iters = 0`` (one Jacobi pass) as one
+      round; plus ScaledOPLoRA's K-FAC column sums (m + n) and the header (float64: two flags and
+      one row count per layer).
+    * ``all_gather`` (FSDP2, ``fsdp=True``): the factors and the state gathered at the step --
+      ``r (m + n)`` factor entries (``factor_bytes``), the momentum ``k (m + n)``, ScaledOPLoRA's
+      ``d_in``, ``d_out`` (float32).
+    * ``grad_reduce``: what FSDP's reduce-scatter (DDP's all-reduce) of the factors' gradients
+      moves anyway, ``r (m + n)`` entries of ``factor_bytes``.
+    """
+    if optimizer not in ("oplora", "scaled"):
+        raise ValueError(f"optimizer must be 'oplora' or 'scaled', got {optimizer!r}")
+    k = (momentum_rank or rank) if momentum else 0
+    rounds = max(int(iters), 1)
+    sides = sum(m + n for m, n in shapes)
+    products = rounds * sides * (rank + k) + (sides if optimizer == "scaled" else 0)
+    header = 8 * (2 + len(shapes))
+    out = {"all_reduce": products * product_bytes + header, "grad_reduce": rank * sides * factor_bytes}
+    if fsdp:
+        state = k * sides * factor_bytes + (4 * sides if optimizer == "scaled" else 0)
+        out["all_gather"] = rank * sides * factor_bytes + state
+    return out

@@ -94,8 +94,11 @@ class LoRAOptimizer(ContextMixin, torch.optim.Optimizer):
     copied) and the other ``.grad`` in place. Data parallel: each rank captures its own rows and
     only r-sized products cross the network; a step equals one process on the concatenated batch
     (:mod:`oplora.optim._distributed`). Not supported with ``world > 1`` (``NotImplementedError``
-    at construction): clipping of the captured optimizers, SVDLoRA, Shampoo statistics. FSDP
-    modules and DTensor parameters are refused with the plan (``NotImplementedError``).
+    at construction): clipping of the captured optimizers, SVDLoRA, Shampoo statistics. FSDP2
+    (``fully_shard``): LoRA factors that are sharded DTensors are gathered at the step and each
+    rank writes its rows of the update and of the (sharded) state (:mod:`oplora.optim._fsdp`);
+    build the optimizer after ``fully_shard``. FSDP1 modules are refused (``NotImplementedError``
+    naming ``fully_shard``).
 
     The optimizer covers every LoRA adapter of the model, frozen or not: an adapter is trained
     at the steps its factors require grad and received gradients at (PEFT's ``set_adapter``
