@@ -116,8 +116,15 @@ def build_optimizer(name: str, model: nn.Module, lr: float, seed: int) -> torch.
 
 
 def half_decades(low: float, count: int) -> Tuple[float, ...]:
-    """``count`` lrs from ``low`` in steps of 10^0.5, rounded to 1, 3 (x 10^k)."""
-    return tuple(float(f"{low * HALF_DECADE ** i:.0e}") for i in range(count))
+    """``count`` lrs from ``low`` upwards, half a decade apart, on the 1-3-10 ladder
+    (``half_decades(3e-4, 4) == (3e-4, 1e-3, 3e-3, 1e-2)``)."""
+    out = []
+    for i in range(count):
+        value = low * HALF_DECADE ** i
+        exp = math.floor(math.log10(value) + 1e-9)
+        mantissa = value / 10 ** exp
+        out.append(float(f"{(1 if mantissa < 2 else 3 if mantissa < 6 else 10) * 10 ** exp:.0e}"))
+    return tuple(out)
 
 
 # --- the task ------------------------------------------------------------------------------------
@@ -276,10 +283,9 @@ def pending(task: Task, grids: Dict[str, Sequence[float]], seeds: int,
         # The grid is complete: extend past an edge that is best, then add the seeds.
         lrs = sorted(set(grid) | set(seed0))
         best = best_lr(task, {lr: seed0[lr] for lr in lrs if lr in seed0})
-        extra = [lr for lr in lrs if lr not in grid]
+        extra = [lr for lr in lrs if not min(grid) <= lr <= max(grid)]  # the extensions so far
         if best in (lrs[0], lrs[-1]) and len(extra) < task.extend:
-            step = HALF_DECADE if best == lrs[-1] else 1 / HALF_DECADE
-            lr = float(f"{best * step:.0e}")
+            lr = half_decades(best, 2)[1] if best == lrs[-1] else _half_decade_below(best)
             if not finished(seed0.get(lr, []), task.steps):
                 rounds.append([RunKey(name, lr, 0)])
                 blocked = True
@@ -289,6 +295,11 @@ def pending(task: Task, grids: Dict[str, Sequence[float]], seeds: int,
             if not finished(done.get(key, []), task.steps):
                 rounds.append([key])
     return [k for r in rounds for k in r], blocked
+
+
+def _half_decade_below(lr: float) -> float:
+    """The lr half a decade below ``lr`` on the 1-3-10 ladder (3e-3 -> 1e-3, 1e-3 -> 3e-4)."""
+    return half_decades(lr / 10, 2)[1] if half_decades(lr / 10, 2)[1] < lr else lr / HALF_DECADE
 
 
 def _alive(pid: int) -> bool:

@@ -162,6 +162,8 @@ def test_optimizer_names_with_arguments():
     with pytest.raises(SystemExit, match="unknown optimizer"):
         _study.split_name("Adam")
     assert _study.half_decades(1e-4, 5) == (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
+    assert _study.half_decades(3e-5, 4) == (3e-5, 1e-4, 3e-4, 1e-3)  # the 1-3-10 ladder, never 9e-5
+    assert [_study._half_decade_below(lr) for lr in (3e-3, 1e-3, 9e-4)] == [1e-3, 3e-4, 3e-4]
     model = Tiny().model(0)
     opt = _study.build_optimizer("OPLoRA[start=B,iters=2]", model, 1e-2, 0)
     assert opt.param_groups[0]["start"] == "B" and opt.param_groups[0]["iters"] == 2
