@@ -8,6 +8,7 @@ rows; the state is sharded like the factors and resumes bit-exactly through
 factors are refused naming the alternative."""
 
 import os
+import warnings
 
 import pytest
 import torch
@@ -35,17 +36,20 @@ CONFIGS = {
     "riemannian": dict(make=lambda m: oplora.RiemannianLoRA(m, lr=0.02, base="adamw")),
     "oplora_bf16": dict(make=lambda m: oplora.OPLoRA(m, lr=0.5, momentum=0.9, seed=1), bf16=True),
     "scaled_bf16": dict(make=lambda m: oplora.ScaledOPLoRA(m, lr=0.02, betas=(0.9, 0.9), seed=2), bf16=True),
+    # Uneven shards: A (r x 32) and the momentum's Vm (r x 32) split 2 + 1 rows, or 1 + 0 (an empty shard).
+    "oplora_r3": dict(make=lambda m: oplora.OPLoRA(m, lr=0.5, momentum=0.9, seed=1), r=3),
+    "scaled_r1": dict(make=lambda m: oplora.ScaledOPLoRA(m, lr=0.02, betas=(0.9, 0.9), seed=2), r=1, clip=True),
 }
 
 
-def tiny_llama():
-    """A 2-block PEFT Llama, LoRA r4 on q, k, v, o; B drawn nonzero; factors bf16-representable
+def tiny_llama(r=4):
+    """A 2-block PEFT Llama, LoRA rank ``r`` (4) on q, k, v, o; B drawn nonzero; factors bf16-representable
     (so that a bf16 copy of the model holds them exactly)."""
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=LENGTH)
     model = peft.get_peft_model(transformers.LlamaForCausalLM(cfg), peft.LoraConfig(
-        r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+        r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -109,11 +113,11 @@ def factors(model):
     return [t.detach().float() for t in out]
 
 
-def sharded(bf16=False):
+def sharded(bf16=False, r=4):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    model = tiny_llama()
+    model = tiny_llama(r)
     mesh = init_device_mesh("cpu", (WORLD,))
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
         MixedPrecisionPolicy()
@@ -162,6 +166,7 @@ def checkpoints(rank, tmp):
 
 def refusals(rank):
     from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Shard, distribute_tensor
 
     out = {}
@@ -178,6 +183,19 @@ def refusals(rank):
         oplora.RiemannianLoRA(sharded(), max_grad_norm=1.0)
     except NotImplementedError as err:
         out["riemannian_clip"] = str(err)
+    # The optimizer built before fully_shard (which replaces every factor by a DTensor parameter).
+    model = tiny_llama()
+    opt = oplora.OPLoRA(model, lr=0.5)
+    mesh = init_device_mesh("cpu", (WORLD,))
+    for block in model.base_model.model.model.layers:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    ids, labels = micro_batches(0, rank)[0]
+    loss_of(model, ids, labels, WORLD).backward()
+    try:
+        opt.step()
+    except RuntimeError as err:
+        out["built_before"] = str(err)
     return out
 
 
@@ -186,10 +204,13 @@ def worker(rank, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         results = {}
-        for name, cfg in CONFIGS.items():
-            model = sharded(bf16=cfg.get("bf16", False))
-            results[name] = train(model, cfg["make"](model), rank, clip=cfg.get("clip", False),
-                                  nosync=cfg.get("nosync", False))
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            for name, cfg in CONFIGS.items():
+                model = sharded(bf16=cfg.get("bf16", False), r=cfg.get("r", 4))
+                results[name] = train(model, cfg["make"](model), rank, clip=cfg.get("clip", False),
+                                      nosync=cfg.get("nosync", False))
+        results["warnings"] = [f"{w.category.__name__}: {w.message}" for w in seen]
         model = sharded()
         results["uneven"] = train(model, CONFIGS["scaled_clipped"]["make"](model), rank, uneven=True)
         results.update(checkpoints(rank, out_dir))
@@ -211,7 +232,7 @@ def single(name, **kw):
     parameters in bf16 (FSDP's forward copies) stepped from float32 masters (FSDP's sharded
     float32 factors), so both runs see the same rows."""
     cfg = CONFIGS[name]
-    model = tiny_llama()
+    model = tiny_llama(cfg.get("r", 4))
     if cfg.get("bf16"):
         for p in model.parameters():
             p.data = p.data.to(torch.bfloat16)
@@ -226,7 +247,7 @@ def single(name, **kw):
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_fsdp2_ranks_step_as_one_process_on_the_concatenated_batch(ranks, name):
     want = single(name)
-    start = factors(tiny_llama())
+    start = factors(tiny_llama(CONFIGS[name].get("r", 4)))
     assert all(not torch.equal(p, q) for p, q in zip(ranks[0][name], start))  # every factor moved
     for p, q in zip(ranks[0][name], ranks[1][name]):
         assert torch.equal(p, q)  # the ranks' shards make one model
@@ -260,6 +281,18 @@ def test_tensor_parallel_factors_and_riemannian_max_grad_norm_are_refused(ranks)
     for rank in ranks:
         assert "Shard(dim=1)" in rank["tensor_parallel"] and "tensor-parallel" in rank["tensor_parallel"]
         assert "clip_grad_norm_" in rank["riemannian_clip"]
+
+
+def test_the_steps_warn_of_nothing_deprecated(ranks):
+    """The gather at the step uses ``all_gather_single`` where torch has it: torch 2.13 deprecates
+    ``all_gather_into_tensor`` with a FutureWarning that a user's first step would show."""
+    for rank in ranks:
+        assert not [w for w in rank["warnings"] if "all_gather_into_tensor" in w]
+
+
+def test_an_optimizer_built_before_fully_shard_is_refused_naming_it(ranks):
+    for rank in ranks:
+        assert "build the optimizer after fully_shard" in rank["built_before"]
 
 
 def test_fsdp1_is_refused_naming_fully_shard():

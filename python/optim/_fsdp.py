@@ -113,8 +113,8 @@ def site_layout(owner: str, site) -> Optional[Layout]:
 
 def gather(tensors: Sequence[Tensor], layouts: Sequence[Optional[Layout]]) -> List[Tensor]:
     """The whole tensors of ``tensors`` (DTensors with ``layouts``; a None layout: ``t`` as it is):
-    one ``all_gather_into_tensor`` per (process group, dtype, device) for all of them, each rank's
-    rows padded to the chunk size. Plain tensors are returned; nothing is modified."""
+    one all-gather (``all_gather_single``) per (process group, dtype, device) for all of them,
+    each rank's rows padded to the chunk size. Plain tensors are returned; nothing is modified."""
     out: List[Optional[Tensor]] = [None] * len(tensors)
     todo = []
     for i, (t, lay) in enumerate(zip(tensors, layouts)):
@@ -139,7 +139,7 @@ def gather(tensors: Sequence[Tensor], layouts: Sequence[Optional[Layout]]) -> Li
             send[offset:offset + mine.numel()] = mine
             offset += chunk * width
         got = torch.empty(lay.world * size, dtype=t0.dtype, device=t0.device)
-        torch.distributed.all_gather_into_tensor(got, send, group=lay.group)
+        _all_gather(got, send, lay.group)
         got = got.view(lay.world, size)
         offset = 0
         for i, chunk, width in parts:
@@ -148,6 +148,14 @@ def gather(tensors: Sequence[Tensor], layouts: Sequence[Optional[Layout]]) -> Li
             out[i] = block[:t.shape[0]].clone()  # its own memory: the state may keep it
             offset += chunk * width
     return out  # type: ignore[return-value]
+
+
+def _all_gather(out: Tensor, inp: Tensor, group) -> None:
+    """``all_gather_single`` where torch has it (2.13 deprecates ``all_gather_into_tensor``, with a
+    FutureWarning at a user's first step), else ``all_gather_into_tensor``: the same collective."""
+    dist = torch.distributed
+    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    fn(out, inp, group=group)
 
 
 def _matrix(t: Tensor, rows: int) -> Tensor:

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from .. import _rows
 from .._checks import check_real, first_nonfinite
-from .._dtensor import local
+from .._dtensor import is_dtensor, local
 from ..reference import compute_dtype
 from ..sites import LoRASite, find_lora_sites
 
@@ -135,7 +135,11 @@ def check_model(owner: str, model: Optional[nn.Module], sites: Sequence[LoRASite
         problems.append(f"trainable but unknown to the optimizer (added, or requires_grad turned on, "
                         f"after it was built; they would not be trained): {listing}")
     if problems:
-        raise RuntimeError(f"{owner}: the model changed after the optimizer was built: {'; '.join(problems)}. "
+        # fully_shard after the optimizer: every factor became a new DTensor parameter.
+        sharded = any(is_dtensor(site.B) and not is_dtensor(lora[2 * i + 1]) for i, site in enumerate(sites))
+        hint = (" The model was sharded (FSDP2 fully_shard) after the optimizer was built: build the optimizer "
+                "after fully_shard, from the sharded model." if sharded else "")
+        raise RuntimeError(f"{owner}: the model changed after the optimizer was built:{hint} {'; '.join(problems)}. "
                            "Build a new optimizer for the changed model (state_dict() keeps the state of the "
                            "layers that remain). Nothing was updated")
 
