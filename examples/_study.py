@@ -461,11 +461,13 @@ def logger(prefix: str) -> Callable[[str], None]:
     return say
 
 
-# --- memory --------------------------------------------------------------------------------------
-def step_memory(task: Task, name: str, lr: float) -> Dict[str, int]:
-    """Bytes of training step 2 (the optimizer state exists) of a fresh seed-0 model: ``state``
-    (tensors in ``opt.state``) and ``peak`` (the model's parameters and buffers + the highest live
-    tensor bytes allocated after the optimizer was built, from ``MemoryTrace``)."""
+# --- cost of a step --------------------------------------------------------------------------------------
+def step_cost(task: Task, name: str, lr: float, steps: int = 10) -> Dict[str, float]:
+    """Memory and time of training steps of a fresh seed-0 model with optimizer ``name``:
+    ``state_bytes`` (tensors in ``opt.state``), ``peak_bytes`` (the model's parameters and buffers
+    + the highest live tensor bytes of step 2, from ``MemoryTrace``), and ``step_s``, the median
+    wall time of steps 3 .. ``steps`` + 2 (forward, backward, optimizer step), measured one run at a
+    time -- the runs' own clocks are shared with the other workers."""
     model = task.model(0)
     model_bytes = tensor_bytes(list(model.parameters()) + list(model.buffers()))
     device = next(model.parameters()).device
@@ -477,9 +479,17 @@ def step_memory(task: Task, name: str, lr: float) -> Dict[str, int]:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
         state = tensor_bytes(v for entry in opt.state.values() for v in entry.values() if torch.is_tensor(v))
-        if hasattr(opt, "close"):
-            opt.close()
-    return {"state_bytes": state, "peak_bytes": model_bytes + trace.phases["step1"].peak}
+    times = []
+    for step in range(2, steps + 2):
+        t0 = time.perf_counter()
+        task.loss(model, task.batch(0, step)).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+    if hasattr(opt, "close"):
+        opt.close()
+    return {"state_bytes": state, "peak_bytes": model_bytes + trace.phases["step1"].peak,
+            "step_s": statistics.median(times), "threads": torch.get_num_threads()}
 
 
 # --- the report ----------------------------------------------------------------------------------
@@ -528,7 +538,7 @@ def report(task: Task, grids: Dict[str, Sequence[float]], seeds: int, results: R
     ranked = sorted(sums, key=lambda s: (statistics.mean(s.finals) if s.finals else math.inf)
                     * (-1 if task.higher_is_better else 1))
     head = ["optimizer", "best lr", f"final {task.select} (mean over seeds)", "seeds", "spread",
-            "s/step (median)", "opt state MiB", "peak MiB", "complete"]
+            "s/step alone", "s/step in the study", "opt state MiB", "peak MiB", "complete"]
     body = []
     for s in ranked:
         mem = memory.get(s.optimizer, {})
@@ -536,7 +546,8 @@ def report(task: Task, grids: Dict[str, Sequence[float]], seeds: int, results: R
         body.append([s.optimizer, "" if s.best is None else f"{s.best:g}",
                      _fmt(statistics.mean(s.finals)) if s.finals else "", str(len(s.finals)),
                      f"{max(s.finals) - min(s.finals):.3g}" if len(s.finals) > 1 else "",
-                     f"{s.s_per_step:.2f}", mib(mem.get("state_bytes")), mib(mem.get("peak_bytes")),
+                     _seconds(mem.get("step_s")), f"{s.s_per_step:.2f}", mib(mem.get("state_bytes")),
+                     mib(mem.get("peak_bytes")),
                      "yes" if s.complete else "no"])
     grid_body = [[s.optimizer, ", ".join(f"{lr:g}: {_fmt(v)}" for lr, v in s.grid.items())] for s in sums]
     loss_body = [[s.optimizer, ", ".join(f"{lr:g}: {_fmt(v)}" for lr, v in s.final_train.items())] for s in sums]
@@ -547,8 +558,10 @@ def report(task: Task, grids: Dict[str, Sequence[float]], seeds: int, results: R
             f"(transformers.get_cosine_schedule_with_warmup); evaluation every {task.eval_every} steps\n"
             f"- best lr: the best final {task.select} of seed 0 over the grid (a best lr on the grid's edge "
             f"extends the grid); then {seeds} seeds at that lr (seed: LoRA init, batch order, optimizer seed)\n"
-            f"- s/step: the training step (forward, backward, optimizer, scheduler) from the runs' own wall "
-            f"clocks, {threads} CPU thread(s) per run, {workers} run(s) side by side: indicative\n"
+            "- s/step alone: the median of 10 training steps (forward, backward, optimizer) of a fresh model at "
+            f"the best lr, measured after the runs, one optimizer at a time, {threads} CPU thread(s); the "
+            "wall-clock panel of the plot is steps x this. s/step in the study: the runs' own clocks, shared "
+            f"with {workers - 1} other worker(s) and other jobs on the machine: indicative only\n"
             "- memory: training step 2 of a fresh model (oplora.bench.memory.MemoryTrace: live tensor bytes)\n\n"
             + format_table(head, body, markdown=True)
             + f"\n\nFinal {task.select} at each lr (seed 0):\n\n"
@@ -559,12 +572,16 @@ def report(task: Task, grids: Dict[str, Sequence[float]], seeds: int, results: R
     with open(os.path.join(out, task.name + ".md"), "w") as f:
         f.write(text)
     if plot:
-        _plot(task, sums, os.path.join(out, task.name + ".png"),
+        _plot(task, sums, memory, os.path.join(out, task.name + ".png"),
               f"{task.title}; {info['device_name']}, torch {info['torch']}")
     return text
 
 
-def _plot(task: Task, sums: List[Summary], path: str, title: str) -> None:
+def _seconds(value) -> str:
+    return "" if value in (None, "") else f"{float(value):.3g}"
+
+
+def _plot(task: Task, sums: List[Summary], memory: Dict[str, Dict[str, object]], path: str, title: str) -> None:
     try:
         import matplotlib
     except ImportError:
@@ -581,7 +598,9 @@ def _plot(task: Task, sums: List[Summary], path: str, title: str) -> None:
             line, = axes[0].plot(steps, values, marker="o", ms=3, color=color, alpha=1.0 if seed == 0 else 0.5,
                                  label=f"{s.optimizer} lr={s.best:g}" if seed == 0 else None)
             color = line.get_color()
-            axes[1].plot([w / 60 for w in walls], values, marker="o", ms=3, color=color,
+            step_s = memory.get(s.optimizer, {}).get("step_s")
+            minutes = [(float(step_s) * n if step_s not in (None, "") else w) / 60 for n, w in zip(steps, walls)]
+            axes[1].plot(minutes, values, marker="o", ms=3, color=color,
                          alpha=1.0 if seed == 0 else 0.5, label=f"{s.optimizer}" if seed == 0 else None)
         if s.grid:
             lrs = list(s.grid)
@@ -589,8 +608,8 @@ def _plot(task: Task, sums: List[Summary], path: str, title: str) -> None:
             axes[3].plot(lrs, [s.final_train[lr] for lr in lrs], marker="o", color=color, label=s.optimizer)
     axes[0].set_title(f"{task.select} at each optimizer's best lr (faint: other seeds)")
     axes[0].set_xlabel("step")
-    axes[1].set_title(f"{task.select} against training wall-clock")
-    axes[1].set_xlabel("minutes (one CPU thread)")
+    axes[1].set_title(f"{task.select} against training time (steps x s/step alone)")
+    axes[1].set_xlabel("minutes")
     axes[2].set_title(f"final {task.select} against lr (seed 0)")
     axes[3].set_title("final training loss against lr (seed 0)")
     for ax in axes[2:]:
@@ -613,14 +632,18 @@ def parser(doc: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=doc)
     p.add_argument("--optimizers", nargs="+", default=None, help=f"default: every one ({', '.join(OPTIMIZERS)})")
     p.add_argument("--grid", action="append", default=[], metavar="NAME=LR,LR,...",
-                   help="the lr grid of one optimizer (also adds it: variants such as 'OPLoRA[start=B]=1e-3,3e-3')")
+                   help="the lr grid of one optimizer, which it adds (variants such as 'OPLoRA[start=B]=1e-3,3e-3'); "
+                        "without --optimizers, only the --grid ones run")
     p.add_argument("--seeds", type=int, default=2, help="seeds at each best lr (default 2)")
     p.add_argument("--extend", type=int, default=2,
                    help="lrs a grid may grow by past an edge that is best (default 2)")
     p.add_argument("--workers", type=int, default=2, help="worker processes (default 2); 0: run in this process")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads per worker (default 1)")
+    p.add_argument("--name", default=None,
+                   help="results stem (default: the study's); e.g. a separate file for variants of the optimizers")
     p.add_argument("--report", action="store_true", help="only write the markdown and plot from the CSV")
-    p.add_argument("--no-memory", action="store_true", help="skip the memory measurement in the report")
+    p.add_argument("--no-memory", action="store_true",
+                   help="skip the report's measurement of each optimizer's step (memory and time, one at a time)")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--quick", action="store_true", help="CI smoke: a few steps, two optimizers, in-process")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
@@ -629,7 +652,8 @@ def parser(doc: str) -> argparse.ArgumentParser:
 
 
 def grids_from(args, defaults: Dict[str, Sequence[float]]) -> Dict[str, Tuple[float, ...]]:
-    grids = {n: tuple(defaults[n]) for n in (args.optimizers or defaults)}
+    names = args.optimizers if args.optimizers is not None else ([] if args.grid else list(defaults))
+    grids = {n: tuple(defaults[n]) for n in names}
     for item in args.grid:
         name, _, lrs = item.rpartition("=")
         split_name(name)
@@ -644,6 +668,8 @@ def main(task: Task, defaults: Dict[str, Sequence[float]], argv: Optional[Sequen
     torch.set_num_threads(args.threads)
     grids = grids_from(args, defaults)
     task.extend = args.extend
+    if args.name:
+        task.name = args.name
     out = os.path.join(args.out, "quick") if args.quick else args.out
     results = Results(os.path.join(out, task.name + ".csv"), task.metrics)
     folder = os.path.join(out, task.name + "_runs")
@@ -669,8 +695,9 @@ def main(task: Task, defaults: Dict[str, Sequence[float]], argv: Optional[Sequen
         sums = summarize(task, grids, args.seeds, results.rows())
         for s in sums:
             if s.optimizer not in memory and s.best is not None:
-                memory[s.optimizer] = {"optimizer": s.optimizer, "lr": s.best, **step_memory(task, s.optimizer, s.best)}
-                say(f"{s.optimizer}: peak {memory[s.optimizer]['peak_bytes'] / 2**20:.1f} MiB")
+                memory[s.optimizer] = {"optimizer": s.optimizer, "lr": s.best, **step_cost(task, s.optimizer, s.best)}
+                say(f"{s.optimizer}: peak {memory[s.optimizer]['peak_bytes'] / 2**20:.1f} MiB, "
+                    f"{memory[s.optimizer]['step_s']:.3f} s/step")
         _write(memory_path, list(memory.values()))
     command = " ".join([f"python examples/{os.path.basename(script)}", *(sys.argv[1:] if argv is None else argv)])
     text = report(task, grids, args.seeds, results, out, command, machine_info(torch.device("cpu")), memory,
