@@ -28,6 +28,7 @@ import fcntl
 import math
 import os
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -699,7 +700,8 @@ def main(task: Task, defaults: Dict[str, Sequence[float]], argv: Optional[Sequen
                 say(f"{s.optimizer}: peak {memory[s.optimizer]['peak_bytes'] / 2**20:.1f} MiB, "
                     f"{memory[s.optimizer]['step_s']:.3f} s/step")
         _write(memory_path, list(memory.values()))
-    command = " ".join([f"python examples/{os.path.basename(script)}", *(sys.argv[1:] if argv is None else argv)])
+    command = " ".join([f"python examples/{os.path.basename(script)}",
+                        *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
     text = report(task, grids, args.seeds, results, out, command, machine_info(torch.device("cpu")), memory,
                   plot=not args.no_plot, threads=args.threads, workers=max(args.workers, 1))
     print(text)
