@@ -162,6 +162,11 @@ class Task:
         """The metrics on the held-out data (``model`` is in eval mode under no_grad)."""
         raise NotImplementedError
 
+    def broken(self, metrics: Dict[str, float], start: Dict[str, float]) -> bool:
+        """Whether a run whose evaluation gives ``metrics`` (``start``: at step 0) is beyond saving;
+        it is then stopped and counted as diverged. Default: never (only NaN/Inf stops a run)."""
+        return False
+
 
 @dataclass(frozen=True)
 class RunKey:
@@ -377,8 +382,11 @@ def train(task: Task, key: RunKey, results: Results, folder: str, say: Callable[
         say(f"{key.tag}: resumed at step {start}")
     results.truncate(key, start)
     if start == 0:
-        results.append({"optimizer": key.optimizer, "lr": key.lr, "seed": key.seed, "step": 0, "wall_s": 0.0,
-                        **_evaluate(task, model)})
+        first = _evaluate(task, model)
+        results.append({"optimizer": key.optimizer, "lr": key.lr, "seed": key.seed, "step": 0, "wall_s": 0.0, **first})
+    else:
+        row0 = runs_of(results.rows())[key][0]
+        first = {m: float(row0[m]) for m in task.metrics}
     t_run = time.time()
     for step in range(start, task.steps):
         batch = task.batch(key.seed, step)
@@ -404,8 +412,14 @@ def train(task: Task, key: RunKey, results: Results, folder: str, say: Callable[
         if (step + 1) % task.eval_every == 0 or step + 1 == task.steps:
             metrics = _evaluate(task, model)
             mean_loss = statistics.mean(losses)
+            broken = task.broken(metrics, first)
             results.append({"optimizer": key.optimizer, "lr": key.lr, "seed": key.seed, "step": step + 1,
-                            "wall_s": round(wall, 3), "train_loss": mean_loss, **metrics})
+                            "wall_s": round(wall, 3), "train_loss": mean_loss, **metrics,
+                            "status": "diverged" if broken else ""})
+            if broken:
+                say(f"{key.tag}: stopped at step {step + 1} as diverged: " + ", ".join(
+                    f"{k} {v:.4g}" for k, v in metrics.items()) + " (the task's rule)")
+                break
             losses = []
             torch.save({"params": _trainable_state(model), "opt": opt.state_dict(), "sched": sched.state_dict(),
                         "step": step + 1, "wall": wall}, ckpt_path + ".tmp")

@@ -7,7 +7,8 @@ LoRA+ (``create_loraplus_optimizer``, ratio 16), PEFT's Riemannian-preconditione
 (``create_riemannian_optimizer``), OPLoRA, ScaledOPLoRA, SVDLoRA -- trains 300 steps of 4 random
 windows of 32 tokens from 37 plays (the same batches for every optimizer at a seed) with linear
 warmup over 30 steps and cosine decay, at each lr of a five-point grid over two decades; the
-held-out perplexity on 32 windows of The Tempest (never trained on) is measured every 50 steps.
+held-out perplexity on 32 windows of The Tempest (never trained on) is measured every 50 steps; a run
+whose perplexity exceeds twice the pretrained model's is stopped there and counted as diverged.
 Two seeds at each optimizer's best lr. The machinery (resumable CSV, checkpoints, workers,
 report) is ``_study.py``.
 
@@ -66,7 +67,8 @@ class LMTask(_study.Task):
         self.description = (f"- SmolLM2-135M-Instruct (GGUF Q4_1 de-quantized to float32), PEFT LoRA r={rank}, "
                             f"alpha={2 * rank}, on {', '.join(lm_finetune.TARGETS)} (120 layers); batches of "
                             f"{batch} random windows of {seq} tokens from the training plays; held-out: "
-                            f"{eval_windows} windows of {seq} tokens of {lm_finetune.HELD_OUT}\n")
+                            f"{eval_windows} windows of {seq} tokens of {lm_finetune.HELD_OUT}; a run whose held-out "
+                            "perplexity passes twice the pretrained model's is stopped there, as diverged\n")
 
     def setup(self) -> None:
         if self.base is None:
@@ -89,6 +91,10 @@ class LMTask(_study.Task):
     def evaluate(self, model) -> Dict[str, float]:
         loss = lm_finetune.evaluate(model, self.windows, 8, torch.device("cpu"))
         return {"heldout_loss": loss, "heldout_ppl": math.exp(min(loss, 50.0))}
+
+    def broken(self, metrics: Dict[str, float], start: Dict[str, float]) -> bool:
+        """A held-out perplexity over twice the pretrained model's: the fine-tune has wrecked it."""
+        return metrics["heldout_ppl"] > 2.0 * start["heldout_ppl"]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -88,6 +88,15 @@ def test_a_killed_run_resumes_to_the_rows_of_an_uninterrupted_one(tmp_path, name
     assert not os.path.exists(tmp_path / "cut" / "runs" / (key.tag + ".pt"))  # removed when the run is over
 
 
+def test_a_run_the_task_calls_broken_stops_as_diverged(tmp_path):
+    task = Tiny()
+    task.broken = lambda metrics, start: metrics["test_loss"] > 0.5 * start["test_loss"]  # never reached
+    key = _study.RunKey("AdamW", 1e-2, 0)
+    rows = _rows(key, task, str(tmp_path)).rows()
+    assert [int(r["step"]) for r in rows] == [0, 2] and rows[-1]["status"] == "diverged"
+    assert _study.finished(rows, task.steps) and _study.final_value(task, rows) == math.inf
+
+
 def test_rows_past_the_checkpoint_are_dropped_on_resume(tmp_path):
     results = _study.Results(str(tmp_path / "r.csv"), ("m",))
     key, other = _study.RunKey("AdamW", 1e-3, 0), _study.RunKey("AdamW", 3e-3, 0)
