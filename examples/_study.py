@@ -380,7 +380,7 @@ def train(task: Task, key: RunKey, results: Results, folder: str, say: Callable[
         sched.load_state_dict(ckpt["sched"])
         start, wall = ckpt["step"], ckpt["wall"]
         say(f"{key.tag}: resumed at step {start}")
-    results.truncate(key, start)
+    results.truncate(key, start if start else -1)  # a run without a checkpoint restarts from nothing
     if start == 0:
         first = _evaluate(task, model)
         results.append({"optimizer": key.optimizer, "lr": key.lr, "seed": key.seed, "step": 0, "wall_s": 0.0, **first})
