@@ -735,3 +735,18 @@ def _write(path: str, rows: List[Dict[str, object]]) -> None:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
+
+
+def cli(full: Callable[[], Task], quick: Callable[[], Task], grids: Dict[str, Sequence[float]],
+        quick_grids: Dict[str, Sequence[float]], argv: Optional[Sequence[str]], script: str) -> int:
+    """A study's command line: ``--quick`` runs ``quick()`` in-process on ``quick_grids`` (one seed,
+    no grid extension, no measurement), anything else ``full()`` on ``grids`` (:func:`main`)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--quick" not in argv:
+        return main(full(), grids, argv, script)
+    task = quick()
+    task.title += " (--quick smoke)"
+    argv = ["--workers", "0", "--seeds", "1", "--extend", "0", "--no-memory", *argv]
+    if "--optimizers" not in argv:
+        argv += ["--optimizers", *quick_grids]
+    return main(task, {**grids, **quick_grids}, argv, script)

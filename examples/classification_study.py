@@ -213,16 +213,9 @@ class GenreTask(_study.Task):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--quick" in argv:
-        task = GenreTask(batch=4, seq=32, test_per_genre=4, steps=4, warmup=1, eval_every=2,
-                         plays=[plays[0] for plays in genre_plays().values()])
-        task.title += " (--quick smoke)"
-        argv = ["--workers", "0", "--seeds", "1", "--extend", "0", "--no-memory", *argv]
-        if "--optimizers" not in argv:
-            argv += ["--optimizers", *QUICK_GRIDS]
-        return _study.main(task, {**GRIDS, **QUICK_GRIDS}, argv, os.path.abspath(__file__))
-    return _study.main(GenreTask(), GRIDS, argv, os.path.abspath(__file__))
+    return _study.cli(GenreTask, lambda: GenreTask(batch=4, seq=32, test_per_genre=4, steps=4, warmup=1, eval_every=2,
+                                         plays=[plays[0] for plays in genre_plays().values()]),
+                      GRIDS, QUICK_GRIDS, argv, os.path.abspath(__file__))
 
 
 if __name__ == "__main__":

@@ -98,16 +98,9 @@ class LMTask(_study.Task):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--quick" in argv:
-        task = LMTask(batch=2, seq=16, eval_windows=2, train_plays=["twelfth-night"], steps=4, warmup=1,
-                      eval_every=2)
-        task.title += " (--quick smoke)"
-        argv = ["--workers", "0", "--seeds", "1", "--extend", "0", "--no-memory", *argv]
-        if "--optimizers" not in argv:
-            argv += ["--optimizers", *QUICK_GRIDS]
-        return _study.main(task, {**GRIDS, **QUICK_GRIDS}, argv, os.path.abspath(__file__))
-    return _study.main(LMTask(), GRIDS, argv, os.path.abspath(__file__))
+    return _study.cli(LMTask, lambda: LMTask(batch=2, seq=16, eval_windows=2, train_plays=["twelfth-night"], steps=4, warmup=1,
+                                      eval_every=2),
+                      GRIDS, QUICK_GRIDS, argv, os.path.abspath(__file__))
 
 
 if __name__ == "__main__":
