@@ -212,10 +212,14 @@ class GenreTask(_study.Task):
                 "accuracy": (logits.argmax(-1) == labels).float().mean().item()}
 
 
+def quick_task() -> GenreTask:
+    """The --quick smoke's task: a few steps of a small batch."""
+    return GenreTask(batch=4, seq=32, test_per_genre=4, steps=4, warmup=1, eval_every=2,
+                     plays=[plays[0] for plays in genre_plays().values()])
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    return _study.cli(GenreTask, lambda: GenreTask(batch=4, seq=32, test_per_genre=4, steps=4, warmup=1, eval_every=2,
-                                         plays=[plays[0] for plays in genre_plays().values()]),
-                      GRIDS, QUICK_GRIDS, argv, os.path.abspath(__file__))
+    return _study.cli(GenreTask, quick_task, GRIDS, QUICK_GRIDS, argv, os.path.abspath(__file__))
 
 
 if __name__ == "__main__":

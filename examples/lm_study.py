@@ -97,10 +97,14 @@ class LMTask(_study.Task):
         return metrics["heldout_ppl"] > 2.0 * start["heldout_ppl"]
 
 
+def quick_task() -> LMTask:
+    """The --quick smoke's task: a few steps of a small batch."""
+    return LMTask(batch=2, seq=16, eval_windows=2, train_plays=["twelfth-night"], steps=4, warmup=1,
+                  eval_every=2)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    return _study.cli(LMTask, lambda: LMTask(batch=2, seq=16, eval_windows=2, train_plays=["twelfth-night"], steps=4, warmup=1,
-                                      eval_every=2),
-                      GRIDS, QUICK_GRIDS, argv, os.path.abspath(__file__))
+    return _study.cli(LMTask, quick_task, GRIDS, QUICK_GRIDS, argv, os.path.abspath(__file__))
 
 
 if __name__ == "__main__":
