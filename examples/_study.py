@@ -288,6 +288,11 @@ def pending(task: Task, grids: Dict[str, Sequence[float]], seeds: int,
             continue
         # The grid is complete: extend past an edge that is best, then add the seeds.
         lrs = sorted(set(grid) | set(seed0))
+        running = [lr for lr in lrs if not finished(seed0[lr], task.steps)]  # an extension under way
+        if running:
+            rounds.append([RunKey(name, lr, 0) for lr in running])
+            blocked = True
+            continue
         best = best_lr(task, {lr: seed0[lr] for lr in lrs if lr in seed0})
         extra = [lr for lr in lrs if not min(grid) <= lr <= max(grid)]  # the extensions so far
         if best in (lrs[0], lrs[-1]) and len(extra) < task.extend:

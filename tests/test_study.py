@@ -159,6 +159,23 @@ def test_extension_stops_after_the_limit_and_higher_is_better():
     assert todo == [_study.RunKey("AdamW", 3e-2, 1)] and not blocked  # no second extension
 
 
+def test_an_extension_under_way_comes_before_the_seeds():
+    # A killed worker leaves an extension half-run: it must be finished (its lr may turn out best)
+    # before the seeds, not passed over because the finished lrs no longer have their best on the edge.
+    task = Tiny()
+    grid = {"OPLoRA": (1e-3, 3e-3, 1e-2)}
+    done = {}
+    for lr, value in zip(grid["OPLoRA"], (3.0, 4.0, 5.0)):  # best on the lower edge
+        done.update(_done(task, "OPLoRA", lr, 0, value))
+    assert _study.pending(task, grid, 2, done) == ([_study.RunKey("OPLoRA", 3e-4, 0)], True)
+    half = _done(task, "OPLoRA", 3e-4, 0, 2.5)
+    half[_study.RunKey("OPLoRA", 3e-4, 0)][-1]["step"] = str(task.steps // 2)
+    done.update(half)
+    assert _study.pending(task, grid, 2, done) == ([_study.RunKey("OPLoRA", 3e-4, 0)], True)
+    done.update(_done(task, "OPLoRA", 3e-4, 0, 2.5))
+    assert _study.pending(task, grid, 2, done)[0] == [_study.RunKey("OPLoRA", 1e-4, 0)]
+
+
 def test_claims_exclude_live_workers_and_take_over_dead_ones(tmp_path):
     key = _study.RunKey("OPLoRA[start=B]", 1e-3, 0)
     assert "[" not in key.tag and "]" not in key.tag
