@@ -89,7 +89,12 @@ OPTIMIZERS: Dict[str, Callable[..., torch.optim.Optimizer]] = {
 }
 
 
+_ITEMS = re.compile(r",(?![^()]*\))")  # commas outside parentheses
+
+
 def _parse_value(text: str):
+    if text.startswith("(") and text.endswith(")"):  # a tuple, e.g. betas=(0.9,0.99)
+        return tuple(_parse_value(item.strip()) for item in _ITEMS.split(text[1:-1]) if item.strip())
     for cast in (int, float):
         try:
             return cast(text)
@@ -99,13 +104,14 @@ def _parse_value(text: str):
 
 
 def split_name(name: str) -> Tuple[str, Dict[str, object]]:
-    """``"OPLoRA[start=B,iters=2]"`` -> ``("OPLoRA", {"start": "B", "iters": 2})``."""
+    """``"OPLoRA[start=B,iters=2]"`` -> ``("OPLoRA", {"start": "B", "iters": 2})``; a value in
+    parentheses is a tuple: ``"ScaledOPLoRA[betas=(0.9,0.99)]"``."""
     match = re.fullmatch(r"([^\[\]]+)(?:\[(.*)\])?", name)
     if not match or match.group(1) not in OPTIMIZERS:
         raise SystemExit(f"unknown optimizer {name!r}: one of {', '.join(OPTIMIZERS)}, optionally with "
                          "keyword arguments in brackets, e.g. OPLoRA[start=B,iters=2]")
     kwargs = {}
-    for item in filter(None, (match.group(2) or "").split(",")):
+    for item in filter(None, _ITEMS.split(match.group(2) or "")):
         key, _, value = item.partition("=")
         kwargs[key.strip()] = _parse_value(value.strip())
     return match.group(1), kwargs

@@ -190,6 +190,8 @@ def test_optimizer_names_with_arguments():
     assert _study.split_name("OPLoRA[start=B,iters=2,prox=0.001]") == ("OPLoRA", {"start": "B", "iters": 2,
                                                                                  "prox": 0.001})
     assert _study.split_name("LoRA+") == ("LoRA+", {})
+    assert _study.split_name("ScaledOPLoRA[iters=0,betas=(0.9,0.99),damping=1e-05]") == (
+        "ScaledOPLoRA", {"iters": 0, "betas": (0.9, 0.99), "damping": 1e-5})
     with pytest.raises(SystemExit, match="unknown optimizer"):
         _study.split_name("Adam")
     assert _study.half_decades(1e-4, 5) == (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
