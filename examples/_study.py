@@ -563,7 +563,7 @@ def report(task: Task, grids: Dict[str, Sequence[float]], seeds: int, results: R
     sums = summarize(task, grids, seeds, results.rows())
     ranked = sorted(sums, key=lambda s: (statistics.mean(s.finals) if s.finals else math.inf)
                     * (-1 if task.higher_is_better else 1))
-    head = ["optimizer", "best lr", f"final {task.select} (mean over seeds)", "seeds", "spread",
+    head = ["optimizer", "best lr", f"final {task.select} (mean over seeds)", "seeds", "each seed", "spread",
             "s/step alone", "s/step in the study", "opt state MiB", "peak MiB", "complete"]
     body = []
     for s in ranked:
@@ -571,7 +571,9 @@ def report(task: Task, grids: Dict[str, Sequence[float]], seeds: int, results: R
         mib = lambda b: f"{int(b) / 2**20:.1f}" if b not in (None, "") else ""  # noqa: E731
         body.append([s.optimizer, "" if s.best is None else f"{s.best:g}",
                      _fmt(statistics.mean(s.finals)) if s.finals else "", str(len(s.finals)),
-                     f"{max(s.finals) - min(s.finals):.3g}" if len(s.finals) > 1 else "",
+                     ", ".join(_fmt(v) for v in s.finals),
+                     f"{max(s.finals) - min(s.finals):.3g}"
+                     if len(s.finals) > 1 and all(map(math.isfinite, s.finals)) else "",
                      _seconds(mem.get("step_s")), f"{s.s_per_step:.2f}", mib(mem.get("state_bytes")),
                      mib(mem.get("peak_bytes")),
                      "yes" if s.complete else "no"])

@@ -176,6 +176,29 @@ def test_an_extension_under_way_comes_before_the_seeds():
     assert _study.pending(task, grid, 2, done)[0] == [_study.RunKey("OPLoRA", 1e-4, 0)]
 
 
+def test_the_report_shows_each_seed_and_a_diverged_seed_sinks_the_mean(tmp_path):
+    task = Tiny()
+    grid = {"AdamW": (1e-3, 3e-3, 1e-2), "OPLoRA": (1e-3, 3e-3, 1e-2)}
+    results = _study.Results(str(tmp_path / "tiny.csv"), task.metrics)
+    done = {}
+    for lr, value in zip(grid["AdamW"], (4.0, 3.0, 5.0)):
+        done.update(_done(task, "AdamW", lr, 0, value))
+        done.update(_done(task, "OPLoRA", lr, 0, value + 0.5))
+    done.update(_done(task, "AdamW", 3e-3, 1, 3.2))
+    done.update(_done(task, "OPLoRA", 3e-3, 1, math.nan, diverged=True))
+    for rows in done.values():
+        for row in rows:
+            results.append(row)
+    info = {"device_name": "cpu", "cpu_threads": 1, "torch": torch.__version__, "python": "3", "date": "today"}
+    md = _study.report(task, grid, 2, results, str(tmp_path), "cmd", info, {}, plot=False)
+    first = {}  # the summary table's row of each optimizer (the later tables have one too)
+    for line in md.splitlines():
+        first.setdefault(line.split(" | ")[0], line)
+    assert "| 3.1 | 2 | 3, 3.2 | 0.2 |" in first["| AdamW"]
+    assert "| diverged | 2 | 3.5, diverged |  |" in first["| OPLoRA"]
+    assert md.index("| AdamW |") < md.index("| OPLoRA |")  # ranked by the mean
+
+
 def test_claims_exclude_live_workers_and_take_over_dead_ones(tmp_path):
     key = _study.RunKey("OPLoRA[start=B]", 1e-3, 0)
     assert "[" not in key.tag and "]" not in key.tag
