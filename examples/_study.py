@@ -646,8 +646,16 @@ def _plot(task: Task, sums: List[Summary], memory: Dict[str, Dict[str, object]],
     for ax in axes[:3]:
         ax.set_ylabel(task.select)
     if not task.higher_is_better:
+        # Everything starts from the pretrained model's value: cut the axes a little above it, so
+        # that a diverged run (thousands) leaves the top instead of flattening the others.
+        starts = [c[0][2] for s in sums for c in s.curves.values() if c and c[0][0] == 0 and math.isfinite(c[0][2])]
+        finite = [v for s in sums for c in s.curves.values() for _, _, v in c if math.isfinite(v)]
+        finite += [v for s in sums for v in s.grid.values() if math.isfinite(v)]
         for ax in axes[:3]:
             ax.set_yscale("log")
+            if starts and finite:
+                ax.set_ylim(0.95 * min(finite), 1.15 * max(starts))
+        axes[2].set_title(f"final {task.select} against lr (seed 0; off the top: diverged)")
     axes[3].set_ylabel("cross-entropy")
     for ax in axes:
         ax.grid(True, alpha=0.3)
