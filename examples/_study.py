@@ -34,6 +34,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from importlib import metadata
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
@@ -552,6 +553,17 @@ def summarize(task: Task, grids: Dict[str, Sequence[float]], seeds: int, rows: L
     return out
 
 
+def _versions() -> str:
+    """The versions of the libraries a study's numbers depend on besides torch."""
+    found = []
+    for name in ("oplora", "transformers", "peft"):
+        try:
+            found.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            pass
+    return ", ".join(found)
+
+
 def _fmt(v: float) -> str:
     return "diverged" if not math.isfinite(v) else f"{v:.4g}"
 
@@ -580,7 +592,8 @@ def report(task: Task, grids: Dict[str, Sequence[float]], seeds: int, results: R
     grid_body = [[s.optimizer, ", ".join(f"{lr:g}: {_fmt(v)}" for lr, v in s.grid.items())] for s in sums]
     loss_body = [[s.optimizer, ", ".join(f"{lr:g}: {_fmt(v)}" for lr, v in s.final_train.items())] for s in sums]
     text = (f"# {task.title}\n\n- command: `{command}`\n- machine: {info['device_name']}, {info['cpu_threads']} "
-            f"CPU thread(s) in the report's process; torch {info['torch']}, Python {info['python']}; report written {info['date']}\n"
+            f"CPU thread(s) in the report's process; torch {info['torch']}, {_versions()}, Python {info['python']}; "
+            f"report written {info['date']}\n"
             f"{task.description}"
             f"- schedule: {task.steps} steps, linear warmup {task.warmup} steps then cosine decay to 0 "
             f"(transformers.get_cosine_schedule_with_warmup); evaluation every {task.eval_every} steps\n"
