@@ -300,7 +300,7 @@ def pending(task: Task, grids: Dict[str, Sequence[float]], seeds: int,
             rounds.append([RunKey(name, lr, 0) for lr in running])
             blocked = True
             continue
-        best = best_lr(task, {lr: seed0[lr] for lr in lrs if lr in seed0})
+        best = best_lr(task, seed0)  # every lr of seed0 is finished by now
         extra = [lr for lr in lrs if not min(grid) <= lr <= max(grid)]  # the extensions so far
         if best in (lrs[0], lrs[-1]) and len(extra) < task.extend:
             lr = half_decades(best, 2)[1] if best == lrs[-1] else _half_decade_below(best)

@@ -87,10 +87,9 @@ def test_a_killed_run_resumes_to_the_rows_of_an_uninterrupted_one(tmp_path, name
     assert float(whole[-1]["test_loss"]) < float(whole[0]["test_loss"])
     assert not os.path.exists(tmp_path / "cut" / "runs" / (key.tag + ".pt"))  # removed when the run is over
     # Rows of a run whose checkpoint is gone (a fresh clone) are replaced, not doubled.
-    lost = _rows(key, Tiny(), str(tmp_path / "lost"), stop_at=3)
+    _rows(key, Tiny(), str(tmp_path / "lost"), stop_at=3)
     os.remove(tmp_path / "lost" / "runs" / (key.tag + ".pt"))
     assert [int(r["step"]) for r in _rows(key, Tiny(), str(tmp_path / "lost")).rows()] == [0, 2, 4, 6]
-    del lost
 
 
 def test_a_run_the_task_calls_broken_stops_as_diverged(tmp_path):
