@@ -77,8 +77,10 @@ class LoRALinear(nn.Module):
         base = self.base_layer
         out = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
                         device=base.weight.device, dtype=base.weight.dtype)
-        delta = (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
-        out.weight.copy_(base.weight.float() + delta)
+        # float32 for low-precision weights, float64 for float64 ones (the package's policy).
+        dtype = torch.float64 if base.weight.dtype == torch.float64 else torch.float32
+        delta = (self.lora_B.weight.to(dtype) @ self.lora_A.weight.to(dtype)) * self.scaling
+        out.weight.copy_(base.weight.to(dtype) + delta)
         if base.bias is not None:
             out.bias.copy_(base.bias)
         return out

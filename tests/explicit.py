@@ -94,17 +94,19 @@ def spd(size, dtype=torch.float64):
 
 # -- optimizer steps (SPEC section 3), from an explicit gradient G (m x n) --------------------
 
-def explicit_oplora_step(b, a, g, mom, *, lr, momentum, dampening, iters, prox, metric=None, start="A"):
-    """One OPLoRA step in float64; ``mom = (Um, Vm)`` or None; with ``metric`` the Scaled step.
+def explicit_oplora_step(b, a, g, mom, *, lr, momentum, dampening, iters, prox, metric=None, start="A",
+                         step_scale=1.0):
+    """One OPLoRA step in float64; ``mom = (Um, Vm)`` or None; with ``metric`` the Scaled step;
+    ``step_scale`` multiplies the step's gradient and momentum coefficients (a bias correction).
 
     Returns ``(B, A, mom)`` with the momentum updated as SPEC says (no metric on it).
     """
     lam = lr * prox
     eye = torch.eye(g.shape[1], dtype=torch.float64)
-    terms, coeffs = [(b, a), (g, eye)], [1.0, -lr * (1.0 - dampening)]
+    terms, coeffs = [(b, a), (g, eye)], [1.0, -lr * (1.0 - dampening) * step_scale]
     if mom is not None:
         terms.append(mom)
-        coeffs.append(-lr * momentum)
+        coeffs.append(-lr * momentum * step_scale)
     pre = [False] + [True] * (len(terms) - 1) if metric is not None else None
     new_b, new_a = explicit_lorsum(terms, coeffs, (b, a), iters=iters, prox=lam, metric=metric,
                                    precondition=pre, start=start)
@@ -114,9 +116,12 @@ def explicit_oplora_step(b, a, g, mom, *, lr, momentum, dampening, iters, prox, 
     return new_b, new_a, mom
 
 
-def matrix_power_psd(d, damping, power):
-    """``(d + damping)^power`` of a vector (elementwise) or a symmetric PSD matrix (eigh)."""
+def matrix_power_psd(d, damping, power, relative=False):
+    """``(d + damping)^power`` of a vector (elementwise) or a symmetric PSD matrix (eigh); with
+    ``relative`` the damping is times the mean of the vector (the trace / size of the matrix)."""
     d = d.double()
+    if relative:
+        damping = damping * (d.mean() if d.dim() == 1 else d.diagonal().mean()).item()
     if d.dim() == 1:
         return (d + damping) ** power
     evals, evecs = torch.linalg.eigh(d)

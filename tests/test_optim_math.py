@@ -90,27 +90,37 @@ def test_oplora_steps_match_spec(momentum, dampening, iters, prox, start):
         assert "momentum_U" not in state
 
 
-@pytest.mark.parametrize("metric, statistics, loss_reduction, power", [
-    ("diag", "kfac", "mean", 1.0),
-    ("diag", "kfac", "sum", 0.5),
-    ("dense", "kfac", "mean", 0.5),
-    ("diag", "shampoo", "mean", 0.25),
-    ("dense", "shampoo", "sum", 0.25),
+@pytest.mark.parametrize("metric, statistics, loss_reduction, power, corrected, relative", [
+    ("diag", "kfac", "mean", 1.0, False, False),
+    ("diag", "kfac", "sum", 0.5, False, False),
+    ("dense", "kfac", "mean", 0.5, False, False),
+    ("diag", "shampoo", "mean", 0.25, False, False),
+    ("dense", "shampoo", "sum", 0.25, False, False),
+    ("diag", "kfac", "mean", 0.5, True, False),
+    ("diag", "kfac", "mean", 1.0, False, True),
+    ("diag", "kfac", "sum", 0.5, True, True),
+    ("dense", "kfac", "mean", 0.5, True, True),
+    ("diag", "shampoo", "mean", 0.25, True, True),
 ])
-def test_scaled_oplora_steps_match_spec(metric, statistics, loss_reduction, power):
+def test_scaled_oplora_steps_match_spec(metric, statistics, loss_reduction, power, corrected, relative):
+    """The papers' statistics (started at ``init``, damping absolute) and the package's options:
+    ``bias_correction`` (EMAs from zero, the metric from ``d / (1 - b2^t)``, the step from the
+    momentum average divided by ``1 - b1^t``) and ``relative_damping`` (damping x mean of d)."""
     layer = make_layer()
     lr, betas, damping, prox, init = 0.05, (0.8, 0.9), 0.1, 1e-2, 0.5
     opt = oplora.ScaledOPLoRA(layer, lr=lr, betas=betas, damping=damping, metric_power=power, prox=prox,
                               metric=metric, statistics=statistics, loss_reduction=loss_reduction,
-                              init_metric_scale=init, seed=3)
+                              init_metric_scale=None if corrected else init, bias_correction=corrected,
+                              relative_damping=relative, seed=3)
     b, a = factors(layer)
     mom = F.init_momentum(b, a, R, opt._site_seed(opt.lora_group, 0))
     shape = (lambda k: torch.ones(k, dtype=torch.float64)) if metric == "diag" else \
         (lambda k: torch.eye(k, dtype=torch.float64))
-    d_in, d_out = init * shape(N), init * shape(M)
+    start = 0.0 if corrected else init
+    d_in, d_out = start * shape(N), start * shape(M)
     b1, b2 = betas
     data = batches(3)
-    for x, y in data:
+    for t, (x, y) in enumerate(data, 1):
         d, g = explicit_grad(layer, b, a, x, y)
         rows = x.shape[0]
         c = rows if loss_reduction == "mean" else 1.0 / rows
@@ -123,9 +133,11 @@ def test_scaled_oplora_steps_match_spec(metric, statistics, loss_reduction, powe
             new_out = c * (g @ g.T if metric == "dense" else (g @ g.T).diagonal())
         d_in = b2 * d_in + (1 - b2) * new_in
         d_out = b2 * d_out + (1 - b2) * new_out
-        met = (matrix_power_psd(d_out, damping, power), matrix_power_psd(d_in, damping, power))
+        c2 = 1 - b2**t if corrected else 1.0
+        met = (matrix_power_psd(d_out / c2, damping, power, relative),
+               matrix_power_psd(d_in / c2, damping, power, relative))
         b, a, mom = explicit_oplora_step(b, a, g, mom, lr=lr, momentum=b1, dampening=b1, iters=1,
-                                         prox=prox, metric=met)
+                                         prox=prox, metric=met, step_scale=1 / (1 - b1**t) if corrected else 1.0)
     train(opt, layer, data)
     state = opt.state[layer.lora_B.weight]
     assert rel_err(state["d_in"], d_in) < 1e-10 and rel_err(state["d_out"], d_out) < 1e-10

@@ -37,8 +37,10 @@ __all__ = ["validate", "keep_dtypes"]
 #: Per-parameter buffers of the torch optimizers that have the parameter's shape.
 _MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer")
 _STATISTICS = ("d_in", "d_out")
-#: Hyper-parameters a checkpoint may lack (older versions had none): read with their default.
-_OPTIONAL = ("master_factors",)
+#: Hyper-parameters a checkpoint may lack (older versions had none), with the value the version
+#: that wrote it used (not today's default, which may differ).
+LEGACY = {"master_factors": False, "bias_correction": False, "relative_damping": False}
+_OPTIONAL = tuple(LEGACY)
 
 
 def _refuse(owner: str, where: str, key: str, what: str) -> ValueError:

@@ -264,6 +264,9 @@ class LoRAOptimizer(ContextMixin, torch.optim.Optimizer):
         """
         _checkpoint.validate(self, state_dict)
         super().load_state_dict(state_dict)
+        for key, value in _checkpoint.LEGACY.items():  # a checkpoint older than the hyper-parameter
+            if key in self._hyper:
+                self.lora_group.setdefault(key, value)
         for kind, inner in self._inner.items():
             inner.param_groups = [g for g in self.param_groups if g["kind"] == kind]
             inner.state = self.state

@@ -30,6 +30,7 @@ from .._checks import group_by
 from ..reference import compute_dtype
 from ..sites import Folded
 from . import engine
+from . import statistics as _stats
 from .statistics import KfacDiagRule, StatsSpec, metric_from_statistics, update_statistics
 
 __all__ = ["StepContext", "Update", "Plan", "commit", "run_plans", "init_momentum", "plan_oplora",
@@ -162,6 +163,7 @@ def plan_oplora(
     grad_coeff: float = 1.0,
     extra_state: Optional[Dict] = None,
     folded: Optional[Folded] = None,
+    step_scale: float = 1.0,
 ) -> Plan:
     """One OPLoRA step of a layer (SPEC section 3) as a :class:`Plan`:
 
@@ -178,6 +180,8 @@ def plan_oplora(
     rule (the ScaledOPLoRA step, whose metric comes from this step's rows). ``extra_state`` is read
     when the plan finishes (the statistics rule fills it during the solve). ``folded``: the rows
     already folded into the dense gradient (``oplora.capture.Folded``), added to ``chunks``'s.
+    ``step_scale`` multiplies the step's gradient and momentum coefficients (not the momentum
+    update): ScaledOPLoRA's bias correction of its averaged momentum, ``1 / (1 - b1^t)``.
     """
     lam = lr * prox
     use_momentum = momentum != 0.0
@@ -189,8 +193,8 @@ def plan_oplora(
     pre = metric is not None
     thin = [(b, a, 1.0, False)]
     if use_momentum:
-        thin.append((um, vm, -lr * momentum, pre))
-    problems = [engine.Problem(init=(b, a), thin=thin, data_coeff=-lr * (1.0 - dampening) * grad_coeff,
+        thin.append((um, vm, -lr * momentum * step_scale, pre))
+    problems = [engine.Problem(init=(b, a), thin=thin, data_coeff=-lr * (1.0 - dampening) * step_scale * grad_coeff,
                                data_precondition=pre, metric=metric, lam=lam, iters=iters, start=start)]
     if use_momentum:
         problems.append(engine.Problem(init=(um, vm), thin=[(um, vm, momentum, False)],
@@ -231,6 +235,8 @@ def plan_scaled_oplora(
     init_metric_scale: float,
     momentum_rank: int,
     seed: int,
+    bias_correction: bool = False,
+    relative_damping: bool = False,
     grad_coeff: float = 1.0,
     rows: Optional[int] = None,
     reduce: Optional[Reduce] = None,
@@ -240,13 +246,20 @@ def plan_scaled_oplora(
 
     Statistics first (this step's rows included, as Adam's second moment;
     ``oplora.optim.statistics``), then the OPLoRA step with metric
-    ``((d_out + damping)^p, (d_in + damping)^p)`` on the gradient and momentum terms,
-    coefficients ``[1, -lr (1 - b1), -lr b1]``, then the momentum update with ``[b1, 1 - b1]`` and
-    no metric. With ``metric_power = 0`` this is exactly :func:`plan_oplora` with
-    ``momentum = dampening = b1``. Diagonal K-FAC statistics are summed in the step's first pass
-    over the rows (the engine runs the step itself one pass later, the momentum's first half-step
-    alongside the statistics); the other kinds are computed up front by :func:`update_statistics`
-    from ``folded``, which must then hold every row of the step (``chunks`` empty).
+    ``((d_out_hat + delta)^p, (d_in_hat + delta)^p)`` on the gradient and momentum terms,
+    coefficients ``[1, -lr (1 - b1) / c1, -lr b1 / c1]``, then the momentum update with
+    ``[b1, 1 - b1]`` and no metric. ``c1 = 1 - b1^t`` at the layer's step t with
+    ``bias_correction`` (the step then uses the bias-corrected average of the gradients, as Adam's
+    first moment; the stored momentum is the uncorrected EMA), else 1; ``d_hat`` is the
+    statistics divided by ``1 - b2^t`` with ``bias_correction`` (EMAs started at zero), else the
+    statistics (started at ``init_metric_scale``); ``delta`` is ``damping``, or ``damping`` times
+    the mean of ``d_hat`` per layer and side with ``relative_damping``
+    (``oplora.optim.statistics``). With ``metric_power = 0`` and no bias correction this is
+    exactly :func:`plan_oplora` with ``momentum = dampening = b1``. Diagonal K-FAC statistics are
+    summed in the step's first pass over the rows (the engine runs the step itself one pass
+    later, the momentum's first half-step alongside the statistics); the other kinds are computed
+    up front by :func:`update_statistics` from ``folded``, which must then hold every row of the
+    step (``chunks`` empty).
 
     Data parallel: ``rows`` is the row count of all ranks (default: the local one); the
     diagonal K-FAC sums are reduced with the engine's products (by ``run_plans``'s ``reduce``),
@@ -256,14 +269,16 @@ def plan_scaled_oplora(
     dtype = compute_dtype(b)
     if rows is None:
         rows = sum(x.shape[0] for x, _ in chunks) + (0 if folded is None else folded.rows)
+    step = state.get("step", 0) + 1
     stats: Dict[str, Tensor] = {}
 
     common = dict(lr=lr, momentum=b1, dampening=b1, iters=iters, prox=prox, start=start,
-                  momentum_rank=momentum_rank, seed=seed, grad_coeff=grad_coeff, extra_state=stats, folded=folded)
-    spec = StatsSpec(b2, metric, statistics, loss_reduction, init_metric_scale)
+                  momentum_rank=momentum_rank, seed=seed, grad_coeff=grad_coeff, extra_state=stats, folded=folded,
+                  step_scale=1.0 / _stats.bias_correction(b1, step) if bias_correction and b1 != 0.0 else 1.0)
+    spec = StatsSpec(b2, metric, statistics, loss_reduction, init_metric_scale, bias_correction)
     if metric == "diag" and statistics == "kfac":
         rule = KfacDiagRule(state, rows, stats, spec, dtype=dtype, grad_coeff=grad_coeff, damping=damping,
-                            power=metric_power)
+                            power=metric_power, relative_damping=relative_damping, step=step)
         # With p = 0 the step has no metric: it need not wait for the statistics pass.
         step_metric = engine.STATS if metric_power != 0.0 else None
         return plan_oplora(b, a, chunks, state, metric=step_metric, stats=rule, **common)
@@ -274,8 +289,9 @@ def plan_scaled_oplora(
     stats["d_in"], stats["d_out"] = d_in, d_out
     step_metric = None
     if metric_power != 0.0:
-        step_metric = (metric_from_statistics(d_out, damping, metric_power),
-                       metric_from_statistics(d_in, damping, metric_power))
+        correction = _stats.bias_correction(b2, step) if bias_correction else 1.0
+        step_metric = tuple(metric_from_statistics(d / correction, damping, metric_power, relative_damping)
+                            for d in (d_out, d_in))
     return plan_oplora(b, a, chunks, state, metric=step_metric, **common)
 
 

@@ -161,7 +161,8 @@ class ScaledOPLoRA(LoRAOptimizer):
     def __init__(self, model: nn.Module, lr: float = 1e-3, *, betas: Tuple[float, float] = (0.9, 0.999),
                  damping: float = 0.1, metric_power: float = 1.0, iters: int = 1, prox: float = 1e-2,
                  metric: str = "diag", statistics: str = "kfac", loss_reduction: str = "mean",
-                 init_metric_scale: float = 1.0, momentum_rank: Optional[int] = None, start: str = "A",
+                 bias_correction: bool = False, relative_damping: bool = False,
+                 init_metric_scale: Optional[float] = None, momentum_rank: Optional[int] = None, start: str = "A",
                  other: OtherSpec = "adamw", other_kwargs: Optional[dict] = None, strict: bool = False,
                  seed: Optional[int] = None, max_grad_norm: Optional[float] = None, skip_nonfinite: bool = False,
                  process_group=None, capture: str = "auto", master_factors: bool = False):
@@ -175,7 +176,15 @@ class ScaledOPLoRA(LoRAOptimizer):
         defaults["metric"] = check_choice(metric, "metric", ("diag", "dense"))
         defaults["statistics"] = check_choice(statistics, "statistics", ("kfac", "shampoo"))
         defaults["loss_reduction"] = check_choice(loss_reduction, "loss_reduction", ("mean", "sum"))
-        defaults["init_metric_scale"] = check_real(init_metric_scale, "init_metric_scale", low=0.0, low_open=True)
+        for flag, value in (("bias_correction", bias_correction), ("relative_damping", relative_damping)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{flag} must be a bool, got {value!r}")
+            defaults[flag] = value
+        if bias_correction and init_metric_scale is not None:
+            raise ValueError("init_metric_scale is the start of uncorrected statistics (bias_correction=False); "
+                             "with bias_correction=True they start at zero")
+        defaults["init_metric_scale"] = check_real(1.0 if init_metric_scale is None else init_metric_scale,
+                                                   "init_metric_scale", low=0.0, low_open=True)
         super().__init__(model, defaults, other=other, other_kwargs=other_kwargs, strict=strict,
                          max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite, process_group=process_group,
                          capture=capture, master_factors=master_factors)
@@ -194,8 +203,8 @@ class ScaledOPLoRA(LoRAOptimizer):
         start = _momentum_start(super()._initial_state(index, site, group), site, group, float(group["betas"][0]),
                                 self._site_seed(group, index))
         (m, n), dtype = site.shape, compute_dtype(site.B)
-        start["d_in"], start["d_out"] = statistics_start(group["metric"], float(group["init_metric_scale"]), n, m,
-                                                         site.B.device, dtype)
+        scale = 0.0 if group.get("bias_correction") else float(group["init_metric_scale"])
+        start["d_in"], start["d_out"] = statistics_start(group["metric"], scale, n, m, site.B.device, dtype)
         return start
 
     def _distributed_unsupported(self, defaults):
@@ -219,6 +228,8 @@ class ScaledOPLoRA(LoRAOptimizer):
             metric_power=float(group["metric_power"]), iters=int(group["iters"]), prox=float(group["prox"]),
             start=group["start"], metric=group["metric"], statistics=group["statistics"],
             loss_reduction=group["loss_reduction"], init_metric_scale=float(group["init_metric_scale"]),
+            bias_correction=bool(group.get("bias_correction", False)),
+            relative_damping=bool(group.get("relative_damping", False)),
             momentum_rank=group["momentum_rank"] or b.shape[1], seed=self._site_seed(group, index),
             grad_coeff=ctx.grad_coeff, rows=ctx.rows.get(index), reduce=ctx.reduce,
         )

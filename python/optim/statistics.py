@@ -5,8 +5,19 @@ Diagonal K-FAC (the default): ``d_in <- b2 d_in + (1 - b2) mean_t x_t^2`` (n) an
 (the per-example gradient scale), ``1/T`` for a summed one. Their sums of squares ride along the
 step's first pass over the rows (``row_pass``), so :class:`KfacDiagRule` is a rule the step
 engine evaluates; :func:`update_statistics` computes the other kinds up front from the rows
-folded into the dense gradient (dense K-FAC Grams, Shampoo's ``G G^T`` / ``G^T G``). The metric is ``(d + damping)^p``
-(:func:`metric_from_statistics`). Statistics are kept in float32 (float64 for float64 factors).
+folded into the dense gradient (dense K-FAC Grams, Shampoo's ``G G^T`` / ``G^T G``). The metric is
+``(d_hat + delta)^p`` (:func:`metric_from_statistics`), where
+
+* ``d_hat = d / (1 - b2^t)`` at a layer's step t with ``bias_correction`` (the EMAs then start at
+  zero, as Adam's second moment: the metric is this step's statistics at t = 1, their average
+  since), else ``d_hat = d`` with the EMAs started at ``init_scale`` (the papers' choice, which
+  keeps the start's scale for about ``1 / (1 - b2)`` steps);
+* ``delta = damping`` (absolute, the papers' choice), or with ``relative_damping``
+  ``damping * mean(d_hat)`` per layer and side (the trace / n for a dense statistic), so that the
+  damping has the statistics' own scale whatever the layer's activation and gradient sizes.
+
+Statistics are kept in float32 (float64 for float64 factors), uncorrected (the correction is
+applied when the metric is formed, so that a checkpoint holds what Adam's would).
 """
 
 from __future__ import annotations
@@ -22,7 +33,7 @@ from ..sites import Folded
 from . import engine
 
 __all__ = ["StatsSpec", "KfacDiagRule", "update_statistics", "metric_from_statistics", "grad_blocks",
-           "statistics_start"]
+           "statistics_start", "bias_correction", "damping_of"]
 
 Chunks = Sequence[Tuple[Tensor, Tensor]]
 
@@ -73,41 +84,74 @@ def _per_layer(values: Sequence[float], like: Tensor) -> Union[float, Tensor]:
     return torch.tensor(values, dtype=torch.float64, device=like.device)[:, None]
 
 
-def _diag_metric(d: Tensor, damping: float, power: float) -> Tensor:
-    """``(d + damping)^power`` elementwise (any shape); ones for ``power = 0``."""
-    return torch.ones_like(d) if power == 0.0 else (d + damping).pow(power)
+def _scale(d: Tensor, dense: bool) -> Tensor:
+    """The statistics' own scale, per layer: the mean of a diagonal (over its last dimension,
+    kept) or the trace / n of a dense statistic; 1 where that is 0 (a side that never saw a
+    non-zero value: its metric is then the damping itself, as an absolute one)."""
+    mean = d.diagonal(dim1=-2, dim2=-1).mean(-1) if dense else d.mean(-1, keepdim=True)
+    return torch.where(mean > 0, mean, torch.ones_like(mean))
+
+
+def damping_of(d: Tensor, damping: float, relative: bool, dense: bool = False) -> Union[float, Tensor]:
+    """The damping added to the statistics ``d`` before the power: ``damping``, or with
+    ``relative`` ``damping`` times their scale (:func:`_scale`: per layer of a stack)."""
+    return damping * _scale(d, dense) if relative else damping
+
+
+def _diag_metric(d: Tensor, damping: float, power: float, relative: bool = False) -> Tensor:
+    """``(d + delta)^power`` elementwise (a vector or a stack of them), ``delta`` from
+    :func:`damping_of`; ones for ``power = 0``."""
+    if power == 0.0:
+        return torch.ones_like(d)
+    return (d + damping_of(d, damping, relative)).pow(power)
+
+
+def bias_correction(beta2: float, step: int) -> float:
+    """``1 - beta2^step``: what an EMA started at zero must be divided by after ``step`` updates."""
+    return 1.0 - beta2 ** step
 
 
 @dataclass(frozen=True)
 class StatsSpec:
     """Which statistics and how they are averaged: the EMA factor ``beta2``, ``metric`` ("diag" or
     "dense"), ``statistics`` ("kfac" or "shampoo"), ``loss_reduction`` ("mean": c = T, "sum":
-    c = 1/T) and ``init_scale``, the EMAs' start (``init_scale * ones``, or ``* I`` for dense)."""
+    c = 1/T), ``init_scale``, the EMAs' start (``init_scale * ones``, or ``* I`` for dense), and
+    ``bias_correction`` (the EMAs start at zero instead and the metric reads ``d / (1 - b2^t)``)."""
 
     beta2: float
     metric: str = "diag"
     statistics: str = "kfac"
     loss_reduction: str = "mean"
     init_scale: float = 1.0
+    bias_correction: bool = False
+
+    @property
+    def start(self) -> float:
+        """What the EMAs start at: 0 with bias correction, else ``init_scale``."""
+        return 0.0 if self.bias_correction else self.init_scale
 
 
 class KfacDiagRule(engine.StatsRule):
     """A layer's diagonal K-FAC statistics as the step engine's :class:`~oplora.optim.engine.StatsRule`:
     ``d_in <- b2 d_in + (1 - b2) sx / T`` and ``d_out <- b2 d_out + (1 - b2) c sg`` from the column
     sums of squares of the step's first pass over the rows, ``sx = sum_t x_t^2`` (n) and
-    ``sg = sum_t g_t^2`` (m), and the metric ``((d_out + damping)^p, (d_in + damping)^p)`` (none
-    when ``p = 0``). :meth:`batch` evaluates the rules of a group's layers on stacks (per-layer
-    ``T`` and ``c`` as a b x 1 tensor when they differ) and writes each layer's new EMAs to its
-    ``out["d_in"]``, ``out["d_out"]``. ``grad_coeff`` multiplies the captured sD (its statistics
-    scale by its square); ``rows`` is T (of all ranks under data parallelism)."""
+    ``sg = sum_t g_t^2`` (m), and the metric ``((d_out_hat + delta)^p, (d_in_hat + delta)^p)``
+    (none when ``p = 0``; ``d_hat`` and ``delta`` as in the module docstring, ``step`` the layer's
+    step count t, this step included). :meth:`batch` evaluates the rules of a group's layers on
+    stacks (per-layer ``T``, ``c`` and bias corrections as b x 1 tensors when they differ) and
+    writes each layer's new EMAs (uncorrected) to its ``out["d_in"]``, ``out["d_out"]``.
+    ``grad_coeff`` multiplies the captured sD (its statistics scale by its square); ``rows`` is T
+    (of all ranks under data parallelism)."""
 
     def __init__(self, state: Dict, rows: int, out: Dict, spec: StatsSpec, *, dtype: torch.dtype, grad_coeff: float,
-                 damping: float, power: float):
+                 damping: float, power: float, relative_damping: bool = False, step: int = 1):
         self.state, self.rows, self.out = state, rows, out
         self.out_scale = _out_scale(rows, spec.loss_reduction, grad_coeff)
-        self.beta2, self.init_scale, self.dtype, self.damping, self.power = (spec.beta2, spec.init_scale, dtype,
+        self.correction = bias_correction(spec.beta2, step) if spec.bias_correction else 1.0
+        self.beta2, self.init_scale, self.dtype, self.damping, self.power = (spec.beta2, spec.start, dtype,
                                                                              damping, power)
-        self.key = (spec.beta2, spec.init_scale, dtype, damping, power)
+        self.relative_damping = relative_damping
+        self.key = (spec.beta2, spec.start, dtype, damping, power, relative_damping)
 
     @staticmethod
     def batch(rules: Sequence["KfacDiagRule"], sx: Tensor, sg: Tensor
@@ -116,7 +160,8 @@ class KfacDiagRule(engine.StatsRule):
         starts = [_statistics_start(rule.state, metric="diag", init_scale=first.init_scale, n=sx.shape[-1],
                                     m=sg.shape[-1], device=sx.device, dtype=first.dtype) for rule in rules]
         d_in, d_out = (engine.stack_layers([start[k] for start in starts]) for k in (0, 1))
-        rows, out_scale = (_per_layer([getattr(rule, name) for rule in rules], sx) for name in ("rows", "out_scale"))
+        rows, out_scale, correction = (_per_layer([getattr(rule, name) for rule in rules], sx)
+                                       for name in ("rows", "out_scale", "correction"))
         b2 = first.beta2
         # Per-layer T and c (float64 b x 1 tensors when they differ) must not promote the EMAs.
         new_in = (d_in * b2 + (1.0 - b2) * (sx.to(first.dtype) / rows)).to(first.dtype)
@@ -125,7 +170,9 @@ class KfacDiagRule(engine.StatsRule):
             rule.out["d_in"], rule.out["d_out"] = d_in_i, d_out_i
         if first.power == 0.0:
             return None
-        return (_diag_metric(new_out, first.damping, first.power), _diag_metric(new_in, first.damping, first.power))
+        if not (isinstance(correction, float) and correction == 1.0):
+            new_in, new_out = (new_in / correction).to(first.dtype), (new_out / correction).to(first.dtype)
+        return tuple(_diag_metric(d, first.damping, first.power, first.relative_damping) for d in (new_out, new_in))
 
 
 def update_statistics(state: Dict, folded: Folded, spec: StatsSpec, *, grad_coeff: float = 1.0,
@@ -149,7 +196,7 @@ def update_statistics(state: Dict, folded: Folded, spec: StatsSpec, *, grad_coef
     rows = folded.rows if rows is None else rows
     g = folded.g
     m, n = g.shape
-    d_in, d_out = _statistics_start(state, metric=spec.metric, init_scale=spec.init_scale, n=n, m=m,
+    d_in, d_out = _statistics_start(state, metric=spec.metric, init_scale=spec.start, n=n, m=m,
                                     device=g.device, dtype=g.dtype)
     out_scale = _out_scale(rows, spec.loss_reduction, grad_coeff)
     beta2 = spec.beta2
@@ -173,18 +220,22 @@ def update_statistics(state: Dict, folded: Folded, spec: StatsSpec, *, grad_coef
     return d_in * beta2 + (1.0 - beta2) * new_in, d_out * beta2 + (1.0 - beta2) * new_out
 
 
-def metric_from_statistics(d: Tensor, damping: float, power: float) -> Tensor:
-    """``(d + damping)^power``: elementwise for a diagonal, by eigen-decomposition for a matrix.
+def metric_from_statistics(d: Tensor, damping: float, power: float, relative_damping: bool = False) -> Tensor:
+    """``(d + delta)^power``: elementwise for a diagonal, by eigen-decomposition for a matrix;
+    ``delta`` is ``damping``, or ``damping`` times the mean of ``d`` (the trace / n of a matrix)
+    with ``relative_damping``. ``d`` is what the metric reads: the bias-corrected statistics when
+    they are corrected.
 
     ``power = 0`` gives the identity metric (ones, or I) exactly.
     """
     if d.dim() == 1:
-        return _diag_metric(d, damping, power)
+        return _diag_metric(d, damping, power, relative_damping)
     if power == 0.0:
         return torch.eye(d.shape[0], dtype=d.dtype, device=d.device)
     sym = 0.5 * (d + d.mT)
+    delta = float(damping_of(sym, damping, relative_damping, dense=True))
     evals, evecs = torch.linalg.eigh(sym.double())
     # An EMA of Gram matrices is PSD; clamp the rounding-level negative eigenvalues.
-    scaled = evecs * (evals.clamp_min(0.0) + damping).pow(power)
+    scaled = evecs * (evals.clamp_min(0.0) + delta).pow(power)
     out = scaled @ evecs.mT
     return (0.5 * (out + out.mT)).to(d.dtype)
