@@ -81,8 +81,9 @@ def prox_solve(problems: Sequence[SmallProblem]) -> List[Tensor]:
         stacks = [[t if t.dim() == 3 else t.unsqueeze(0) for t in problems[i][:3]] for i in index]
         sizes = [s[0].shape[0] for s in stacks]
         device = stacks[0][0].device
-        per = [torch.tensor([float(problems[i][j]) for i, size in zip(index, sizes) for _ in range(size)],
-                            dtype=torch.float64, device=device) for j in (3, 4)]
+        # lam (a number, or one per matrix of a stack: a relative prox) and p, one value per matrix.
+        per = [torch.cat([torch.as_tensor(problems[i][j], dtype=torch.float64, device=device).reshape(-1)
+                          .expand(size) for i, size in zip(index, sizes)]) for j in (3, 4)]
         x = reference.prox_solve(*(torch.cat([s[j] for s in stacks]) for j in range(3)), *per)
         for i, part in zip(index, x.split(sizes)):
             out[i] = part if problems[i][0].dim() == 3 else part[0]

@@ -60,7 +60,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _lifetime
-from ._hooks import accumulates as _accumulates, eager as _eager
+from ._hooks import Hook as _Hook, accumulates as _accumulates, eager as _eager
 from ._patches import PATCH_BLOCK, conv_patches  # noqa: F401  (re-exported)
 from .sites import KINDS, Folded, LoRASite, Unsupported, find_lora_sites  # noqa: F401  (re-exported)
 
@@ -112,9 +112,10 @@ class Capture:
             site.closed = False
             where = site.layer if site.kind == "embedding" else None
             before, after = (where, where) if where is not None else (site.lora_A, site.lora_B)
-            self._handles.append(before.register_forward_pre_hook(_eager(self._input_hook(site, before)),
+            self._handles.append(before.register_forward_pre_hook(_Hook(_eager(self._input_hook(site, before))),
                                                                   with_kwargs=True))
-            self._handles.append(after.register_forward_hook(_eager(self._output_hook(site, after)), with_kwargs=True))
+            self._handles.append(after.register_forward_hook(_Hook(_eager(self._output_hook(site, after))),
+                                                             with_kwargs=True))
         self.watch()
         if owner is not None:
             self._finalizer = weakref.finalize(owner, Capture._remove, self._handles, sites, self._users)
@@ -144,7 +145,7 @@ class Capture:
             for p in (site.A, site.B):
                 if p.requires_grad and id(p) not in self._watched:
                     self._watched.add(id(p))
-                    self._handles.append(p.register_post_accumulate_grad_hook(self._reached_hook(site)))
+                    self._handles.append(p.register_post_accumulate_grad_hook(_Hook(self._reached_hook(site))))
 
     def _reached_hook(self, site: LoRASite):
         def hook(param: Tensor) -> None:

@@ -42,23 +42,27 @@ def explicit_target(terms, coeffs, metric=None, precondition=None):
     return t, m_out, m_in
 
 
-def explicit_lorsum(terms, coeffs, init, *, iters=1, prox=0.0, metric=None, precondition=None, start="A"):
+def explicit_lorsum(terms, coeffs, init, *, iters=1, prox=0.0, metric=None, precondition=None, start="A",
+                    relative=False):
+    """``relative``: each half-step's proximal weight is ``prox * trace(F^T M F) / r`` (F the fixed
+    factor, M its side's metric) instead of ``prox``."""
     t, m_out, m_in = explicit_target(terms, coeffs, metric, precondition)
     b0, a0 = (x.double() for x in init)
     r = b0.shape[1]
     eye = torch.eye(r, dtype=torch.float64)
 
-    def solve(gram, rhs, x0):
-        if prox > 0:
-            return torch.linalg.solve(gram, rhs)
+    def solve(gram, rhs_data, x0):
+        lam = prox * gram.trace().item() / r if relative else prox
+        if lam > 0:
+            return torch.linalg.solve(gram + lam * eye, lam * x0 + rhs_data)
         ginv = torch.linalg.pinv(gram, hermitian=True)
-        return ginv @ rhs + (eye - ginv @ gram) @ x0
+        return ginv @ rhs_data + (eye - ginv @ gram) @ x0
 
     def a_step(b):
-        return solve(b.T @ m_out @ b + prox * eye, prox * a0 + b.T @ m_out @ t, a0)
+        return solve(b.T @ m_out @ b, b.T @ m_out @ t, a0)
 
     def b_step(a):
-        return solve(a @ m_in @ a.T + prox * eye, prox * b0.T + a @ m_in @ t.T, b0.T).T
+        return solve(a @ m_in @ a.T, a @ m_in @ t.T, b0.T).T
 
     if iters == 0:
         return b_step(a0), a_step(b0)
@@ -95,13 +99,15 @@ def spd(size, dtype=torch.float64):
 # -- optimizer steps (SPEC section 3), from an explicit gradient G (m x n) --------------------
 
 def explicit_oplora_step(b, a, g, mom, *, lr, momentum, dampening, iters, prox, metric=None, start="A",
-                         step_scale=1.0):
+                         step_scale=1.0, relative=False, mom_start=None):
     """One OPLoRA step in float64; ``mom = (Um, Vm)`` or None; with ``metric`` the Scaled step;
-    ``step_scale`` multiplies the step's gradient and momentum coefficients (a bias correction).
+    ``step_scale`` multiplies the step's gradient and momentum coefficients (a bias correction);
+    ``relative``: the proximal weight is ``prox`` relative to the fixed factor (not ``lr * prox``);
+    ``mom_start``: the momentum problem's start side (default ``start``).
 
     Returns ``(B, A, mom)`` with the momentum updated as SPEC says (no metric on it).
     """
-    lam = lr * prox
+    lam = prox if relative else lr * prox
     eye = torch.eye(g.shape[1], dtype=torch.float64)
     terms, coeffs = [(b, a), (g, eye)], [1.0, -lr * (1.0 - dampening) * step_scale]
     if mom is not None:
@@ -109,10 +115,10 @@ def explicit_oplora_step(b, a, g, mom, *, lr, momentum, dampening, iters, prox, 
         coeffs.append(-lr * momentum * step_scale)
     pre = [False] + [True] * (len(terms) - 1) if metric is not None else None
     new_b, new_a = explicit_lorsum(terms, coeffs, (b, a), iters=iters, prox=lam, metric=metric,
-                                   precondition=pre, start=start)
+                                   precondition=pre, start=start, relative=relative)
     if mom is not None:
         mom = explicit_lorsum([mom, (g, eye)], [momentum, 1.0 - dampening], mom, iters=iters, prox=lam,
-                              start=start)
+                              start=mom_start or start, relative=relative)
     return new_b, new_a, mom
 
 

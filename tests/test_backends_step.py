@@ -107,6 +107,11 @@ OPTIMIZERS = {
     "scaled_kfac": lambda m: oplora.ScaledOPLoRA(m, lr=0.01, seed=3),
     "scaled_sqrt_iters2": lambda m: oplora.ScaledOPLoRA(m, lr=0.01, metric_power=0.5, iters=2, seed=3),
     "scaled_shampoo": lambda m: oplora.ScaledOPLoRA(m, lr=0.01, statistics="shampoo", metric_power=0.25, seed=3),
+    # bias-corrected statistics and momentum, relative damping and prox (a per-layer proximal
+    # weight in every small solve), B side first from B = 0
+    "scaled_relative": lambda m: oplora.ScaledOPLoRA(m, lr=0.01, metric_power=0.5, bias_correction=True,
+                                                     relative_damping=True, damping=1e-3, relative_prox=True,
+                                                     start="auto", seed=3),
 }
 BF16, F32 = torch.bfloat16, torch.float32
 # (model, optimizer, dtype, steps)
@@ -114,7 +119,7 @@ RUNS = ([("mlp", name, F32, 12) for name in ("oplora_seeded", "oplora_jacobi_see
                                               "scaled_sqrt_iters2", "scaled_shampoo")]
         + [("mlp", "scaled_kfac", BF16, 5)]
         + [("tower", name, dtype, 3) for dtype in (F32, BF16)
-           for name in ("oplora", "oplora_iters2_rank2", "oplora_jacobi", "scaled")])
+           for name in ("oplora", "oplora_iters2_rank2", "oplora_jacobi", "scaled", "scaled_relative")])
 TOWER_RUNS = [run for run in RUNS if run[0] == "tower"]
 
 

@@ -1,11 +1,16 @@
 """Copies of a captured model (SPEC section 3): ``copy.deepcopy`` (a best-so-far snapshot, an EMA, an
 evaluation copy) runs as a plain module -- in training or evaluation, with or without grad, even
 between the original's forward and backward -- and neither feeds nor disturbs the original's
-optimizer; it can get an optimizer of its own. ``nn.DataParallel`` replicas (shallow copies that
+optimizer; it can get an optimizer of its own. A model pickles (``torch.save``, multiprocessing's
+spawn) while its optimizer is alive, and loads as a plain module; a model copied or pickled
+together with its optimizer comes back with an optimizer that trains the copy as the original
+trains the original. ``nn.DataParallel`` replicas (shallow copies that
 share the original's hooks) are refused. A LoRA layer whose factors receive gradients while its
 capture hooks saw nothing is refused at the step, naming it, never skipped."""
 
 import copy
+import io
+import pickle
 
 import pytest
 import torch
@@ -66,6 +71,60 @@ def test_a_copy_made_before_steps_trains_with_its_own_optimizer():
             o.step()
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))
     assert not all(torch.equal(p, q) for p, q in zip(model.parameters(), mixed_model().parameters()))
+
+
+def test_a_model_pickles_while_its_optimizer_is_alive_and_loads_as_a_plain_module():
+    model = mixed_model()
+    opt = oplora.OPLoRA(model, lr=0.05, seed=0)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)  # and pickle, which multiprocessing's spawn uses
+    buffer.seek(0)
+    for loaded in (torch.load(buffer, weights_only=False), pickle.loads(pickle.dumps(model))):
+        start = snapshot(loaded)
+        mixed_loss(loaded, mixed_batch(0)).backward()
+        assert same(loaded, start) and all(torch.equal(p, q) for p, q in zip(loaded.parameters(), model.parameters()))
+    assert quiet(opt)
+    opt.zero_grad()
+    mixed_loss(model, mixed_batch(0)).backward()
+    opt.step()  # the original still trains
+    assert not same(model, start)
+
+
+def train_pair(pairs, steps):
+    for step in range(steps):
+        for m, o in pairs:
+            o.zero_grad()
+            mixed_loss(m, mixed_batch(step)).backward()
+            o.step()
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle", "deepcopy_optimizer_alone"])
+@pytest.mark.parametrize("make", [
+    lambda m: oplora.OPLoRA(m, lr=0.05, seed=0),
+    lambda m: oplora.ScaledOPLoRA(m, lr=0.01, bias_correction=True, relative_damping=True, seed=0),
+    lambda m: oplora.RiemannianLoRA(m, lr=0.01, base="adamw"),
+], ids=["oplora", "scaled", "riemannian"])
+def test_a_model_copied_with_its_optimizer_trains_as_the_original(how, make):
+    model = mixed_model()
+    opt = make(model)
+    opt.lora_group["lr"] *= 0.5  # as a scheduler would: the copy keeps it
+    train_pair([(model, opt)], 2)
+    if how == "deepcopy":
+        copied = copy.deepcopy({"model": model, "opt": opt})
+        twin, twin_opt = copied["model"], copied["opt"]
+    elif how == "pickle":
+        copied = pickle.loads(pickle.dumps({"opt": opt, "model": model}))
+        twin, twin_opt = copied["model"], copied["opt"]
+    else:
+        twin_opt = copy.deepcopy(opt)
+        twin = twin_opt._model()
+    assert type(twin_opt) is type(opt) and twin is not model and twin_opt.lora_layers == opt.lora_layers
+    assert twin_opt.lora_group["lr"] == opt.lora_group["lr"]
+    assert {id(p) for g in twin_opt.param_groups for p in g["params"]} == {id(p) for p in twin.parameters()
+                                                                           if p.requires_grad}
+    train_pair([(model, opt), (twin, twin_opt)], 3)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))
+    assert quiet(opt) and quiet(twin_opt)
 
 
 def replicate(model):

@@ -90,6 +90,56 @@ def test_oplora_steps_match_spec(momentum, dampening, iters, prox, start):
         assert "momentum_U" not in state
 
 
+@pytest.mark.parametrize("relative, start, zero_b", [
+    (True, "A", False),
+    (True, "auto", True),
+    (False, "auto", True),
+    (True, "auto", False),
+])
+@pytest.mark.parametrize("scaled", [False, True])
+def test_relative_prox_and_auto_start_match_spec(relative, start, zero_b, scaled):
+    """``relative_prox``: each half-step's weight is prox x the mean squared singular value of its
+    (metric-weighted) fixed factor; ``start="auto"``: B side first at the first step of a problem
+    whose start B is zero (PEFT's B = 0, the momentum's Um = 0), A side first otherwise."""
+    layer = make_layer()
+    if zero_b:
+        nn.init.zeros_(layer.lora_B.weight)
+    lr, prox, b1 = 0.05, 1e-1, 0.8
+    if scaled:
+        opt = oplora.ScaledOPLoRA(layer, lr=lr, betas=(b1, 0.9), metric_power=0.5, bias_correction=True,
+                                  relative_damping=True, damping=1e-2, prox=prox, relative_prox=relative,
+                                  start=start, seed=3)
+    else:
+        opt = oplora.OPLoRA(layer, lr=lr, momentum=b1, prox=prox, relative_prox=relative, start=start, seed=3)
+    b, a = factors(layer)
+    a_start = a.clone()
+    mom = F.init_momentum(b, a, R, opt._site_seed(opt.lora_group, 0))
+    d_in, d_out = torch.zeros(N, dtype=torch.float64), torch.zeros(M, dtype=torch.float64)
+    data = batches(3)
+    for t, (x, y) in enumerate(data, 1):
+        d, g = explicit_grad(layer, b, a, x, y)
+        side = "A" if start == "A" else ("B" if t == 1 and zero_b else "A")
+        mom_side = "A" if start == "A" else ("B" if t == 1 else "A")
+        kw = dict(lr=lr, momentum=b1, iters=1, prox=prox, start=side, relative=relative, mom_start=mom_side)
+        if scaled:
+            branch = SCALE * d
+            d_in = 0.9 * d_in + 0.1 * x.square().mean(0)
+            d_out = 0.9 * d_out + 0.1 * x.shape[0] * branch.square().sum(0)
+            c2 = 1 - 0.9**t
+            met = (matrix_power_psd(d_out / c2, 1e-2, 0.5, True), matrix_power_psd(d_in / c2, 1e-2, 0.5, True))
+            b, a, mom = explicit_oplora_step(b, a, g, mom, dampening=b1, metric=met, step_scale=1 / (1 - b1**t), **kw)
+        else:
+            b, a, mom = explicit_oplora_step(b, a, g, mom, dampening=0.0, **kw)
+        if t == 1 and zero_b:
+            # From B = 0, only the B side first (or a relative prox) lets A move at the first step.
+            assert (rel_err(a, a_start) > 1e-6) == (side == "B")
+    train(opt, layer, data)
+    assert rel_err(layer.lora_B.weight, b) < 1e-8
+    assert rel_err(layer.lora_A.weight, a) < 1e-8
+    state = opt.state[layer.lora_B.weight]
+    assert rel_err(state["momentum_U"] @ state["momentum_V"], mom[0] @ mom[1]) < 1e-8
+
+
 @pytest.mark.parametrize("metric, statistics, loss_reduction, power, corrected, relative", [
     ("diag", "kfac", "mean", 1.0, False, False),
     ("diag", "kfac", "sum", 0.5, False, False),

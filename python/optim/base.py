@@ -17,7 +17,8 @@ in line with the factors' ``.grad`` (``oplora._lifetime``: discarded, rescaled; 
 dropped), GradScaler unscaling and clipping (``clipping``) -- which give the step's
 :class:`~oplora.optim.functional.StepContext`, passed down as an argument -- then the LoRA
 layers (:meth:`_step_lora`), then the other parameters. ``load_state_dict`` validates what it
-loads (``_checkpoint``); ``master_factors`` keeps float32 factors in the state (``_masters``).
+loads (``_checkpoint``); ``master_factors`` keeps float32 factors in the state (``_masters``);
+``copy.deepcopy`` and ``pickle`` rebuild the optimizer on the copied model (``_copies``).
 
 Subclasses set their hyper-parameters (validated) in ``defaults`` and either implement
 ``_plan(index, site, factors, chunks, folded, state, group, ctx) -> Plan`` (a layer's update of
@@ -45,12 +46,13 @@ from ..sites import Folded, LoRASite
 from . import _checkpoint, _distributed, _fsdp, _guards, _inner, _masters, engine
 from . import functional as F
 from ._context import ContextMixin
+from ._copies import CopyMixin
 from ._inner import OtherSpec
 
 __all__ = ["LoRAOptimizer"]
 
 
-class LoRAOptimizer(ContextMixin, torch.optim.Optimizer):
+class LoRAOptimizer(CopyMixin, ContextMixin, torch.optim.Optimizer):
     """Base class: LoRA layers of ``model`` updated by the subclass, the rest by ``other``.
 
     Args:

@@ -64,6 +64,11 @@ class Problem:
     """One LoRSum problem on a layer's rows:
     ``(B, A) <- lorsum(thin + [(G, data_coeff)], init=init, iters, prox=lam, metric, start)``.
 
+    ``lam_relative``: a proximal weight relative to the fixed factor's own scale, added to
+    ``lam``: each half-step's weight is ``lam + lam_relative * ||W F||_F^2 / r`` (F the fixed
+    factor, W its metric weight: the mean squared singular value of ``W F``), so that it neither
+    freezes a small factor nor vanishes beside a large one.
+
     ``thin``: small terms ``(U, V, c, precondition)`` (U m x k, V k x n); the data term is the
     layer's ``G`` with coefficient ``data_coeff``, preconditioned when ``data_precondition``.
     ``metric``: None, ``(M_out, M_in)`` (vectors or SPD matrices, either may be None) or
@@ -78,6 +83,7 @@ class Problem:
     lam: float = 0.0
     iters: int = 1
     start: str = "A"
+    lam_relative: float = 0.0
 
 
 class StatsRule:
@@ -194,7 +200,7 @@ def _signature(layer: Layer, dtype: torch.dtype) -> Hashable:
         problems.append((tuple(map(_shape, p.init)), tuple((_shape(u), _shape(v), float(c), bool(pre))
                                                            for u, v, c, pre in p.thin),
                          float(p.data_coeff), bool(p.data_precondition), metric, float(p.lam), int(p.iters),
-                         p.start))
+                         p.start, float(p.lam_relative)))
     stats = None if layer.stats is None else (type(layer.stats), layer.stats.key)
     b, a = layer.problems[0].init
     return (b.device, dtype, a.shape[1], b.shape[0], stats, tuple(problems))
@@ -273,7 +279,11 @@ def _target(run: _Run, half: _Half, product: Tensor, dtype: torch.dtype) -> Tupl
     data = product.double().mT * run.problem.data_coeff
     known = (None, data) if run.problem.data_precondition else (data, None)
     y = reference.half_rhs(half.q_plain, half.q_prec, terms, metric_q, dtype, known)
-    return half.r_mat, y, x0, run.problem.lam, half.q_plain.shape[-2]
+    lam = run.problem.lam
+    if run.problem.lam_relative:
+        # ||R||_F^2 = ||W F||_F^2: the fixed factor's scale, per layer of the stack (b,).
+        lam = lam + run.problem.lam_relative * half.r_mat.square().sum((-2, -1)) / x0.shape[-2]
+    return half.r_mat, y, x0, lam, half.q_plain.shape[-2]
 
 
 def _groups(layers: Sequence[Layer], ops) -> Tuple[List[_Group], List[Tuple[int, int]]]:

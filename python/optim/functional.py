@@ -111,6 +111,15 @@ def init_momentum(b: Tensor, a: Tensor, rank: int, seed: int) -> Tuple[Tensor, T
     return torch.zeros(m, rank, dtype=b.dtype, device=b.device), vm.to(device=a.device, dtype=a.dtype)
 
 
+def _start_side(start: str, b: Tensor, first: bool) -> str:
+    """The side a LoRSum problem whose start is ``(b, ...)`` takes first: ``start``, or for
+    ``"auto"`` ``"B"`` at a layer's first step when ``b`` is exactly zero, else ``"A"`` (from
+    ``B = 0`` the A half-step cannot move A: its least-squares problem is empty)."""
+    if start != "auto":
+        return start
+    return "B" if first and not bool(b.any()) else "A"
+
+
 class Plan(NamedTuple):
     """A layer's step as engine problems (``layer``) and how to turn their solutions into the
     layer's :class:`Update` (``finish``). ``layer`` is None for an update that needs no engine
@@ -164,6 +173,7 @@ def plan_oplora(
     extra_state: Optional[Dict] = None,
     folded: Optional[Folded] = None,
     step_scale: float = 1.0,
+    relative_prox: bool = False,
 ) -> Plan:
     """One OPLoRA step of a layer (SPEC section 3) as a :class:`Plan`:
 
@@ -182,8 +192,16 @@ def plan_oplora(
     already folded into the dense gradient (``oplora.capture.Folded``), added to ``chunks``'s.
     ``step_scale`` multiplies the step's gradient and momentum coefficients (not the momentum
     update): ScaledOPLoRA's bias correction of its averaged momentum, ``1 / (1 - b1^t)``.
+
+    ``relative_prox``: the proximal weight of each half-step is ``prox`` times the mean squared
+    singular value of its (weighted) fixed factor instead of ``lr * prox``
+    (:class:`oplora.optim.engine.Problem`'s ``lam_relative``). ``start="auto"``: each problem takes
+    its B half-step first at the layer's first step when its start ``B`` is exactly zero (PEFT's
+    init; the momentum's ``Um = 0``), so that both factors move at once; ``"A"`` otherwise. That
+    is one host sync per layer at its first step only.
     """
-    lam = lr * prox
+    lam, lam_relative = (0.0, prox) if relative_prox else (lr * prox, 0.0)
+    first = state.get("step", 0) == 0
     use_momentum = momentum != 0.0
     if use_momentum:
         if "momentum_U" in state:
@@ -195,11 +213,12 @@ def plan_oplora(
     if use_momentum:
         thin.append((um, vm, -lr * momentum * step_scale, pre))
     problems = [engine.Problem(init=(b, a), thin=thin, data_coeff=-lr * (1.0 - dampening) * step_scale * grad_coeff,
-                               data_precondition=pre, metric=metric, lam=lam, iters=iters, start=start)]
+                               data_precondition=pre, metric=metric, lam=lam, iters=iters,
+                               start=_start_side(start, b, first), lam_relative=lam_relative)]
     if use_momentum:
         problems.append(engine.Problem(init=(um, vm), thin=[(um, vm, momentum, False)],
                                        data_coeff=(1.0 - dampening) * grad_coeff, lam=lam, iters=iters,
-                                       start=start))
+                                       start=_start_side(start, um, first), lam_relative=lam_relative))
     layer = engine.Layer(xs=[x for x, _ in chunks], gs=[g for _, g in chunks], problems=problems, stats=stats,
                          dense=None if folded is None else folded.g,
                          dense_sums=None if folded is None or folded.sx is None else (folded.sx, folded.sg))
@@ -237,6 +256,7 @@ def plan_scaled_oplora(
     seed: int,
     bias_correction: bool = False,
     relative_damping: bool = False,
+    relative_prox: bool = False,
     grad_coeff: float = 1.0,
     rows: Optional[int] = None,
     reduce: Optional[Reduce] = None,
@@ -254,7 +274,8 @@ def plan_scaled_oplora(
     statistics divided by ``1 - b2^t`` with ``bias_correction`` (EMAs started at zero), else the
     statistics (started at ``init_metric_scale``); ``delta`` is ``damping``, or ``damping`` times
     the mean of ``d_hat`` per layer and side with ``relative_damping``
-    (``oplora.optim.statistics``). With ``metric_power = 0`` and no bias correction this is
+    (``oplora.optim.statistics``); ``relative_prox`` and ``start`` as in :func:`plan_oplora`.
+    With ``metric_power = 0`` and no bias correction this is
     exactly :func:`plan_oplora` with ``momentum = dampening = b1``. Diagonal K-FAC statistics are
     summed in the step's first pass over the rows (the engine runs the step itself one pass
     later, the momentum's first half-step alongside the statistics); the other kinds are computed
@@ -272,7 +293,7 @@ def plan_scaled_oplora(
     step = state.get("step", 0) + 1
     stats: Dict[str, Tensor] = {}
 
-    common = dict(lr=lr, momentum=b1, dampening=b1, iters=iters, prox=prox, start=start,
+    common = dict(lr=lr, momentum=b1, dampening=b1, iters=iters, prox=prox, start=start, relative_prox=relative_prox,
                   momentum_rank=momentum_rank, seed=seed, grad_coeff=grad_coeff, extra_state=stats, folded=folded,
                   step_scale=1.0 / _stats.bias_correction(b1, step) if bias_correction and b1 != 0.0 else 1.0)
     spec = StatsSpec(b2, metric, statistics, loss_reduction, init_metric_scale, bias_correction)

@@ -18,15 +18,18 @@ from ..sites import LoRASite
 __all__ = ["OPLoRA", "ScaledOPLoRA"]
 
 
-def _common(lr, iters, prox, momentum_rank, start, seed) -> dict:
+def _common(lr, iters, prox, relative_prox, momentum_rank, start, seed) -> dict:
     """The hyper-parameters both LoRSum optimizers share, validated. ``seed`` None: one drawn from
     torch's global generator (reproducible under ``torch.manual_seed``)."""
+    if not isinstance(relative_prox, bool):
+        raise ValueError(f"relative_prox must be a bool, got {relative_prox!r}")
     return {
         "lr": check_real(lr, "lr", low=0.0),
         "iters": check_int(iters, "iters", low=0),
         "prox": check_real(prox, "prox", low=0.0),
+        "relative_prox": relative_prox,
         "momentum_rank": None if momentum_rank is None else check_int(momentum_rank, "momentum_rank", low=1),
-        "start": check_choice(start, "start", ("A", "B")),
+        "start": check_choice(start, "start", ("A", "B", "auto")),
         "seed": int(torch.randint(0, 2**62, (1,)).item()) if seed is None else check_int(seed, "seed"),
     }
 
@@ -94,11 +97,12 @@ class OPLoRA(LoRAOptimizer):
     """
 
     def __init__(self, model: nn.Module, lr: float = 1e-3, *, momentum: float = 0.9, dampening: float = 0.0,
-                 iters: int = 1, prox: float = 1e-2, momentum_rank: Optional[int] = None, start: str = "A",
-                 other: OtherSpec = "adamw", other_kwargs: Optional[dict] = None, strict: bool = False,
+                 iters: int = 1, prox: float = 1e-2, relative_prox: bool = False,
+                 momentum_rank: Optional[int] = None, start: str = "A", other: OtherSpec = "adamw",
+                 other_kwargs: Optional[dict] = None, strict: bool = False,
                  seed: Optional[int] = None, max_grad_norm: Optional[float] = None, skip_nonfinite: bool = False,
                  process_group=None, capture: str = "auto", master_factors: bool = False):
-        defaults = _common(lr, iters, prox, momentum_rank, start, seed)
+        defaults = _common(lr, iters, prox, relative_prox, momentum_rank, start, seed)
         defaults["momentum"] = check_real(momentum, "momentum", low=0.0, high=1.0, high_open=True)
         defaults["dampening"] = check_real(dampening, "dampening", low=0.0, high=1.0)
         super().__init__(model, defaults, other=other, other_kwargs=other_kwargs, strict=strict,
@@ -119,7 +123,7 @@ class OPLoRA(LoRAOptimizer):
             lr=float(group["lr"]), momentum=float(group["momentum"]), dampening=float(group["dampening"]),
             iters=int(group["iters"]), prox=float(group["prox"]), start=group["start"],
             momentum_rank=group["momentum_rank"] or b.shape[1], seed=self._site_seed(group, index),
-            grad_coeff=ctx.grad_coeff,
+            grad_coeff=ctx.grad_coeff, relative_prox=bool(group["relative_prox"]),
         )
 
 
@@ -160,13 +164,14 @@ class ScaledOPLoRA(LoRAOptimizer):
 
     def __init__(self, model: nn.Module, lr: float = 1e-3, *, betas: Tuple[float, float] = (0.9, 0.999),
                  damping: float = 0.1, metric_power: float = 1.0, iters: int = 1, prox: float = 1e-2,
-                 metric: str = "diag", statistics: str = "kfac", loss_reduction: str = "mean",
+                 relative_prox: bool = False, metric: str = "diag", statistics: str = "kfac",
+                 loss_reduction: str = "mean",
                  bias_correction: bool = False, relative_damping: bool = False,
                  init_metric_scale: Optional[float] = None, momentum_rank: Optional[int] = None, start: str = "A",
                  other: OtherSpec = "adamw", other_kwargs: Optional[dict] = None, strict: bool = False,
                  seed: Optional[int] = None, max_grad_norm: Optional[float] = None, skip_nonfinite: bool = False,
                  process_group=None, capture: str = "auto", master_factors: bool = False):
-        defaults = _common(lr, iters, prox, momentum_rank, start, seed)
+        defaults = _common(lr, iters, prox, relative_prox, momentum_rank, start, seed)
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"betas must be a pair (b1, b2), got {betas!r}")
         defaults["betas"] = (check_real(betas[0], "betas[0]", low=0.0, high=1.0, high_open=True),
@@ -203,7 +208,7 @@ class ScaledOPLoRA(LoRAOptimizer):
         start = _momentum_start(super()._initial_state(index, site, group), site, group, float(group["betas"][0]),
                                 self._site_seed(group, index))
         (m, n), dtype = site.shape, compute_dtype(site.B)
-        scale = 0.0 if group.get("bias_correction") else float(group["init_metric_scale"])
+        scale = 0.0 if group["bias_correction"] else float(group["init_metric_scale"])
         start["d_in"], start["d_out"] = statistics_start(group["metric"], scale, n, m, site.B.device, dtype)
         return start
 
@@ -228,8 +233,8 @@ class ScaledOPLoRA(LoRAOptimizer):
             metric_power=float(group["metric_power"]), iters=int(group["iters"]), prox=float(group["prox"]),
             start=group["start"], metric=group["metric"], statistics=group["statistics"],
             loss_reduction=group["loss_reduction"], init_metric_scale=float(group["init_metric_scale"]),
-            bias_correction=bool(group.get("bias_correction", False)),
-            relative_damping=bool(group.get("relative_damping", False)),
+            bias_correction=bool(group["bias_correction"]),
+            relative_damping=bool(group["relative_damping"]), relative_prox=bool(group["relative_prox"]),
             momentum_rank=group["momentum_rank"] or b.shape[1], seed=self._site_seed(group, index),
             grad_coeff=ctx.grad_coeff, rows=ctx.rows.get(index), reduce=ctx.reduce,
         )
