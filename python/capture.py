@@ -43,11 +43,14 @@ gives exactly the eager capture (``fullgraph=True`` is refused by dynamo for tha
 activation-checkpointed region inside a compiled model runs eagerly: dynamo cannot trace side
 effects inside a checkpoint). Dynamo does not guard on module hooks: code compiled before the
 optimizer installed its hooks never calls them -- the step then raises (above) with the remedy.
-Copies: ``copy.deepcopy`` of a model copies these hooks along with the modules; on a copy they do
-nothing (a copy runs as a plain module, neither feeding nor disturbing this capture), while
+Copies: ``copy.deepcopy`` and ``pickle`` of a model turn these hooks into inert ones
+(``oplora._hooks.Hook``: a copy runs as a plain module, neither feeding nor disturbing this
+capture), while
 ``nn.DataParallel`` replicas (shallow copies that share the original's hooks and run in threads)
 are refused. Activation checkpointing (reentrant or not): each call is captured once, from the
-forward whose graph the backward pass runs.
+forward whose graph the backward pass runs. One capture per layer: a new optimizer built on
+layers that a live one captures (a notebook cell run again) closes the earlier capture with a
+warning, so that the layers are not captured twice; the earlier optimizer's ``step()`` then raises.
 """
 
 from __future__ import annotations
@@ -68,6 +71,14 @@ __all__ = ["LoRASite", "Folded", "Unsupported", "find_lora_sites", "Capture", "C
            "PATCH_BLOCK", "conv_patches"]
 
 CAPTURE_MODES = ("auto", "rows", "dense")
+
+
+#: The capture that hooks each module (a weak reference, by a weak key): one capture per layer.
+_LIVE: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
+
+
+def _hooked_module(site: LoRASite) -> nn.Module:
+    return site.layer if site.kind == "embedding" else site.lora_B
 
 
 def _x_key(x: Tensor) -> tuple:
@@ -108,6 +119,9 @@ class Capture:
         self._queued = False  # the end-of-backward mark is queued on the running backward pass
         self._warned = False
         self._owner_name = type(owner).__name__ if owner is not None else "Capture"
+        #: why this capture was closed (None while it is open).
+        self.closed_because: Optional[str] = None
+        self._take_over(sites)
         for site in sites:
             site.closed = False
             where = site.layer if site.kind == "embedding" else None
@@ -119,6 +133,21 @@ class Capture:
         self.watch()
         if owner is not None:
             self._finalizer = weakref.finalize(owner, Capture._remove, self._handles, sites, self._users)
+
+    def _take_over(self, sites: List[LoRASite]) -> None:
+        """Close the live captures of these layers (warning once for each): one capture per layer."""
+        earlier: Dict[int, "Capture"] = {}
+        for site in sites:
+            ref = _LIVE.get(_hooked_module(site))
+            other = ref() if ref is not None else None
+            if other is not None and other.closed_because is None and not all(s.closed for s in other.sites):
+                earlier[id(other)] = other
+            _LIVE[_hooked_module(site)] = weakref.ref(self)
+        for other in earlier.values():
+            warnings.warn(f"{self._owner_name}: these LoRA layers were captured by an earlier {other._owner_name} "
+                          "that is still alive; it is closed now (its step() raises), so that the layers are not "
+                          "captured twice. Call close() on an optimizer you replace.", RuntimeWarning, stacklevel=4)
+            other.close(because=f"a newer {self._owner_name} was built on the same LoRA layers")
 
     @staticmethod
     def _acts(site: LoRASite, module: nn.Module, expected: nn.Module) -> bool:
@@ -386,6 +415,9 @@ class Capture:
         Capture._release(self.sites, self._users)
         self._queued = False
 
-    def close(self) -> None:
-        """Remove every hook and release every captured tensor."""
+    def close(self, because: str = "close() was called") -> None:
+        """Remove every hook and release every captured tensor; ``because`` is kept in
+        :attr:`closed_because` for the error of a later step."""
+        if self.closed_because is None:
+            self.closed_because = because
         Capture._remove(self._handles, self.sites, self._users)

@@ -175,3 +175,28 @@ def test_factors_with_gradients_and_nothing_captured_are_refused_at_the_step():
     model[0](torch.randn(5, 6)).square().sum().backward()  # only the captured layer: fine
     opt.step()
     assert not same(model, before)
+
+
+def test_a_second_optimizer_on_the_same_layers_takes_them_over():
+    """A re-run notebook cell: the earlier optimizer is closed with a warning (its step raises), the
+    layers are captured once, and the new optimizer steps as if it were the only one."""
+    model, reference = mixed_model(), mixed_model()
+    first = oplora.OPLoRA(model, lr=0.05, seed=0)
+    with pytest.warns(RuntimeWarning, match="earlier OPLoRA .* closed"):
+        second = oplora.ScaledOPLoRA(model, lr=0.01, seed=0)
+    ref_opt = oplora.ScaledOPLoRA(reference, lr=0.01, seed=0)
+    train_pair([(model, second), (reference, ref_opt)], 2)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), reference.parameters()))
+    mixed_loss(model, mixed_batch(5)).backward()
+    assert first.capture_bytes() == 0 and second.capture_bytes() > 0
+    with pytest.raises(RuntimeError, match="closed .*newer ScaledOPLoRA"):
+        first.step()
+
+
+def test_a_closed_optimizer_refuses_to_step():
+    model = mixed_model()
+    opt = oplora.OPLoRA(model, lr=0.05, seed=0)
+    opt.close()
+    mixed_loss(model, mixed_batch(0)).backward()
+    with pytest.raises(RuntimeError, match=r"closed \(close\(\) was called\)"):
+        opt.step()

@@ -144,6 +144,27 @@ def test_lr_schedulers_drive_both_groups():
     assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
 
 
+@pytest.mark.parametrize("name", ["oplora", "scaled", "riemannian_sgd", "riemannian_adamw"])
+@pytest.mark.parametrize("cyclic", [False, True], ids=["onecycle", "cyclic"])
+def test_schedulers_that_cycle_momentum_drive_every_group(name, cyclic):
+    """OneCycleLR and CyclicLR write "momentum" (OPLoRA's family) or "betas" into every group: the
+    other parameters' AdamW takes the cycled value as its beta1 at the next step."""
+    model = make_model()
+    opt = OPTIMIZERS[name](model)
+    sched = (torch.optim.lr_scheduler.CyclicLR(opt, 1e-3, 1e-2, step_size_up=2) if cyclic else
+             torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=8))
+    key = "betas" if "betas" in opt.defaults else "momentum"
+    seen = set()
+    for x, y in data(5):
+        cycled = opt.param_groups[0][key]
+        cycled = cycled[0] if key == "betas" else cycled
+        seen.add(round(cycled, 12))
+        run(model, opt, [(x, y)])
+        assert opt.param_groups[1]["betas"][0] == pytest.approx(cycled)
+        sched.step()
+    assert len(seen) > 2  # it did cycle
+
+
 def test_zero_lr_moves_nothing():
     model = make_model()
     opt = oplora.OPLoRA(model, lr=0.1)

@@ -11,7 +11,7 @@ from typing import List, Optional, Type, Union
 import torch
 from torch import nn
 
-__all__ = ["OtherSpec", "resolve", "build", "share"]
+__all__ = ["OtherSpec", "resolve", "build", "share", "follow_momentum"]
 
 OtherSpec = Union[str, Type[torch.optim.Optimizer]]
 _OTHER = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD, "adam": torch.optim.Adam}
@@ -55,3 +55,22 @@ def share(inner: torch.optim.Optimizer, group: dict, state) -> torch.optim.Optim
     inner.param_groups = [group]
     inner.state = state
     return inner
+
+
+def follow_momentum(inner: torch.optim.Optimizer) -> None:
+    """Momentum written by a scheduler under the other family's name, taken in.
+
+    ``OneCycleLR`` and ``CyclicLR`` (``cycle_momentum=True``) write every param group's
+    ``"momentum"`` when the owner's ``defaults`` has one (OPLoRA), else every group's
+    ``"betas"`` first value (ScaledOPLoRA, RiemannianLoRA with base AdamW). A group whose
+    optimizer reads the other name (AdamW's ``betas`` for the other parameters of OPLoRA; SGD's
+    ``momentum`` beside ScaledOPLoRA) would keep its momentum fixed and carry a dead key: so
+    before ``inner`` steps, its ``betas[0]`` follows a written ``"momentum"``, or its
+    ``"momentum"`` follows written ``"betas"``.
+    """
+    uses = inner.defaults
+    for group in inner.param_groups:
+        if "betas" in uses and "momentum" not in uses and "momentum" in group:
+            group["betas"] = (group["momentum"], *tuple(group["betas"])[1:])
+        elif "momentum" in uses and "betas" not in uses and "betas" in group:
+            group["momentum"] = tuple(group["betas"])[0]

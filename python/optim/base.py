@@ -317,8 +317,14 @@ class LoRAOptimizer(CopyMixin, ContextMixin, torch.optim.Optimizer):
           changed after the optimizer was built (a LoRA layer added or removed, a factor replaced,
           one factor of an adapter frozen without the other, a new trainable parameter), and when
           another rank refused the step;
-        * ``NotImplementedError`` for clipping a captured optimizer on several ranks.
+        * ``NotImplementedError`` for clipping a captured optimizer on several ranks;
+        * ``RuntimeError`` when the optimizer was closed (``close()``, or a newer optimizer built on
+          the same LoRA layers took them over).
         """
+        if self._capture is not None and self._capture.closed_because is not None:
+            raise RuntimeError(f"{type(self).__name__} is closed ({self._capture.closed_because}): its LoRA layers are "
+                               "no longer captured. Build a new optimizer on the model (load_state_dict carries the "
+                               "state over)")
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -327,6 +333,7 @@ class LoRAOptimizer(CopyMixin, ContextMixin, torch.optim.Optimizer):
             with torch.no_grad():
                 ctx = self._context()
                 if ctx is not None and self._step_lora(ctx) and "other" in self._inner:
+                    _inner.follow_momentum(self._inner["other"])
                     self._inner["other"].step()
         finally:
             if self._capture is not None:

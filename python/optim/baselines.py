@@ -99,6 +99,10 @@ class RiemannianLoRA(LoRAOptimizer):
         lora = self.lora_group
         inner = _inner.build(base, list(lora["params"]), defaults["lr"], base_kwargs, "base")
         self._inner["lora"] = _inner.share(inner, lora, self.state)
+        # The base optimizer's hyper-parameters are this optimizer's too: schedulers that cycle
+        # momentum (OneCycleLR, CyclicLR) look for "betas" or "momentum" in ``defaults``.
+        for key, value in inner.defaults.items():
+            self.defaults.setdefault(key, value)
 
     def _other_shares_lr(self, defaults: dict) -> bool:
         return defaults["base"] == "adamw"
@@ -144,6 +148,7 @@ class RiemannianLoRA(LoRAOptimizer):
         for p, _ in hidden:
             p.grad = None
         try:
+            _inner.follow_momentum(self._inner["lora"])
             self._inner["lora"].step()
         finally:
             for p, grad in hidden:
