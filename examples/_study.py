@@ -702,7 +702,12 @@ def parser(doc: str) -> argparse.ArgumentParser:
 
 def grids_from(args, defaults: Dict[str, Sequence[float]]) -> Dict[str, Tuple[float, ...]]:
     names = args.optimizers if args.optimizers is not None else ([] if args.grid else list(defaults))
-    grids = {n: tuple(defaults[n]) for n in names}
+    grids = {}
+    for name in names:
+        base = split_name(name)[0]
+        if name not in defaults:  # a variant without a --grid of its own: its optimizer's grid
+            print(f"{name}: no --grid given, using {base}'s grid {', '.join(f'{lr:g}' for lr in defaults[base])}")
+        grids[name] = tuple(defaults.get(name, defaults[base]))
     for item in args.grid:
         name, _, lrs = item.rpartition("=")
         split_name(name)

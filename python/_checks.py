@@ -12,7 +12,7 @@ from typing import Callable, Dict, Hashable, List, Optional, Sequence, TypeVar
 import torch
 from torch import Tensor
 
-__all__ = ["group_by", "first_nonfinite", "check_real", "check_int", "check_choice"]
+__all__ = ["group_by", "first_nonfinite", "check_real", "check_int", "check_choice", "check_bool", "check_all"]
 
 T = TypeVar("T")
 
@@ -58,10 +58,33 @@ def check_real(value, name: str, *, low: float = -math.inf, high: float = math.i
         raise ValueError(f"{name} must be a finite real number, got {value!r}")
     value = float(value)
     if value < low or value > high or (low_open and value == low) or (high_open and value == high):
-        lo = "(" if low_open else "["
-        hi = ")" if high_open else "]"
-        raise ValueError(f"{name} must be in {lo}{low:g}, {high:g}{hi}, got {value!r}")
+        raise ValueError(f"{name} must be {_range(low, high, low_open, high_open)}, got {value!r}")
     return value
+
+
+def _range(low: float, high: float, low_open: bool, high_open: bool) -> str:
+    """The allowed range in words: "in [0, 1)", ">= 0", "> 0", "<= 1" (infinite ends are never allowed:
+    only finite values pass :func:`check_real`)."""
+    if high == math.inf and low == -math.inf:
+        return "finite"
+    if high == math.inf:
+        return f"{'>' if low_open else '>='} {low:g}"
+    if low == -math.inf:
+        return f"{'<' if high_open else '<='} {high:g}"
+    return f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+
+def check_bool(value, name: str) -> bool:
+    """``value`` when it is a bool, or a ValueError naming the hyper-parameter."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be a bool (True or False), got {value!r}")
+    return value
+
+
+def check_all(checks: Dict[str, Callable], values: Dict[str, object]) -> Dict[str, object]:
+    """``{key: checks[key](value)}`` for every item of ``values``: each hyper-parameter validated by
+    its check (which raises a ValueError naming it)."""
+    return {key: checks[key](value) for key, value in values.items()}
 
 
 def check_int(value, name: str, *, low: int = 0) -> int:

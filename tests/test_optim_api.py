@@ -259,6 +259,10 @@ BAD = [
     (oplora.ScaledOPLoRA, {"statistics": "adam"}, "statistics"),
     (oplora.ScaledOPLoRA, {"loss_reduction": "none"}, "loss_reduction"),
     (oplora.ScaledOPLoRA, {"init_metric_scale": 0.0}, "init_metric_scale"),
+    (oplora.ScaledOPLoRA, {"bias_correction": True, "init_metric_scale": 0.5}, "init_metric_scale"),
+    (oplora.ScaledOPLoRA, {"bias_correction": 1}, "bias_correction"),
+    (oplora.ScaledOPLoRA, {"relative_damping": "yes"}, "relative_damping"),
+    (oplora.OPLoRA, {"relative_prox": None}, "relative_prox"),
     (oplora.SVDLoRA, {"momentum": -0.1}, "momentum"),
     (oplora.RiemannianLoRA, {"base": "lion"}, "base"),
     (oplora.RiemannianLoRA, {"damping": -1.0}, "damping"),
@@ -272,6 +276,50 @@ def test_bad_hyper_parameters_are_named(cls, kwargs, match):
     with pytest.raises(ValueError, match=match):
         cls(model, **kwargs)
     assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_other_kwargs_errors_name_the_real_problem():
+    with pytest.raises(ValueError, match="momentum") as err:
+        oplora.OPLoRA(make_model(), other_kwargs={"momentum": 0.9})  # AdamW has betas, not momentum
+    assert "no default lr" not in str(err.value)
+    with pytest.raises(ValueError, match="no default lr"):
+        oplora.OPLoRA(make_model(), other=NoDefaultLr)
+
+
+class NoDefaultLr(torch.optim.SGD):
+    def __init__(self, params, lr, momentum=0.0):
+        super().__init__(params, lr=lr, momentum=momentum)
+
+
+def test_range_messages_say_what_is_allowed():
+    with pytest.raises(ValueError, match=r"lr must be >= 0, got -1.0"):
+        oplora.OPLoRA(make_model(), lr=-1.0)
+    with pytest.raises(ValueError, match=r"damping must be > 0, got 0.0"):
+        oplora.ScaledOPLoRA(make_model(), damping=0.0)
+    with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\), got 1.0"):
+        oplora.OPLoRA(make_model(), momentum=1.0)
+
+
+GROUP_BAD = [
+    ("oplora", "iters", -1), ("oplora", "start", "C"), ("oplora", "prox", -1.0), ("oplora", "momentum", 1.5),
+    ("oplora", "lr", float("nan")), ("oplora", "max_grad_norm", -1.0), ("scaled", "betas", (0.9, 1.2)),
+    ("scaled", "metric_power", 2.0), ("scaled", "statistics", "adam"), ("scaled", "bias_correction", "no"),
+    ("svd", "momentum", -0.5), ("riemannian_sgd", "damping", 0.0),
+]
+
+
+@pytest.mark.parametrize("name, key, value", GROUP_BAD, ids=[f"{n}-{k}" for n, k, _ in GROUP_BAD])
+def test_hyper_parameters_written_into_param_groups_are_checked_at_the_step(name, key, value):
+    """Sweep and config tools set hyper-parameters in ``param_groups``: a bad one is refused at the
+    step, naming it, before anything moves (not a silent no-op step)."""
+    model = make_model()
+    opt = OPTIMIZERS[name](model)
+    run(model, opt, data(1))
+    opt.param_groups[0][key] = value
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=rf"param_groups\[0\]\['{key}'\]"):
+        run(model, opt, data(1))
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
 
 
 def test_bf16_factors_resume_bit_exactly_with_float32_statistics():

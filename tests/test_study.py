@@ -223,3 +223,13 @@ def test_optimizer_names_with_arguments():
     opt = _study.build_optimizer("OPLoRA[start=B,iters=2]", model, 1e-2, 0)
     assert opt.param_groups[0]["start"] == "B" and opt.param_groups[0]["iters"] == 2
     opt.close()
+
+
+def test_a_variant_without_a_grid_of_its_own_uses_its_optimizers():
+    defaults = {"OPLoRA": (1e-3, 3e-3), "AdamW": (1e-4,)}
+    args = _study.parser("t").parse_args(["--optimizers", "OPLoRA[prox=0]", "AdamW"])
+    assert _study.grids_from(args, defaults) == {"OPLoRA[prox=0]": (1e-3, 3e-3), "AdamW": (1e-4,)}
+    args = _study.parser("t").parse_args(["--optimizers", "OPLoRA[prox=0]", "--grid", "OPLoRA[prox=0]=1e-2"])
+    assert _study.grids_from(args, defaults) == {"OPLoRA[prox=0]": (1e-2,)}
+    with pytest.raises(SystemExit, match="unknown optimizer"):
+        _study.grids_from(_study.parser("t").parse_args(["--optimizers", "Adam[x=1]"]), defaults)

@@ -6,6 +6,7 @@ optimizer's param group dict and its ``state`` (:func:`share`), so schedulers an
 
 from __future__ import annotations
 
+import inspect
 from typing import List, Optional, Type, Union
 
 import torch
@@ -41,8 +42,19 @@ def build(spec: OtherSpec, params: List[nn.Parameter], lr: Optional[float], kwar
     try:
         return cls(params, **kwargs)
     except (TypeError, ValueError) as err:
-        hint = "" if "lr" in kwargs else f" (it has no default lr: pass {what}_kwargs={{'lr': ...}})"
+        hint = ""
+        if "lr" not in kwargs and not _has_default_lr(cls):
+            hint = f" (it has no default lr: pass {what}_kwargs={{'lr': ...}})"
         raise ValueError(f"{what}={cls.__name__} rejected {what}_kwargs={kwargs!r}{hint}: {err}") from err
+
+
+def _has_default_lr(cls: Type[torch.optim.Optimizer]) -> bool:
+    """Whether ``cls(params)`` has an lr without being given one."""
+    try:
+        lr = inspect.signature(cls).parameters.get("lr")
+    except (TypeError, ValueError):  # no signature to read: assume it has
+        return True
+    return lr is None or lr.default is not inspect.Parameter.empty
 
 
 def share(inner: torch.optim.Optimizer, group: dict, state) -> torch.optim.Optimizer:

@@ -34,12 +34,12 @@ from __future__ import annotations
 
 import dataclasses
 import weakref
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
-from .._checks import check_choice
+from .._checks import check_bool, check_choice
 from ..capture import CAPTURE_MODES, Capture
 from ..reference import compute_dtype
 from ..sites import Folded, LoRASite
@@ -113,6 +113,13 @@ class LoRAOptimizer(CopyMixin, ContextMixin, torch.optim.Optimizer):
 
     #: whether the subclass needs X and sD (False: it works from autograd's factor gradients).
     uses_capture = True
+    #: Each hyper-parameter of the LoRA group and its check (raises a ValueError naming it, returns
+    #: the value to store); a subclass extends it. Used at construction and at every step, since
+    #: sweep and config tools write hyper-parameters into ``param_groups`` directly.
+    HYPER_CHECKS: Dict[str, Callable] = {
+        "max_grad_norm": _guards.check_max_norm,
+        "master_factors": lambda v: check_bool(v, "master_factors"),
+    }
 
     def __init__(self, model: nn.Module, defaults: dict, *, other: OtherSpec = "adamw",
                  other_kwargs: Optional[dict] = None, strict: bool = False,
@@ -319,8 +326,11 @@ class LoRAOptimizer(CopyMixin, ContextMixin, torch.optim.Optimizer):
           another rank refused the step;
         * ``NotImplementedError`` for clipping a captured optimizer on several ranks;
         * ``RuntimeError`` when the optimizer was closed (``close()``, or a newer optimizer built on
-          the same LoRA layers took them over).
+          the same LoRA layers took them over);
+        * ``ValueError`` naming the entry when a hyper-parameter written into ``param_groups[0]``
+          is out of its range (``iters=-1``, ``start="C"``, ``prox=-1``, ...).
         """
+        self._check_hyper()
         if self._capture is not None and self._capture.closed_because is not None:
             raise RuntimeError(f"{type(self).__name__} is closed ({self._capture.closed_because}): its LoRA layers are "
                                "no longer captured. Build a new optimizer on the model (load_state_dict carries the "
@@ -341,6 +351,18 @@ class LoRAOptimizer(CopyMixin, ContextMixin, torch.optim.Optimizer):
                 for site in self._sites:
                     site.second_order = False  # zero_grad() keeps it: a create_graph graph may outlive it
         return loss
+
+    def _check_hyper(self) -> None:
+        """The LoRA group's hyper-parameters, as they are now (a scheduler, a sweep tool or a user
+        may have written them), checked before anything moves: ``ValueError`` naming the entry."""
+        group = self.lora_group
+        for key, check in self.HYPER_CHECKS.items():
+            if key in group:
+                try:
+                    check(group[key])
+                except ValueError as err:
+                    raise ValueError(f"{type(self).__name__}: param_groups[0][{key!r}] = {group[key]!r} is "
+                                     f"refused: {err}; nothing was stepped") from None
 
     def _step_lora(self, ctx: F.StepContext) -> bool:
         """Plan every reached layer's update (``self._plan``), solve them together, then write them

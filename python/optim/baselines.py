@@ -6,7 +6,7 @@ from typing import Dict, Optional, Tuple
 
 from torch import nn
 
-from .._checks import check_choice, check_real
+from .._checks import check_all, check_choice, check_real
 from .._dtensor import local
 from . import _fsdp, _inner
 from . import functional as F
@@ -33,13 +33,16 @@ class SVDLoRA(LoRAOptimizer):
                  other: OtherSpec = "adamw", other_kwargs: Optional[dict] = None, strict: bool = False,
                  max_grad_norm: Optional[float] = None, skip_nonfinite: bool = False, process_group=None,
                  capture: str = "auto", master_factors: bool = False):
-        defaults = {
-            "lr": check_real(lr, "lr", low=0.0),
-            "momentum": check_real(momentum, "momentum", low=0.0, high=1.0, high_open=True),
-        }
+        defaults = check_all(self.HYPER_CHECKS, dict(lr=lr, momentum=momentum))
         super().__init__(model, defaults, other=other, other_kwargs=other_kwargs, strict=strict,
                          max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite, process_group=process_group,
                          capture=capture, master_factors=master_factors)
+
+    HYPER_CHECKS = {
+        **LoRAOptimizer.HYPER_CHECKS,
+        "lr": lambda v: check_real(v, "lr", low=0.0),
+        "momentum": lambda v: check_real(v, "momentum", low=0.0, high=1.0, high_open=True),
+    }
 
     def _state_spec(self, site: LoRASite, group: dict) -> Dict[str, Optional[Tuple[int, ...]]]:
         spec = super()._state_spec(site, group)
@@ -89,11 +92,7 @@ class RiemannianLoRA(LoRAOptimizer):
                  base_kwargs: Optional[dict] = None, other: OtherSpec = "adamw",
                  other_kwargs: Optional[dict] = None, strict: bool = False,
                  max_grad_norm: Optional[float] = None, skip_nonfinite: bool = False, process_group=None):
-        defaults = {
-            "lr": check_real(lr, "lr", low=0.0),
-            "damping": check_real(damping, "damping", low=0.0, low_open=True),
-            "base": check_choice(base, "base", ("sgd", "adamw")),
-        }
+        defaults = check_all(self.HYPER_CHECKS, dict(lr=lr, damping=damping, base=base))
         super().__init__(model, defaults, other=other, other_kwargs=other_kwargs, strict=strict,
                          max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite, process_group=process_group)
         lora = self.lora_group
@@ -103,6 +102,13 @@ class RiemannianLoRA(LoRAOptimizer):
         # momentum (OneCycleLR, CyclicLR) look for "betas" or "momentum" in ``defaults``.
         for key, value in inner.defaults.items():
             self.defaults.setdefault(key, value)
+
+    HYPER_CHECKS = {
+        **LoRAOptimizer.HYPER_CHECKS,
+        "lr": lambda v: check_real(v, "lr", low=0.0),
+        "damping": lambda v: check_real(v, "damping", low=0.0, low_open=True),
+        "base": lambda v: check_choice(v, "base", ("sgd", "adamw")),
+    }
 
     def _other_shares_lr(self, defaults: dict) -> bool:
         return defaults["base"] == "adamw"

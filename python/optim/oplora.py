@@ -7,7 +7,7 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from .._checks import check_choice, check_int, check_real
+from .._checks import check_all, check_bool, check_choice, check_int, check_real
 from . import functional as F
 from ._inner import OtherSpec
 from .statistics import statistics_start
@@ -18,20 +18,29 @@ from ..sites import LoRASite
 __all__ = ["OPLoRA", "ScaledOPLoRA"]
 
 
-def _common(lr, iters, prox, relative_prox, momentum_rank, start, seed) -> dict:
-    """The hyper-parameters both LoRSum optimizers share, validated. ``seed`` None: one drawn from
-    torch's global generator (reproducible under ``torch.manual_seed``)."""
-    if not isinstance(relative_prox, bool):
-        raise ValueError(f"relative_prox must be a bool, got {relative_prox!r}")
-    return {
-        "lr": check_real(lr, "lr", low=0.0),
-        "iters": check_int(iters, "iters", low=0),
-        "prox": check_real(prox, "prox", low=0.0),
-        "relative_prox": relative_prox,
-        "momentum_rank": None if momentum_rank is None else check_int(momentum_rank, "momentum_rank", low=1),
-        "start": check_choice(start, "start", ("A", "B", "auto")),
-        "seed": int(torch.randint(0, 2**62, (1,)).item()) if seed is None else check_int(seed, "seed"),
-    }
+def _seed(seed: Optional[int]) -> int:
+    """``seed``, or one drawn from torch's global generator (reproducible under ``torch.manual_seed``)."""
+    return int(torch.randint(0, 2**62, (1,)).item()) if seed is None else seed
+
+
+def _betas(value) -> Tuple[float, float]:
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise ValueError(f"betas must be a pair (b1, b2), got {value!r}")
+    return (check_real(value[0], "betas[0]", low=0.0, high=1.0, high_open=True),
+            check_real(value[1], "betas[1]", low=0.0, high=1.0, high_open=True))
+
+
+#: The hyper-parameters both LoRSum optimizers share, and their checks.
+_LORSUM_CHECKS = {
+    **LoRAOptimizer.HYPER_CHECKS,
+    "lr": lambda v: check_real(v, "lr", low=0.0),
+    "iters": lambda v: check_int(v, "iters", low=0),
+    "prox": lambda v: check_real(v, "prox", low=0.0),
+    "relative_prox": lambda v: check_bool(v, "relative_prox"),
+    "momentum_rank": lambda v: None if v is None else check_int(v, "momentum_rank", low=1),
+    "start": lambda v: check_choice(v, "start", ("A", "B", "auto")),
+    "seed": lambda v: check_int(v, "seed"),
+}
 
 
 def _momentum_spec(spec: dict, site: LoRASite, group: dict, momentum: float) -> dict:
@@ -102,12 +111,18 @@ class OPLoRA(LoRAOptimizer):
                  other_kwargs: Optional[dict] = None, strict: bool = False,
                  seed: Optional[int] = None, max_grad_norm: Optional[float] = None, skip_nonfinite: bool = False,
                  process_group=None, capture: str = "auto", master_factors: bool = False):
-        defaults = _common(lr, iters, prox, relative_prox, momentum_rank, start, seed)
-        defaults["momentum"] = check_real(momentum, "momentum", low=0.0, high=1.0, high_open=True)
-        defaults["dampening"] = check_real(dampening, "dampening", low=0.0, high=1.0)
+        defaults = check_all(self.HYPER_CHECKS, dict(
+            lr=lr, momentum=momentum, dampening=dampening, iters=iters, prox=prox, relative_prox=relative_prox,
+            momentum_rank=momentum_rank, start=start, seed=_seed(seed)))
         super().__init__(model, defaults, other=other, other_kwargs=other_kwargs, strict=strict,
                          max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite, process_group=process_group,
                          capture=capture, master_factors=master_factors)
+
+    HYPER_CHECKS = {
+        **_LORSUM_CHECKS,
+        "momentum": lambda v: check_real(v, "momentum", low=0.0, high=1.0, high_open=True),
+        "dampening": lambda v: check_real(v, "dampening", low=0.0, high=1.0),
+    }
 
     def _state_spec(self, site: LoRASite, group: dict) -> Dict[str, Optional[Tuple[int, ...]]]:
         return _momentum_spec(super()._state_spec(site, group), site, group, float(group["momentum"]))
@@ -171,28 +186,31 @@ class ScaledOPLoRA(LoRAOptimizer):
                  other: OtherSpec = "adamw", other_kwargs: Optional[dict] = None, strict: bool = False,
                  seed: Optional[int] = None, max_grad_norm: Optional[float] = None, skip_nonfinite: bool = False,
                  process_group=None, capture: str = "auto", master_factors: bool = False):
-        defaults = _common(lr, iters, prox, relative_prox, momentum_rank, start, seed)
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise ValueError(f"betas must be a pair (b1, b2), got {betas!r}")
-        defaults["betas"] = (check_real(betas[0], "betas[0]", low=0.0, high=1.0, high_open=True),
-                             check_real(betas[1], "betas[1]", low=0.0, high=1.0, high_open=True))
-        defaults["metric_power"] = check_real(metric_power, "metric_power", low=0.0, high=1.0)
-        defaults["damping"] = check_real(damping, "damping", low=0.0, low_open=True)
-        defaults["metric"] = check_choice(metric, "metric", ("diag", "dense"))
-        defaults["statistics"] = check_choice(statistics, "statistics", ("kfac", "shampoo"))
-        defaults["loss_reduction"] = check_choice(loss_reduction, "loss_reduction", ("mean", "sum"))
-        for flag, value in (("bias_correction", bias_correction), ("relative_damping", relative_damping)):
-            if not isinstance(value, bool):
-                raise ValueError(f"{flag} must be a bool, got {value!r}")
-            defaults[flag] = value
-        if bias_correction and init_metric_scale is not None:
+        if bias_correction is True and init_metric_scale is not None:
             raise ValueError("init_metric_scale is the start of uncorrected statistics (bias_correction=False); "
                              "with bias_correction=True they start at zero")
-        defaults["init_metric_scale"] = check_real(1.0 if init_metric_scale is None else init_metric_scale,
-                                                   "init_metric_scale", low=0.0, low_open=True)
+        defaults = check_all(self.HYPER_CHECKS, dict(
+            lr=lr, betas=betas, damping=damping, metric_power=metric_power, iters=iters, prox=prox,
+            relative_prox=relative_prox, metric=metric, statistics=statistics, loss_reduction=loss_reduction,
+            bias_correction=bias_correction, relative_damping=relative_damping,
+            init_metric_scale=1.0 if init_metric_scale is None else init_metric_scale, momentum_rank=momentum_rank,
+            start=start, seed=_seed(seed)))
         super().__init__(model, defaults, other=other, other_kwargs=other_kwargs, strict=strict,
                          max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite, process_group=process_group,
                          capture=capture, master_factors=master_factors)
+
+    HYPER_CHECKS = {
+        **_LORSUM_CHECKS,
+        "betas": _betas,
+        "metric_power": lambda v: check_real(v, "metric_power", low=0.0, high=1.0),
+        "damping": lambda v: check_real(v, "damping", low=0.0, low_open=True),
+        "metric": lambda v: check_choice(v, "metric", ("diag", "dense")),
+        "statistics": lambda v: check_choice(v, "statistics", ("kfac", "shampoo")),
+        "loss_reduction": lambda v: check_choice(v, "loss_reduction", ("mean", "sum")),
+        "bias_correction": lambda v: check_bool(v, "bias_correction"),
+        "relative_damping": lambda v: check_bool(v, "relative_damping"),
+        "init_metric_scale": lambda v: check_real(v, "init_metric_scale", low=0.0, low_open=True),
+    }
 
     def _other_shares_lr(self, defaults: dict) -> bool:
         return True  # lr on Adam's scale
