@@ -8,6 +8,7 @@ alpha / sqrt(r)), for every adapter separately.
 
 import gc
 import math
+import re
 import warnings
 
 import pytest
@@ -313,3 +314,25 @@ def test_activation_checkpointing_captures_each_call_once(reentrant):
     torch.utils.checkpoint.checkpoint(model, x, use_reentrant=reentrant).square().sum().backward()
     assert all(len(site.chunks) == 1 for site in opt._sites)
     assert check_gradient_identity(opt) == 2
+
+
+def test_print_shows_what_the_optimizer_trains():
+    """``print(opt)``: layers trained and left to the other optimizer (with why), the other
+    parameters, capture bytes, backend -- not torch's dump of hundreds of tensors."""
+    model = peft.get_peft_model(Net(), peft.LoraConfig(target_modules=["fc2"], r=2, lora_alpha=2))
+    model.add_adapter("dora", peft.LoraConfig(target_modules=["fc1"], r=2, lora_alpha=2, use_dora=True))
+    model.base_model.set_adapter(["default", "dora"])
+    with pytest.warns(UserWarning, match="cannot be captured"):
+        opt = oplora.OPLoRA(model, lr=0.1, seed=5, capture="rows")
+    text = repr(opt)
+    assert text.startswith("OPLoRA: 1 LoRA layers (r=2)")
+    assert "hyper-parameters: lr=0.1, momentum=0.9" in text and "seed=5" in text
+    assert "LoRA layers: 1 linear: fc2" in text
+    assert re.search(r"left to AdamW \(not captured\): .*fc1\[dora\]: a LoRA variant", text)
+    assert re.search(r"other parameters: \d+ tensors, [\d,]+ numbers, by AdamW \(lr=0.001", text)
+    assert "holding 0 B now; steps taken: 0" in text and "backend: cpu -> " in text
+    assert "Parameter Group" not in text
+    model(torch.randn(4, 12, dtype=torch.float64)).sum().backward()
+    assert "holding 0 B now" not in repr(opt)
+    opt.step()
+    assert "steps taken: 1" in repr(opt)

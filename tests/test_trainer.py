@@ -249,3 +249,32 @@ def test_trainer_recipe_example_runs(tmp_path):
     assert set(rows) == set(recipe.RECIPES)
     for row in rows.values():
         assert float(row["test_accuracy"]) > 0.15, row
+
+
+def test_trainer_optimizer_cls_and_kwargs_with_the_model():
+    """``optimizer_cls_and_kwargs=(oplora.OPLoRA, {"model": model, ...})``: the Trainer hands the
+    model instead of its parameter groups, and trains as with ``optimizers=(opt, None)``; without
+    the model the error names both recipes."""
+    kwargs = dict(lr=0.1, momentum=0.9, seed=0, other_kwargs={"lr": 1e-2})
+    runs = []
+    for how in ("cls_and_kwargs", "optimizers"):
+        model = tiny_peft_bert()
+        args = args_for(f"/tmp/oplora-trainer-{how}", max_steps=3, per_device_train_batch_size=8,
+                        lr_scheduler_type="constant")
+        if how == "cls_and_kwargs":
+            trainer = transformers.Trainer(model=model, args=args, train_dataset=Pairs(64),
+                                           optimizer_cls_and_kwargs=(oplora.OPLoRA, {"model": model, **kwargs}))
+        else:
+            trainer = transformers.Trainer(model=model, args=args, train_dataset=Pairs(64),
+                                           optimizers=(oplora.OPLoRA(model, **kwargs), None))
+        trainer.train()
+        opt = trainer.optimizer.optimizer  # accelerate's wrapper around it
+        assert isinstance(opt, oplora.OPLoRA)
+        runs.append(trained_tensors(model, opt))
+        opt.close()
+    assert_same(runs[0], runs[1], rtol=0, atol=0)
+    model = tiny_peft_bert()
+    trainer = transformers.Trainer(model=model, args=args_for("/tmp/oplora-trainer-bad", max_steps=1),
+                                   train_dataset=Pairs(64), optimizer_cls_and_kwargs=(oplora.OPLoRA, {"lr": 0.1}))
+    with pytest.raises(TypeError, match=r"got list.*optimizer_cls_and_kwargs=\(oplora.OPLoRA, \{'model': model"):
+        trainer.train()

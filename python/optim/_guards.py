@@ -26,7 +26,7 @@ from .. import _rows
 from .._checks import check_real, first_nonfinite
 from .._dtensor import is_dtensor, local
 from ..reference import compute_dtype
-from ..sites import LoRASite, find_lora_sites
+from ..sites import LoRASite, Unsupported, find_lora_sites
 
 __all__ = ["check_max_norm", "refuse_fsdp1", "lora_sites", "check_model", "check_captured", "check_second_order",
            "find_nonfinite"]
@@ -70,10 +70,10 @@ def refuse_fsdp1(owner: str, model: nn.Module) -> None:
 
 
 def lora_sites(owner: str, model: nn.Module, *, strict: bool, other_name: str
-               ) -> Tuple[List[LoRASite], List[nn.Parameter]]:
+               ) -> Tuple[List[LoRASite], List[Unsupported]]:
     """Every LoRA adapter of ``model`` the optimizer trains (frozen ones included: they are trained
-    once they receive gradients), and the parameters of the unsupported LoRA layers (frozen ones
-    included), for the other-parameter optimizer. Unsupported LoRA layers are refused
+    once they receive gradients), and the unsupported LoRA layers (frozen ones included), whose
+    parameters go to the other-parameter optimizer. Unsupported LoRA layers are refused
     (``strict=True``, ValueError) or left to that optimizer with a warning; a model with no LoRA
     layer, or with only unsupported ones, is refused (ValueError, one message); a model whose
     adapters are all frozen now is warned about."""
@@ -97,7 +97,7 @@ def lora_sites(owner: str, model: nn.Module, *, strict: bool, other_name: str
         warnings.warn(f"{owner}: no LoRA factor of the model requires grad now; each adapter is trained at the "
                       "steps its factors require grad and receive gradients (as a torch optimizer built from "
                       "model.parameters() would)", stacklevel=4)
-    return sites, [p for u in unsupported for p in u.params]
+    return sites, unsupported
 
 
 def check_model(owner: str, model: Optional[nn.Module], sites: Sequence[LoRASite], lora: Sequence[Tensor],

@@ -43,7 +43,7 @@ from .._checks import check_bool, check_choice
 from ..capture import CAPTURE_MODES, Capture
 from ..reference import compute_dtype
 from ..sites import Folded, LoRASite
-from . import _checkpoint, _distributed, _fsdp, _guards, _inner, _masters, engine
+from . import _checkpoint, _distributed, _fsdp, _guards, _inner, _masters, _summary, engine
 from . import functional as F
 from ._context import ContextMixin
 from ._copies import CopyMixin
@@ -127,8 +127,11 @@ class LoRAOptimizer(CopyMixin, ContextMixin, torch.optim.Optimizer):
                  capture: str = "auto", master_factors: bool = False):
         name = type(self).__name__
         if not isinstance(model, nn.Module):
-            raise TypeError(f"{name} is built from the model (an nn.Module), got {type(model).__name__}; "
-                            "it finds the LoRA layers itself")
+            raise TypeError(f"{name} is built from the model (an nn.Module), got {type(model).__name__}; it finds "
+                            "the LoRA layers itself. With the Hugging Face Trainer, pass "
+                            f"optimizer_cls_and_kwargs=(oplora.{name}, {{'model': model, 'lr': ...}}) (the Trainer "
+                            f"then hands it the model instead of parameter groups) or optimizers=(oplora.{name}(model, "
+                            "...), scheduler)")
         defaults = dict(defaults, max_grad_norm=_guards.check_max_norm(max_grad_norm))
         for flag, value in (("skip_nonfinite", skip_nonfinite), ("master_factors", master_factors)):
             if not isinstance(value, bool):
@@ -150,6 +153,9 @@ class LoRAOptimizer(CopyMixin, ContextMixin, torch.optim.Optimizer):
             if reason is not None:
                 raise NotImplementedError(f"{name} with {torch.distributed.get_world_size(group)} "
                                           f"data-parallel ranks: {reason}")
+        #: the LoRA layers left to the other optimizer: (name, why).
+        self._unsupported = [(u.name, u.reason) for u in unsupported]
+        unsupported = [p for u in unsupported for p in u.params]
         lora_params = [p for site in sites for p in (site.A, site.B)]
         super().__init__([{"params": lora_params, "kind": "lora"}], defaults)
         self._hyper = tuple(defaults)  # this optimizer's hyper-parameters (a checkpoint must hold them)
@@ -177,6 +183,12 @@ class LoRAOptimizer(CopyMixin, ContextMixin, torch.optim.Optimizer):
         self._capture = (Capture(sites, owner=self, mode=capture, stats=self._fold_stats(defaults))
                          if self.uses_capture else None)
         self._built = True
+
+    def __repr__(self) -> str:
+        """A summary for a user debugging a run (``print(opt)``): hyper-parameters, the LoRA layers
+        trained and those left to the other optimizer (and why), the other parameters, what the
+        capture holds now, the backend per device (:func:`oplora.optim._summary.summary`)."""
+        return _summary.summary(self)
 
     @property
     def _sharded(self) -> bool:
