@@ -212,14 +212,17 @@ def half_rhs(
     data term, whose product with the rows comes from ``row_pass``. Each term's small factor
     ``Q'^T L_i`` (k x k_i) is scaled by ``c_i`` in float64 before the product with ``R_i``, so
     that a term of huge entries with a tiny coefficient does not overflow the compute dtype; the
-    sums are float64.
+    sums are float64. A term given in float64 is computed in float64 whatever ``dtype``: the
+    start point's own term ``(B0, A0)``, whose product is most of ``T`` when the step is small --
+    in float32 its rounding (``eps * |B0 A0|``) would swamp a step of a few ulps of the factors.
     """
     y_plain, y_prec = known
     for left, right, c, pre in terms:
         if c == 0.0:
             continue
-        small = (q_prec if pre else q_plain).to(dtype).mT @ left  # k x k_i
-        term = ((small.double() * c).to(dtype) @ right).double()
+        kind = torch.float64 if left.dtype == torch.float64 else dtype
+        small = (q_prec if pre else q_plain).to(kind).mT @ left  # k x k_i
+        term = ((small.double() * c).to(kind) @ right).double()
         if pre:
             y_prec = term if y_prec is None else y_prec + term
         else:
@@ -238,10 +241,12 @@ def _half_step(
     metric_p: Metric,
     metric_q: Metric,
     lam: float,
+    dtype: torch.dtype,
 ) -> Tensor:
     """``argmin_X ||W_p (F X - T)||^2 + lam ||X - X0||^2`` with ``T`` the sum of ``terms`` (see
     :func:`half_rhs`). ``F`` p x r and ``X0`` r x q are float64; the terms are in the compute
-    dtype, the only operands the big products touch. Returns X (r x q, float64).
+    ``dtype`` (the only operands the big products touch), but for the start point's own term, in
+    float64. Returns X (r x q, float64).
 
     The optimizer step engine (``oplora.optim.engine``) runs the same three stages --
     :func:`thin_qr` of the weighted factor, :func:`half_rhs`, :func:`prox_solve` -- with the
@@ -249,7 +254,7 @@ def _half_step(
     """
     qmat, r_mat = thin_qr(metric_p.weight(f))
     q_plain, q_prec = half_operators(metric_p, qmat, any(t[3] for t in terms))
-    y = half_rhs(q_plain, q_prec, terms, metric_q, terms[0][0].dtype)
+    y = half_rhs(q_plain, q_prec, terms, metric_q, dtype)
     return prox_solve(r_mat, y, x0, lam, f.shape[0])
 
 
@@ -270,17 +275,20 @@ def lorsum(terms: Sequence[Tuple[Tensor, Tensor]], coeffs: Sequence[float], init
     coeffs = [float(c) for c in coeffs]
     lam = float(prox)
     m_out, m_in = Metric(metric[0]), Metric(metric[1])
-    us = [u.to(dtype) for u, _ in terms]
-    vs = [v.to(dtype) for _, v in terms]
+    # A term that is the start point itself (the same tensors: the optimizers' ``(B, A)``) is kept
+    # in float64, so that a step of a few ulps of the factors is not lost in its rounding.
+    own = [u is b0 and v is a0 for u, v in terms]
+    us = [u.double() if mine else u.to(dtype) for (u, _), mine in zip(terms, own)]
+    vs = [v.double() if mine else v.to(dtype) for (_, v), mine in zip(terms, own)]
     a_terms = list(zip(us, vs, coeffs, precondition))
     b_terms = list(zip([v.mT for v in vs], [u.mT for u in us], coeffs, precondition))
     b0_64, a0_64 = b0.double(), a0.double()
 
     def a_step(b: Tensor) -> Tensor:
-        return _half_step(b, a0_64, a_terms, m_out, m_in, lam)
+        return _half_step(b, a0_64, a_terms, m_out, m_in, lam, dtype)
 
     def b_step(a: Tensor) -> Tensor:
-        return _half_step(a.mT, b0_64.mT, b_terms, m_in, m_out, lam).mT
+        return _half_step(a.mT, b0_64.mT, b_terms, m_in, m_out, lam, dtype).mT
 
     if iters == 0:
         a, b = a_step(b0_64), b_step(a0_64)

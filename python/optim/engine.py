@@ -206,6 +206,12 @@ def _signature(layer: Layer, dtype: torch.dtype) -> Hashable:
     return (b.device, dtype, a.shape[1], b.shape[0], stats, tuple(problems))
 
 
+def _is_start(problem: Problem, i: int) -> bool:
+    """Whether thin term ``i`` of ``problem`` is its start point itself (the same tensors)."""
+    u, v = problem.thin[i][:2]
+    return u is problem.init[0] and v is problem.init[1]
+
+
 class _Group:
     """Layers of one signature: their rows (per layer) and their problems' runs (stacked)."""
 
@@ -223,7 +229,10 @@ class _Group:
         for j, p in enumerate(layers[0].problems):
             b0 = stack_layers([layer.problems[j].init[0] for layer in layers]).double()
             a0 = stack_layers([layer.problems[j].init[1] for layer in layers]).double()
-            thin = [(stack_layers([layer.problems[j].thin[i][0] for layer in layers]).to(dtype),
+            # The problem's own start as a term (the step's (B, A), the momentum's (Um, Vm)) stays in
+            # float64 (reference.half_rhs): a step of a few ulps of the factors survives its rounding.
+            thin = [(b0, a0, float(c), bool(pre)) if _is_start(p, i) else
+                    (stack_layers([layer.problems[j].thin[i][0] for layer in layers]).to(dtype),
                      stack_layers([layer.problems[j].thin[i][1] for layer in layers]).to(dtype), float(c), bool(pre))
                     for i, (_, _, c, pre) in enumerate(p.thin)]
             run = _Run(problem=p, b0=b0, a0=a0, b=b0, a=a0, thin=thin, schedule=_schedule(p.iters, p.start))

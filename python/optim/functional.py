@@ -324,8 +324,9 @@ def plan_svd(b: Tensor, a: Tensor, folded: Folded, state: Dict, *, lr: float, mo
 
     ``M = G`` without momentum; with momentum the heavy-ball buffer ``M <- momentum M + G``
     (``momentum_buffer``, m x n, kept explicitly: this baseline forms m x n by definition).
-    Balanced factors ``B = U_r S_r^1/2``, ``A = S_r^1/2 V_r^T``. Computed in float32 (float64 for
-    float64 factors).
+    Balanced factors ``B = U_r S_r^1/2``, ``A = S_r^1/2 V_r^T``. The gradient and momentum are
+    kept in float32 (float64 for float64 factors); ``B A - lr M`` and its SVD are computed in
+    float64, so that a small step is not lost in the rounding of ``B A``.
     """
     dtype = compute_dtype(b)
     g = folded.g.to(dtype)
@@ -338,7 +339,9 @@ def plan_svd(b: Tensor, a: Tensor, folded: Folded, state: Dict, *, lr: float, mo
         g = buf
     if not bool(torch.isfinite(g).all()):
         raise FloatingPointError("the gradient holds NaN or Inf")
-    w = b.to(dtype) @ a.to(dtype) - lr * g
+    # In float64: the step is the difference of two nearly equal products when lr is small, and a
+    # float32 product and SVD (error eps32 * |B A|) would swamp a step of a few ulps of the factors.
+    w = b.double() @ a.double() - lr * g.double()
     u, s, vh = torch.linalg.svd(w, full_matrices=False)
     root = s[:b.shape[1]].sqrt()
     # When min(m, n) < r the SVD has fewer than r components: the extra factor rows stay zero.
