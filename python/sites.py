@@ -11,7 +11,9 @@ Layer kinds (:data:`KINDS`; a site's ``kind``), each with its X and its factors 
 * ``"linear"`` -- ``oplora.LoRALinear`` and every PEFT ``LoraLayer`` whose adapter is the plain
   branch ``lora_B(lora_A(dropout(x))) * scaling`` with ``nn.Linear`` factors, whatever its base
   layer: ``lora.Linear``, bitsandbytes ``Linear4bit`` / ``Linear8bitLt``, HQQ, GPTQ, AWQ, EETQ,
-  torchao, ... (found by structure, not by class name). X: the rows of lora_A's input.
+  torchao, ... (found by structure, not by class name); torchtune's ``LoRALinear`` (its NF4 base
+  and QAT subclass included: ``lora_b(lora_a(dropout(x))) * alpha / rank``, bias-free factors).
+  X: the rows of lora_A's input.
 * ``"conv"`` -- PEFT ``Conv1d/2d/3d`` LoRA (``lora_A`` a convolution with any stride, padding
   (any mode) and dilation, groups 1; ``lora_B`` its 1 x ... x 1 counterpart). X: the unfolded
   patches of lora_A's input (im2col, T = batch x output positions, n = c_in k_1 ... k_d, columns
@@ -29,7 +31,8 @@ Layer kinds (:data:`KINDS`; a site's ``kind``), each with its X and its factors 
   column at zero, ``F.embedding``'s rule for its weight; a masked padding token has no gradient
   row and adds nothing either way).
 
-LoRA factors of other kinds -- LoRA variants whose update is not ``B A`` (DoRA, ...), grouped
+LoRA factors of other kinds -- LoRA variants whose update is not ``B A`` (DoRA, PEFT's or
+torchtune's ``DoRALinear``, ...), grouped
 convolutions, layers whose forward merges ``B A`` into the base weights (PEFT's
 ``MultiheadAttention``, ``ParamWrapper``) and the LoRA layers inside them, factors of other module
 types -- are reported as
@@ -200,7 +203,9 @@ class LoRASite:
 
     @property
     def scaling(self) -> float:
-        s = self.layer.scaling
+        s = getattr(self.layer, "scaling", None)
+        if s is None:  # torchtune's LoRALinear: alpha / rank
+            return float(self.layer.alpha) / float(self.layer.rank)
         return float(s[self.adapter] if self.adapter is not None else s)
 
     @property
@@ -277,6 +282,18 @@ def _peft_lora() -> Optional[SimpleNamespace]:
     return SimpleNamespace(LoraLayer=LoraLayer, merging=merging)
 
 
+def _torchtune_lora() -> Optional[SimpleNamespace]:
+    """torchtune's LoRA layer classes, when torchtune's PEFT modules are already imported (a model
+    built with them implies it): ``LoRALinear`` (and its subclasses: QAT) runs the plain branch
+    ``lora_b(lora_a(dropout(x))) * alpha / rank``; ``DoRALinear`` does not."""
+    module = sys.modules.get("torchtune.modules.peft.lora")
+    if module is None:
+        return None
+    dora = sys.modules.get("torchtune.modules.peft.dora")
+    return SimpleNamespace(LoRALinear=getattr(module, "LoRALinear", None),
+                           DoRALinear=getattr(dora, "DoRALinear", None) if dora is not None else None)
+
+
 def _conv_problem(lora_a: nn.Module, lora_b: nn.Module) -> Optional[str]:
     """Why a Conv LoRA pair is not the plain branch (lora_A a convolution, lora_B its 1 x ... x 1
     counterpart, groups 1), or None."""
@@ -313,7 +330,7 @@ def find_lora_sites(model: nn.Module) -> Tuple[List[LoRASite], List[Unsupported]
     ``"linear"`` kind over any base layer, ``nn.Conv1d/2d/3d`` factors the ``"conv"`` kind,
     ``lora_embedding_A/B`` the ``"embedding"`` kind; variants are unsupported.
     """
-    peft = _peft_lora()
+    peft, torchtune = _peft_lora(), _torchtune_lora()
     sites: List[LoRASite] = []
     unsupported: List[Unsupported] = []
 
@@ -332,6 +349,20 @@ def find_lora_sites(model: nn.Module) -> Tuple[List[LoRASite], List[Unsupported]
         if isinstance(module, LoRALinear):
             add(LoRASite(name, module, module.lora_A, module.lora_B, None, "linear"),
                 [module.lora_A.weight, module.lora_B.weight])
+            continue
+        if torchtune is not None and torchtune.DoRALinear is not None and isinstance(module, torchtune.DoRALinear):
+            refuse(name, "a torchtune DoRALinear: a LoRA variant whose update is not B A",
+                   [p for p in module.parameters() if p is not getattr(module, "weight", None)
+                    and p is not getattr(module, "bias", None)])
+            continue
+        if torchtune is not None and torchtune.LoRALinear is not None and isinstance(module, torchtune.LoRALinear):
+            lora_a, lora_b = module.lora_a, module.lora_b
+            if type(lora_a) is nn.Linear and type(lora_b) is nn.Linear and lora_a.bias is None and lora_b.bias is None:
+                add(LoRASite(name, module, lora_a, lora_b, None, "linear"), [lora_a.weight, lora_b.weight])
+            else:
+                refuse(name, f"a torchtune LoRALinear whose lora_a/lora_b are {type(lora_a).__name__}/"
+                             f"{type(lora_b).__name__} with biases (captured: bias-free nn.Linear)",
+                       list(lora_a.parameters()) + list(lora_b.parameters()))
             continue
         if peft is None or not isinstance(module, peft.LoraLayer):
             continue
