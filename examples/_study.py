@@ -688,6 +688,9 @@ def parser(doc: str) -> argparse.ArgumentParser:
                    help="lrs a grid may grow by past an edge that is best (default 2)")
     p.add_argument("--workers", type=int, default=2, help="worker processes (default 2); 0: run in this process")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads per worker (default 1)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="training steps of every run (default: the task's); the warmup and the evaluation interval "
+                        "scale with it (a longer-run study: give it its own --name)")
     p.add_argument("--name", default=None,
                    help="results stem (default: the study's); e.g. a separate file for variants of the optimizers")
     p.add_argument("--report", action="store_true", help="only write the markdown and plot from the CSV")
@@ -698,6 +701,17 @@ def parser(doc: str) -> argparse.ArgumentParser:
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     p.add_argument("--worker-id", type=int, default=None, help=argparse.SUPPRESS)
     return p
+
+
+def scale_schedule(task: Task, steps: int) -> None:
+    """``task`` trained ``steps`` steps, its warmup and evaluation interval scaled alike (300 steps
+    with 30 of warmup and an evaluation every 50 become 1,000, 100 and 167)."""
+    if steps < 1:
+        raise SystemExit(f"--steps must be >= 1, got {steps}")
+    ratio = steps / task.steps
+    task.warmup = max(0, round(task.warmup * ratio))
+    task.eval_every = max(1, round(task.eval_every * ratio))
+    task.steps = steps
 
 
 def grids_from(args, defaults: Dict[str, Sequence[float]]) -> Dict[str, Tuple[float, ...]]:
@@ -722,6 +736,8 @@ def main(task: Task, defaults: Dict[str, Sequence[float]], argv: Optional[Sequen
     torch.set_num_threads(args.threads)
     grids = grids_from(args, defaults)
     task.extend = args.extend
+    if args.steps is not None:
+        scale_schedule(task, args.steps)
     if args.name:
         task.name = args.name
     out = os.path.join(args.out, "quick") if args.quick else args.out

@@ -70,7 +70,8 @@ GRIDS: Dict[str, Sequence[float]] = {
     "LoRA+": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2),        # B's lr is 16 x lr
     "Riemannian": (3e-4, 9e-4, 3e-3, 9e-3, 3e-2),
     "OPLoRA": (3e-3, 9e-3, 3e-2, 9e-2, 3e-1),       # SGD's lr scale (OPLoRA steps on the gradient)
-    "ScaledOPLoRA": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1), # Adam's scale (the K-FAC diagonal scaling)
+    "ScaledOPLoRA": (3e-4, 1e-3, 3e-3, 1e-2, 3e-2), # Adam's scale (the square root of the K-FAC diagonal)
+    "ScaledOPLoRA[preset=paper]": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1),  # the papers' settings
     "SVDLoRA": (3e-3, 9e-3, 3e-2, 9e-2, 3e-1),
 }
 QUICK_GRIDS = {"AdamW": (1e-3, 3e-3), "OPLoRA": (1e-2, 3e-2)}

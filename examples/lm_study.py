@@ -42,7 +42,8 @@ GRIDS: Dict[str, Sequence[float]] = {
     "LoRA+": _study.half_decades(3e-5, 5),
     "Riemannian": _study.half_decades(1e-4, 5),
     "OPLoRA": _study.half_decades(3e-4, 5),         # SGD's lr scale (OPLoRA steps on the gradient)
-    "ScaledOPLoRA": _study.half_decades(1e-3, 5),   # Adam's scale (the K-FAC diagonal scaling)
+    "ScaledOPLoRA": _study.half_decades(1e-4, 5),   # Adam's scale (the square root of the K-FAC diagonal)
+    "ScaledOPLoRA[preset=paper]": _study.half_decades(1e-3, 5),  # the papers' settings (metric ~ constant here)
     "SVDLoRA": _study.half_decades(3e-4, 5),
 }
 QUICK_GRIDS = {"AdamW": (1e-3, 3e-3), "OPLoRA": (3e-3, 1e-2)}

@@ -291,6 +291,18 @@ class NoDefaultLr(torch.optim.SGD):
         super().__init__(params, lr=lr, momentum=momentum)
 
 
+def test_scaled_presets_fill_the_arguments_left_unset():
+    group = oplora.ScaledOPLoRA(make_model()).lora_group
+    assert all(group[k] == v for k, v in oplora.ScaledOPLoRA.PRESETS["default"].items())
+    paper = oplora.ScaledOPLoRA(make_model(), preset="paper").lora_group
+    assert (paper["damping"], paper["metric_power"], paper["bias_correction"], paper["relative_damping"],
+            paper["init_metric_scale"]) == (0.1, 1.0, False, False, 1.0)
+    mixed = oplora.ScaledOPLoRA(make_model(), preset="paper", metric_power=0.5, bias_correction=True).lora_group
+    assert (mixed["metric_power"], mixed["bias_correction"], mixed["damping"]) == (0.5, True, 0.1)
+    with pytest.raises(ValueError, match="preset must be one of 'default', 'paper'"):
+        oplora.ScaledOPLoRA(make_model(), preset="papers")
+
+
 def test_range_messages_say_what_is_allowed():
     with pytest.raises(ValueError, match=r"lr must be >= 0, got -1.0"):
         oplora.OPLoRA(make_model(), lr=-1.0)

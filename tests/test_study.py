@@ -233,3 +233,12 @@ def test_a_variant_without_a_grid_of_its_own_uses_its_optimizers():
     assert _study.grids_from(args, defaults) == {"OPLoRA[prox=0]": (1e-2,)}
     with pytest.raises(SystemExit, match="unknown optimizer"):
         _study.grids_from(_study.parser("t").parse_args(["--optimizers", "Adam[x=1]"]), defaults)
+
+
+def test_a_longer_run_scales_its_warmup_and_evaluations():
+    task = Tiny()
+    task.steps, task.warmup, task.eval_every = 300, 30, 50
+    _study.scale_schedule(task, 1000)
+    assert (task.steps, task.warmup, task.eval_every) == (1000, 100, 167)
+    with pytest.raises(SystemExit, match="--steps must be >= 1"):
+        _study.scale_schedule(task, 0)

@@ -89,9 +89,15 @@ class OPLoRA(LoRAOptimizer):
         lr: learning rate (>= 0), on the scale of SGD on the full weight (step ``-lr G``).
         momentum: in [0, 1). dampening: in [0, 1].
         iters: LoRSum rounds (>= 0; 0 is the Jacobi / Riemannian step).
-        prox: proximal weight relative to lr (>= 0).
+        prox: proximal weight (>= 0): relative to lr (``lam = lr * prox``), or with
+            ``relative_prox`` relative to the fixed factor of each half-step (``lam = prox`` times
+            the mean squared singular value of that factor, weighted by the metric), which neither
+            freezes a factor that is still small (A while B grows from PEFT's ``B = 0``) nor
+            vanishes beside a large one.
         momentum_rank: rank of the momentum (default r of each layer).
-        start: ``"A"`` or ``"B"``: which half-step LoRSum takes first.
+        start: ``"A"`` or ``"B"``: which half-step LoRSum takes first; ``"auto"``: the B side at
+            a layer's first step when its B is exactly zero (PEFT's init: from ``B = 0`` the A
+            half-step has nothing to solve), the A side otherwise.
         other, other_kwargs, strict: see :class:`oplora.optim.base.LoRAOptimizer`.
         seed: seed of the random momentum start (default: drawn from torch's global generator;
             broadcast from rank 0 under torch.distributed).
@@ -145,56 +151,87 @@ class OPLoRA(LoRAOptimizer):
 class ScaledOPLoRA(LoRAOptimizer):
     """Scaled OPLoRA: OPLoRA preconditioned by a diagonal fractional K-FAC metric.
 
-    Per LoRA layer, EMAs started at ``init_metric_scale * ones`` (SPEC section 3):
+    Per LoRA layer, EMAs of the statistics of G's own factors (SPEC section 3):
     ``d_in <- b2 d_in + (1 - b2) mean_t x_t^2`` (n) and ``d_out <- b2 d_out + (1 - b2) c sum_t g_t^2``
     (m), ``g_t = s D_t``, ``c = T`` for ``loss_reduction="mean"`` (``1/T`` for ``"sum"``); metric
-    ``M = (d + damping)^p`` (``p = metric_power``, no bias correction). Step: LoRSum with metric
-    ``(M_out, M_in)`` on terms ``[(B, A), (sD^T, X), (Um, Vm)]``, coefficients
-    ``[1, -lr (1 - b1), -lr b1]``, precondition ``[False, True, True]``, ``prox = lr * prox``;
-    then the momentum update as OPLoRA with ``[b1, 1 - b1]`` and no metric.
-    ``metric_power = 0`` is exactly OPLoRA with ``momentum = dampening = b1``.
+    ``M = (d_hat + delta)^p`` (``p = metric_power``). Step: LoRSum with metric ``(M_out, M_in)`` on
+    terms ``[(B, A), (sD^T, X), (Um, Vm)]``, coefficients ``[1, -lr (1 - b1) / c1, -lr b1 / c1]``,
+    precondition ``[False, True, True]``; then the momentum update as OPLoRA with
+    ``[b1, 1 - b1]`` and no metric. With ``bias_correction`` the EMAs start at zero,
+    ``d_hat = d / (1 - b2^t)`` and ``c1 = 1 - b1^t`` (Adam's corrections: the metric is this step's
+    statistics at t = 1 and the first step is full size); without it the EMAs start at
+    ``init_metric_scale``, ``d_hat = d``, ``c1 = 1``. ``delta`` is ``damping``, or with
+    ``relative_damping`` ``damping`` times the mean of ``d_hat`` (per layer and side), so that it
+    neither swamps statistics far below one nor vanishes beside large ones.
+    With ``metric_power = 0`` and no bias correction this is exactly OPLoRA with
+    ``momentum = dampening = b1``.
+
+    ``preset`` fills the arguments left unset (:attr:`PRESETS`): ``"default"`` the package's
+    settings (bias-corrected statistics and momentum, damping ``1e-3`` relative to the statistics,
+    ``metric_power=0.5``: the square root of the K-FAC diagonal, an Adam-like normalisation whose lr
+    is on Adam's scale), chosen by the fine-tuning studies; ``"paper"`` the papers' (EMAs from
+    ``init_metric_scale * ones`` without correction, absolute damping 0.1, ``metric_power=1``).
+    An argument given explicitly wins over the preset.
 
     Args:
         lr: learning rate (>= 0); the metric normalises the gradient, so lr is on Adam's scale,
             and the other optimizer's lr defaults to it.
         betas: ``(b1, b2)``, each in [0, 1): momentum and statistics EMA.
-        damping: > 0, added to the statistics before the power.
+        damping: > 0, added to the statistics before the power (times their mean with
+            ``relative_damping``).
         metric_power: p in [0, 1] (1: K-FAC, 1/2: its square root, 0: OPLoRA).
-        iters, prox, momentum_rank, start, other, other_kwargs, strict, seed, max_grad_norm,
-            skip_nonfinite, process_group, capture, master_factors: as in :class:`OPLoRA`.
+        bias_correction, relative_damping: bools, above.
+        iters, prox, relative_prox, momentum_rank, start, other, other_kwargs, strict, seed,
+            max_grad_norm, skip_nonfinite, process_group, capture, master_factors: as in
+            :class:`OPLoRA`.
         metric: ``"diag"`` (vectors, the default) or ``"dense"`` (n x n and m x m EMAs, for small
             layers: memory m^2 + n^2 per layer and an eigen-decomposition per step).
         statistics: ``"kfac"`` (X and g, above) or ``"shampoo"`` (``G G^T`` and ``G^T G``, whose
             own exponent is ``metric_power = 0.25``; their diagonals are computed from X and sD
             in row blocks, the dense form forms G).
         loss_reduction: ``"mean"`` or ``"sum"``: how the loss reduces over the T rows.
-        init_metric_scale: > 0, the EMAs' start.
+        init_metric_scale: > 0, the EMAs' start without bias correction (default 1; refused with
+            ``bias_correction=True``, whose EMAs start at zero).
+        preset: ``"default"`` or ``"paper"``, above.
 
     State per layer: ``step``, ``momentum_U``, ``momentum_V`` (factor dtype) and ``d_in``,
-    ``d_out`` (float32; float64 for float64 factors).
+    ``d_out`` (float32; float64 for float64 factors; uncorrected, as Adam keeps its moments).
 
     On several data-parallel ranks the K-FAC statistics (diagonal or dense) are summed over the
     ranks with the global row count; ``statistics="shampoo"`` is refused there (it needs G).
     """
 
-    def __init__(self, model: nn.Module, lr: float = 1e-3, *, betas: Tuple[float, float] = (0.9, 0.999),
-                 damping: float = 0.1, metric_power: float = 1.0, iters: int = 1, prox: float = 1e-2,
-                 relative_prox: bool = False, metric: str = "diag", statistics: str = "kfac",
-                 loss_reduction: str = "mean",
-                 bias_correction: bool = False, relative_damping: bool = False,
-                 init_metric_scale: Optional[float] = None, momentum_rank: Optional[int] = None, start: str = "A",
+    #: The settings each ``preset`` gives the arguments left unset (``None``). ``"paper"``: the
+    #: papers' ScaledOPLoRA (SPEC section 3: EMAs from ``init_metric_scale``, no bias correction,
+    #: absolute damping, K-FAC power 1, proximal weight ``lr * prox``). ``"default"``: the package's,
+    #: chosen by the fine-tuning studies (README, "When to use it").
+    PRESETS: Dict[str, Dict[str, object]] = {
+        "default": dict(betas=(0.9, 0.999), damping=1e-3, metric_power=0.5, bias_correction=True,
+                        relative_damping=True, relative_prox=False, start="A"),
+        "paper": dict(betas=(0.9, 0.999), damping=0.1, metric_power=1.0, bias_correction=False,
+                      relative_damping=False, relative_prox=False, start="A"),
+    }
+
+    def __init__(self, model: nn.Module, lr: float = 1e-3, *, betas: Optional[Tuple[float, float]] = None,
+                 damping: Optional[float] = None, metric_power: Optional[float] = None, iters: int = 1,
+                 prox: float = 1e-2, relative_prox: Optional[bool] = None, metric: str = "diag",
+                 statistics: str = "kfac", loss_reduction: str = "mean", bias_correction: Optional[bool] = None,
+                 relative_damping: Optional[bool] = None, init_metric_scale: Optional[float] = None,
+                 momentum_rank: Optional[int] = None, start: Optional[str] = None, preset: str = "default",
                  other: OtherSpec = "adamw", other_kwargs: Optional[dict] = None, strict: bool = False,
                  seed: Optional[int] = None, max_grad_norm: Optional[float] = None, skip_nonfinite: bool = False,
                  process_group=None, capture: str = "auto", master_factors: bool = False):
-        if bias_correction is True and init_metric_scale is not None:
+        given = dict(betas=betas, damping=damping, metric_power=metric_power, bias_correction=bias_correction,
+                     relative_damping=relative_damping, relative_prox=relative_prox, start=start)
+        chosen = {key: value for key, value in given.items() if value is not None}
+        settings = {**self.PRESETS[check_choice(preset, "preset", tuple(self.PRESETS))], **chosen}
+        if settings["bias_correction"] is True and init_metric_scale is not None:
             raise ValueError("init_metric_scale is the start of uncorrected statistics (bias_correction=False); "
                              "with bias_correction=True they start at zero")
         defaults = check_all(self.HYPER_CHECKS, dict(
-            lr=lr, betas=betas, damping=damping, metric_power=metric_power, iters=iters, prox=prox,
-            relative_prox=relative_prox, metric=metric, statistics=statistics, loss_reduction=loss_reduction,
-            bias_correction=bias_correction, relative_damping=relative_damping,
+            lr=lr, iters=iters, prox=prox, metric=metric, statistics=statistics, loss_reduction=loss_reduction,
             init_metric_scale=1.0 if init_metric_scale is None else init_metric_scale, momentum_rank=momentum_rank,
-            start=start, seed=_seed(seed)))
+            seed=_seed(seed), **settings))
         super().__init__(model, defaults, other=other, other_kwargs=other_kwargs, strict=strict,
                          max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite, process_group=process_group,
                          capture=capture, master_factors=master_factors)
