@@ -114,6 +114,7 @@ class Capture:
         self.mode = mode
         self.stats = stats
         self._users: Dict[tuple, int] = {}  # captured X -> how many held chunks share it
+        self._compacted: Dict[tuple, tuple] = {}  # X of this backward pass -> its rows kept (_compact)
         self._handles: List = []
         self._watched: Set[int] = set()  # ids of the factors with a post-accumulate-grad hook
         self._queued = False  # the end-of-backward mark is queued on the running backward pass
@@ -194,6 +195,7 @@ class Capture:
 
     def _marked(self) -> None:
         self._queued = False
+        self._compacted.clear()  # a backward pass is over: its inputs' row selections are not reused
         _lifetime.snapshot([site for site in self.sites if site.mark is not None and site.mark.dirty])
 
     def sync(self, sites: Optional[List[LoRASite]] = None, force: bool = False) -> None:
@@ -332,9 +334,29 @@ class Capture:
             return
         if live is not None:
             keep = live.nonzero().squeeze(1)
-            x, g = x.index_select(0, keep), g.index_select(0, keep)
+            x, g = self._compact(x, keep), g.index_select(0, keep)
             version = x._version
         self._add(site, x, version, g, scaling)
+
+    def _compact(self, x: Tensor, keep: Tensor) -> Tensor:
+        """``x.index_select(0, keep)``, one copy for every layer of this backward pass that reads
+        the same X and keeps the same rows (q, k and v of a block: a causal LM's last position,
+        padding), so that the copies stay shared as the X they come from was (``_users``).
+
+        The cache is keyed by X's storage object (a weak reference: torch keeps one Python object
+        per live storage, so a freed storage whose address is reused never matches), offset,
+        shape, strides and version, and the kept rows are compared; it is emptied after every
+        backward pass."""
+        key = _x_key(x) + (tuple(x.stride()),)
+        storage = x.untyped_storage()
+        entry = self._compacted.get(key)
+        if entry is not None:
+            ref, version, rows, copy = entry
+            if ref() is storage and version == x._version and rows.shape == keep.shape and torch.equal(rows, keep):
+                return copy
+        copy = x.index_select(0, keep)
+        self._compacted[key] = (weakref.ref(storage), x._version, keep, copy)
+        return copy
 
     def _held(self, site: LoRASite) -> float:
         """Bytes of ``site``'s held chunks, a captured X shared by several layers counted once."""
@@ -413,6 +435,7 @@ class Capture:
     def clear(self) -> None:
         """Release every captured tensor (the hooks stay)."""
         Capture._release(self.sites, self._users)
+        self._compacted.clear()
         self._queued = False
 
     def close(self, because: str = "close() was called") -> None:

@@ -1,0 +1,89 @@
+"""``oplora.memory_model.capture_memory``: the bytes each capture mode holds, counted before
+training, against what the capture holds after real backward passes; and the capture itself
+keeping q, k and v's X shared when rows without gradient are dropped (a causal LM's last
+position), which the count assumes."""
+
+import pytest
+import torch
+
+import oplora
+from oplora.memory_model import capture_memory, lora_shapes
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def config():
+    return transformers.LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+
+
+def peft_llama():
+    torch.manual_seed(0)
+    return peft.get_peft_model(transformers.LlamaForCausalLM(config()),
+                               peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+
+
+def accumulate(model, micro_batches, batch=2, seq=5):
+    """Causal-LM passes; each sequence's last position has no gradient, so every LoRA layer keeps
+    ``batch * (seq - 1)`` rows a pass."""
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(micro_batches):
+        ids = torch.randint(0, 40, (batch, seq), generator=gen)
+        model(input_ids=ids, labels=ids).loss.backward()
+    return batch * (seq - 1)
+
+
+@pytest.mark.parametrize("mode", ["rows", "dense", "auto"])
+@pytest.mark.parametrize("micro_batches", [1, 3])
+def test_the_count_is_what_the_capture_holds(mode, micro_batches):
+    model = peft_llama()
+    opt = oplora.OPLoRA(model, lr=0.1, capture=mode)
+    tokens = accumulate(model, micro_batches)
+    est = capture_memory(model, tokens=tokens, micro_batches=micro_batches, activation_dtype=torch.float32)
+    assert opt.capture_bytes() == {"rows": est.rows, "dense": est.dense, "auto": est.auto}[mode]
+    assert est.held(mode) == opt.capture_bytes() + est.factor_grads
+    if mode == "auto":  # at 1 micro-batch no layer folds, at 3 some do: both branches of the count
+        folded = sum(site.folded is not None for site in opt._sites)
+        assert est.folded == folded and (folded == 0) == (micro_batches == 1)
+    opt.close()
+
+
+def test_q_k_v_keep_one_copy_of_their_input_when_rows_are_dropped():
+    model = peft_llama()
+    opt = oplora.OPLoRA(model, lr=0.1, capture="rows")
+    accumulate(model, 1)
+    attention = [s for s in opt._sites if "layers.0.self_attn" in s.name and s.name.split(".")[-1][0] in "qkv"]
+    assert len(attention) == 3 and all(len(s.chunks) == 1 for s in attention)
+    xs = [s.chunks[0][0] for s in attention]
+    assert xs[0].shape[0] == 8  # the last position of each sequence was dropped
+    assert len({x.untyped_storage().data_ptr() for x in xs}) == 1
+    opt.close()
+
+
+def test_shapes_from_a_config_on_the_meta_device_and_from_targets():
+    est = capture_memory(config(), tokens=16, targets=TARGETS, r=4, activation_dtype=torch.float32)
+    assert est.layers == 14 and est.lora_params == 2 * (4 * (32 + 32) * 2 + 4 * (16 + 32) * 2 + 4 * (64 + 32) * 3)
+    shapes = lora_shapes(peft_llama())
+    assert {s.reads for s in shapes if "layers.0.self_attn" in s.name and s.name.split(".")[-1][0] in "qkv"} == \
+        {"base_model.model.model.layers.0.self_attn#0"}
+    with pytest.raises(ValueError, match="no LoRA layer"):
+        lora_shapes(transformers.LlamaForCausalLM(config()))
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        capture_memory(config(), tokens=4, targets=["qproj"], r=4)
+
+
+def test_llama_2_7b_every_linear_layer_16k_tokens():
+    """The README's table: Llama-2-7B shapes, LoRA r16 on every linear layer, 8 x 2048 bf16
+    tokens: the exact capture holds ~26 GiB with the rows and caps at the dense gradients (every
+    layer folds), against 0.3 GiB of factor gradients for AdamW."""
+    cfg = transformers.LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                   num_attention_heads=32, num_key_value_heads=32, vocab_size=32000)
+    est = capture_memory(cfg, tokens=2048, micro_batches=8, targets=TARGETS, r=16)
+    gib = 2.0**30
+    assert est.layers == 224 and est.folded == 224
+    assert est.dense / gib == pytest.approx(4 * 32 * (4 * 4096**2 + 3 * 4096 * 11008) / gib)
+    assert est.auto == est.dense and est.rows > est.dense
+    assert est.factor_grads / gib == pytest.approx(4 * 16 * 32 * (4 * 8192 + 3 * (4096 + 11008)) / gib)
