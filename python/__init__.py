@@ -10,11 +10,14 @@ Public API:
     create_optimizer(model, name="oplora" | "scaled" | "svd" | "riemannian", **kwargs)  -- by name
     LoRALinear, add_lora  -- LoRA for plain PyTorch models (PEFT models work as they are)
     backend_info()  -- which implementation runs on which device, and why
+    capture_memory(model_or_config, tokens=..., ...)  -- what the optimizers hold between backward
+        and step, per capture mode, next to AdamW (counted, nothing allocated)
 """
 
 from ._backend import backend_info
 from .factory import create_optimizer
 from .layers import LoRALinear, add_lora
+from .memory_model import capture_memory
 from .lorsum import lorsum
 from .optim import OPLoRA, RiemannianLoRA, ScaledOPLoRA, SVDLoRA
 
@@ -30,5 +33,6 @@ __all__ = [
     "LoRALinear",
     "add_lora",
     "backend_info",
+    "capture_memory",
     "__version__",
 ]

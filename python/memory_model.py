@@ -36,7 +36,7 @@ from torch import nn
 from ._checks import check_int
 from .sites import find_lora_sites
 
-__all__ = ["SHARED", "LayerShape", "CaptureMemory", "lora_shapes", "capture_memory"]
+__all__ = ["SHARED", "LayerShape", "CaptureMemory", "lora_shapes", "capture_memory", "LLAMAS", "llama_table"]
 
 #: Sibling projections that read the same input tensor (Llama/Mistral/Qwen, GPT-NeoX, BERT).
 SHARED: Tuple[Tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"),
@@ -201,3 +201,35 @@ def capture_memory(model: Union[nn.Module, object], *, tokens: int, micro_batche
         dense=sum(dense.values()), auto=auto, folded=len(shapes) - len(holding), factor_grads=lora * bf,
         lora_params=lora, adamw_state=2 * lora * bf, oplora_state=lora * bf,
         scaled_state=lora * bf + 4 * sum(s.m + s.n for s in shapes), per_layer=per_layer)
+
+
+#: Public architectures of the README's table (transformers ``LlamaConfig`` fields).
+LLAMAS = {
+    "Llama-2-7B": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=32, vocab_size=32000),
+    "Llama-3-8B": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, vocab_size=128256),
+    "Llama-2-70B": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                        num_key_value_heads=8, vocab_size=32000),
+}
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+EVERY_LINEAR = ATTENTION + ("gate_proj", "up_proj", "down_proj")
+
+
+def llama_table(r: int = 16, tokens: int = 2048, micro_batches: Sequence[int] = (1, 8)) -> str:
+    """The README's markdown table: :data:`LLAMAS` x (q,k,v,o | every linear) x micro-batches."""
+    import transformers
+
+    lines = ["| model | LoRA r%d on | tokens per step | rows | dense | auto (default) | folded layers | "
+             "AdamW (factor grads) | AdamW state | OPLoRA state |" % r, "|---|---|---|---|---|---|---|---|---|---|"]
+    gib = lambda b: f"{b / 2**30:.2f}"  # noqa: E731
+    for name, fields in LLAMAS.items():
+        cfg = transformers.LlamaConfig(**fields)
+        for label, targets in (("q,k,v,o", ATTENTION), ("every linear", EVERY_LINEAR)):
+            for micro in micro_batches:
+                e = capture_memory(cfg, tokens=tokens, micro_batches=micro, targets=targets, r=r)
+                lines.append(f"| {name} | {label} | {tokens * micro:,} ({micro} x {tokens}) | {gib(e.held('rows'))} | "
+                             f"{gib(e.held('dense'))} | {gib(e.held('auto'))} | {e.folded}/{e.layers} | "
+                             f"{gib(e.factor_grads)} | {gib(e.adamw_state)} | {gib(e.oplora_state)} |")
+    return "\n".join(lines) + "\n"
+

@@ -87,3 +87,19 @@ def test_llama_2_7b_every_linear_layer_16k_tokens():
     assert est.dense / gib == pytest.approx(4 * 32 * (4 * 4096**2 + 3 * 4096 * 11008) / gib)
     assert est.auto == est.dense and est.rows > est.dense
     assert est.factor_grads / gib == pytest.approx(4 * 16 * 32 * (4 * 8192 + 3 * (4096 + 11008)) / gib)
+
+
+def test_the_readme_table_is_what_the_example_prints(capsys):
+    """README's table at LLM scale comes from ``examples/memory_at_scale.py`` unchanged."""
+    import os
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, os.path.join(root, "examples"))
+    import memory_at_scale
+
+    assert memory_at_scale.main([]) == 0
+    printed = capsys.readouterr().out
+    with open(os.path.join(root, "README.md")) as f:
+        readme = f.read()
+    assert printed.count("\n") == 14 and printed in readme
