@@ -99,11 +99,12 @@ def spd(size, dtype=torch.float64):
 # -- optimizer steps (SPEC section 3), from an explicit gradient G (m x n) --------------------
 
 def explicit_oplora_step(b, a, g, mom, *, lr, momentum, dampening, iters, prox, metric=None, start="A",
-                         step_scale=1.0, relative=False, mom_start=None):
+                         step_scale=1.0, relative=False, mom_start=None, precondition_momentum=False):
     """One OPLoRA step in float64; ``mom = (Um, Vm)`` or None; with ``metric`` the Scaled step;
     ``step_scale`` multiplies the step's gradient and momentum coefficients (a bias correction);
     ``relative``: the proximal weight is ``prox`` relative to the fixed factor (not ``lr * prox``);
-    ``mom_start``: the momentum problem's start side (default ``start``).
+    ``mom_start``: the momentum problem's start side (default ``start``); ``precondition_momentum``
+    (with a metric): the momentum averages preconditioned gradients and enters the step as it is.
 
     Returns ``(B, A, mom)`` with the momentum updated as SPEC says (no metric on it).
     """
@@ -113,12 +114,14 @@ def explicit_oplora_step(b, a, g, mom, *, lr, momentum, dampening, iters, prox, 
     if mom is not None:
         terms.append(mom)
         coeffs.append(-lr * momentum * step_scale)
-    pre = [False] + [True] * (len(terms) - 1) if metric is not None else None
+    averaged = metric is not None and precondition_momentum
+    pre = [False, True] + [not averaged] * (len(terms) - 2) if metric is not None else None
     new_b, new_a = explicit_lorsum(terms, coeffs, (b, a), iters=iters, prox=lam, metric=metric,
                                    precondition=pre, start=start, relative=relative)
     if mom is not None:
         mom = explicit_lorsum([mom, (g, eye)], [momentum, 1.0 - dampening], mom, iters=iters, prox=lam,
-                              start=mom_start or start, relative=relative)
+                              start=mom_start or start, relative=relative, metric=metric if averaged else None,
+                              precondition=[False, True] if averaged else None)
     return new_b, new_a, mom
 
 

@@ -112,6 +112,9 @@ OPTIMIZERS = {
     "scaled_relative": lambda m: oplora.ScaledOPLoRA(m, lr=0.01, metric_power=0.5, bias_correction=True,
                                                      relative_damping=True, damping=1e-3, relative_prox=True,
                                                      start="auto", seed=3),
+    # the metric floored at the step's statistics; the momentum of preconditioned gradients
+    "scaled_guarded": lambda m: oplora.ScaledOPLoRA(m, lr=0.01, current_floor=True, precondition_momentum=True,
+                                                    seed=3),
 }
 BF16, F32 = torch.bfloat16, torch.float32
 # (model, optimizer, dtype, steps)
@@ -119,7 +122,8 @@ RUNS = ([("mlp", name, F32, 12) for name in ("oplora_seeded", "oplora_jacobi_see
                                               "scaled_sqrt_iters2", "scaled_shampoo")]
         + [("mlp", "scaled_kfac", BF16, 5)]
         + [("tower", name, dtype, 3) for dtype in (F32, BF16)
-           for name in ("oplora", "oplora_iters2_rank2", "oplora_jacobi", "scaled", "scaled_relative")])
+           for name in ("oplora", "oplora_iters2_rank2", "oplora_jacobi", "scaled", "scaled_relative",
+                        "scaled_guarded")])
 TOWER_RUNS = [run for run in RUNS if run[0] == "tower"]
 
 

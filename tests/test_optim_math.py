@@ -196,6 +196,46 @@ def test_scaled_oplora_steps_match_spec(metric, statistics, loss_reduction, powe
     assert rel_err(state["momentum_U"] @ state["momentum_V"], mom[0] @ mom[1]) < 1e-8
 
 
+@pytest.mark.parametrize("floor, averaged", [(True, False), (False, True), (True, True)])
+def test_scaled_current_floor_and_preconditioned_momentum_match_spec(floor, averaged):
+    """``current_floor``: the metric reads ``max(d_hat, this step's statistics)``;
+    ``precondition_momentum``: the momentum averages ``M_out^-1 G M_in^-1`` (its LoRSum weighted by
+    the step's metric) and enters the step unpreconditioned. A batch of larger features at step 3
+    makes the floor bind."""
+    layer = make_layer()
+    lr, b1, b2, damping, prox = 0.05, 0.8, 0.9, 1e-2, 1e-2
+    opt = oplora.ScaledOPLoRA(layer, lr=lr, betas=(b1, b2), damping=damping, prox=prox, current_floor=floor,
+                              precondition_momentum=averaged, seed=3)
+    assert opt.lora_group["bias_correction"] and opt.lora_group["relative_damping"]
+    b, a = factors(layer)
+    mom = F.init_momentum(b, a, R, opt._site_seed(opt.lora_group, 0))
+    d_in, d_out = torch.zeros(N, dtype=torch.float64), torch.zeros(M, dtype=torch.float64)
+    data = batches(4)
+    data[2] = (data[2][0] * 3.0, data[2][1])
+    bound = []
+    for t, (x, y) in enumerate(data, 1):
+        d, g = explicit_grad(layer, b, a, x, y)
+        rows = x.shape[0]
+        cur_in, cur_out = x.square().mean(0), rows * (SCALE * d).square().sum(0)
+        d_in = b2 * d_in + (1 - b2) * cur_in
+        d_out = b2 * d_out + (1 - b2) * cur_out
+        c2 = 1 - b2**t
+        read_in, read_out = d_in / c2, d_out / c2
+        if floor:
+            bound.append(bool((cur_in > read_in).any()))
+            read_in, read_out = torch.maximum(read_in, cur_in), torch.maximum(read_out, cur_out)
+        met = (matrix_power_psd(read_out, damping, 0.5, True), matrix_power_psd(read_in, damping, 0.5, True))
+        b, a, mom = explicit_oplora_step(b, a, g, mom, lr=lr, momentum=b1, dampening=b1, iters=1, prox=prox,
+                                         metric=met, step_scale=1 / (1 - b1**t), precondition_momentum=averaged)
+    train(opt, layer, data)
+    assert not floor or bound[2]
+    state = opt.state[layer.lora_B.weight]
+    assert rel_err(state["d_in"], d_in) < 1e-10 and rel_err(state["d_out"], d_out) < 1e-10
+    assert rel_err(layer.lora_B.weight, b) < 1e-8
+    assert rel_err(layer.lora_A.weight, a) < 1e-8
+    assert rel_err(state["momentum_U"] @ state["momentum_V"], mom[0] @ mom[1]) < 1e-8
+
+
 def test_scaled_with_power_zero_is_oplora_with_momentum_and_dampening_b1():
     """Without bias correction (the papers' preset): with it the step reads the momentum average
     divided by 1 - b1^t, which OPLoRA's heavy-ball momentum does not."""

@@ -39,7 +39,8 @@ _MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer")
 _STATISTICS = ("d_in", "d_out")
 #: Hyper-parameters a checkpoint may lack (older versions had none), with the value the version
 #: that wrote it used (not today's default, which may differ).
-LEGACY = {"master_factors": False, "bias_correction": False, "relative_damping": False, "relative_prox": False}
+LEGACY = {"master_factors": False, "bias_correction": False, "relative_damping": False, "relative_prox": False,
+          "current_floor": False, "precondition_momentum": False}
 _OPTIONAL = tuple(LEGACY)
 
 

@@ -174,6 +174,7 @@ def plan_oplora(
     folded: Optional[Folded] = None,
     step_scale: float = 1.0,
     relative_prox: bool = False,
+    precondition_momentum: bool = False,
 ) -> Plan:
     """One OPLoRA step of a layer (SPEC section 3) as a :class:`Plan`:
 
@@ -199,6 +200,12 @@ def plan_oplora(
     its B half-step first at the layer's first step when its start ``B`` is exactly zero (PEFT's
     init; the momentum's ``Um = 0``), so that both factors move at once; ``"A"`` otherwise. That
     is one host sync per layer at its first step only.
+
+    ``precondition_momentum`` (with a ``metric``): the momentum averages the preconditioned
+    gradients, ``(Um, Vm) <- lorsum([(Um, Vm), (sD^T, X)], [momentum, 1 - dampening],
+    metric, precondition=[False, True])`` -- Adafactor's momentum of updates -- and enters the
+    step as it is, instead of averaging raw gradients that the step's metric preconditions: a
+    gradient far off the average is normalised by the metric of its own step, not by later ones.
     """
     lam, lam_relative = (0.0, prox) if relative_prox else (lr * prox, 0.0)
     first = state.get("step", 0) == 0
@@ -209,15 +216,17 @@ def plan_oplora(
         else:
             um, vm = init_momentum(b, a, momentum_rank, seed)
     pre = metric is not None
+    averaged = pre and precondition_momentum  # the momentum holds preconditioned gradients
     thin = [(b, a, 1.0, False)]
     if use_momentum:
-        thin.append((um, vm, -lr * momentum * step_scale, pre))
+        thin.append((um, vm, -lr * momentum * step_scale, pre and not averaged))
     problems = [engine.Problem(init=(b, a), thin=thin, data_coeff=-lr * (1.0 - dampening) * step_scale * grad_coeff,
                                data_precondition=pre, metric=metric, lam=lam, iters=iters,
                                start=_start_side(start, b, first), lam_relative=lam_relative)]
     if use_momentum:
         problems.append(engine.Problem(init=(um, vm), thin=[(um, vm, momentum, False)],
-                                       data_coeff=(1.0 - dampening) * grad_coeff, lam=lam, iters=iters,
+                                       data_coeff=(1.0 - dampening) * grad_coeff, data_precondition=averaged,
+                                       metric=metric if averaged else None, lam=lam, iters=iters,
                                        start=_start_side(start, um, first), lam_relative=lam_relative))
     layer = engine.Layer(xs=[x for x, _ in chunks], gs=[g for _, g in chunks], problems=problems, stats=stats,
                          dense=None if folded is None else folded.g,
@@ -257,6 +266,8 @@ def plan_scaled_oplora(
     bias_correction: bool = False,
     relative_damping: bool = False,
     relative_prox: bool = False,
+    current_floor: bool = False,
+    precondition_momentum: bool = False,
     grad_coeff: float = 1.0,
     rows: Optional[int] = None,
     reduce: Optional[Reduce] = None,
@@ -294,15 +305,19 @@ def plan_scaled_oplora(
     stats: Dict[str, Tensor] = {}
 
     common = dict(lr=lr, momentum=b1, dampening=b1, iters=iters, prox=prox, start=start, relative_prox=relative_prox,
+                  precondition_momentum=precondition_momentum,
                   momentum_rank=momentum_rank, seed=seed, grad_coeff=grad_coeff, extra_state=stats, folded=folded,
                   step_scale=1.0 / _stats.bias_correction(b1, step) if bias_correction and b1 != 0.0 else 1.0)
     spec = StatsSpec(b2, metric, statistics, loss_reduction, init_metric_scale, bias_correction)
     if metric == "diag" and statistics == "kfac":
         rule = KfacDiagRule(state, rows, stats, spec, dtype=dtype, grad_coeff=grad_coeff, damping=damping,
-                            power=metric_power, relative_damping=relative_damping, step=step)
+                            power=metric_power, relative_damping=relative_damping, step=step,
+                            current_floor=current_floor)
         # With p = 0 the step has no metric: it need not wait for the statistics pass.
         step_metric = engine.STATS if metric_power != 0.0 else None
         return plan_oplora(b, a, chunks, state, metric=step_metric, stats=rule, **common)
+    if current_floor:
+        raise ValueError("current_floor applies to the diagonal K-FAC statistics (metric='diag', statistics='kfac')")
     if chunks:
         raise ValueError(f"statistics={statistics!r}, metric={metric!r} are computed from the folded rows: "
                          "fold every chunk first")

@@ -207,9 +207,11 @@ class ScaledOPLoRA(LoRAOptimizer):
     #: chosen by the fine-tuning studies (README, "When to use it").
     PRESETS: Dict[str, Dict[str, object]] = {
         "default": dict(betas=(0.9, 0.999), damping=1e-3, metric_power=0.5, bias_correction=True,
-                        relative_damping=True, relative_prox=False, start="A"),
+                        relative_damping=True, relative_prox=False, start="A", current_floor=False,
+                        precondition_momentum=False),
         "paper": dict(betas=(0.9, 0.999), damping=0.1, metric_power=1.0, bias_correction=False,
-                      relative_damping=False, relative_prox=False, start="A"),
+                      relative_damping=False, relative_prox=False, start="A", current_floor=False,
+                      precondition_momentum=False),
     }
 
     def __init__(self, model: nn.Module, lr: float = 1e-3, *, betas: Optional[Tuple[float, float]] = None,
@@ -217,14 +219,20 @@ class ScaledOPLoRA(LoRAOptimizer):
                  prox: float = 1e-2, relative_prox: Optional[bool] = None, metric: str = "diag",
                  statistics: str = "kfac", loss_reduction: str = "mean", bias_correction: Optional[bool] = None,
                  relative_damping: Optional[bool] = None, init_metric_scale: Optional[float] = None,
-                 momentum_rank: Optional[int] = None, start: Optional[str] = None, preset: str = "default",
+                 momentum_rank: Optional[int] = None, start: Optional[str] = None,
+                 current_floor: Optional[bool] = None, precondition_momentum: Optional[bool] = None,
+                 preset: str = "default",
                  other: OtherSpec = "adamw", other_kwargs: Optional[dict] = None, strict: bool = False,
                  seed: Optional[int] = None, max_grad_norm: Optional[float] = None, skip_nonfinite: bool = False,
                  process_group=None, capture: str = "auto", master_factors: bool = False):
         given = dict(betas=betas, damping=damping, metric_power=metric_power, bias_correction=bias_correction,
-                     relative_damping=relative_damping, relative_prox=relative_prox, start=start)
+                     relative_damping=relative_damping, relative_prox=relative_prox, start=start,
+                     current_floor=current_floor, precondition_momentum=precondition_momentum)
         chosen = {key: value for key, value in given.items() if value is not None}
         settings = {**self.PRESETS[check_choice(preset, "preset", tuple(self.PRESETS))], **chosen}
+        if settings["current_floor"] is True and (metric, statistics) != ("diag", "kfac"):
+            raise ValueError("current_floor applies to the diagonal K-FAC statistics (metric='diag', "
+                             f"statistics='kfac'), not to metric={metric!r}, statistics={statistics!r}")
         if settings["bias_correction"] is True and init_metric_scale is not None:
             raise ValueError("init_metric_scale is the start of uncorrected statistics (bias_correction=False); "
                              "with bias_correction=True they start at zero")
@@ -246,6 +254,8 @@ class ScaledOPLoRA(LoRAOptimizer):
         "loss_reduction": lambda v: check_choice(v, "loss_reduction", ("mean", "sum")),
         "bias_correction": lambda v: check_bool(v, "bias_correction"),
         "relative_damping": lambda v: check_bool(v, "relative_damping"),
+        "current_floor": lambda v: check_bool(v, "current_floor"),
+        "precondition_momentum": lambda v: check_bool(v, "precondition_momentum"),
         "init_metric_scale": lambda v: check_real(v, "init_metric_scale", low=0.0, low_open=True),
     }
 
@@ -290,6 +300,7 @@ class ScaledOPLoRA(LoRAOptimizer):
             loss_reduction=group["loss_reduction"], init_metric_scale=float(group["init_metric_scale"]),
             bias_correction=bool(group["bias_correction"]),
             relative_damping=bool(group["relative_damping"]), relative_prox=bool(group["relative_prox"]),
+            current_floor=bool(group["current_floor"]), precondition_momentum=bool(group["precondition_momentum"]),
             momentum_rank=group["momentum_rank"] or b.shape[1], seed=self._site_seed(group, index),
             grad_coeff=ctx.grad_coeff, rows=ctx.rows.get(index), reduce=ctx.reduce,
         )

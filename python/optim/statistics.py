@@ -144,14 +144,15 @@ class KfacDiagRule(engine.StatsRule):
     (of all ranks under data parallelism)."""
 
     def __init__(self, state: Dict, rows: int, out: Dict, spec: StatsSpec, *, dtype: torch.dtype, grad_coeff: float,
-                 damping: float, power: float, relative_damping: bool = False, step: int = 1):
+                 damping: float, power: float, relative_damping: bool = False, step: int = 1,
+                 current_floor: bool = False):
         self.state, self.rows, self.out = state, rows, out
         self.out_scale = _out_scale(rows, spec.loss_reduction, grad_coeff)
         self.correction = bias_correction(spec.beta2, step) if spec.bias_correction else 1.0
         self.beta2, self.init_scale, self.dtype, self.damping, self.power = (spec.beta2, spec.start, dtype,
                                                                              damping, power)
-        self.relative_damping = relative_damping
-        self.key = (spec.beta2, spec.start, dtype, damping, power, relative_damping)
+        self.relative_damping, self.current_floor = relative_damping, current_floor
+        self.key = (spec.beta2, spec.start, dtype, damping, power, relative_damping, current_floor)
 
     @staticmethod
     def batch(rules: Sequence["KfacDiagRule"], sx: Tensor, sg: Tensor
@@ -172,6 +173,9 @@ class KfacDiagRule(engine.StatsRule):
             return None
         if not (isinstance(correction, float) and correction == 1.0):
             new_in, new_out = (new_in / correction).to(first.dtype), (new_out / correction).to(first.dtype)
+        if first.current_floor:  # never below this step's own statistics (a batch far off the average)
+            new_in = torch.maximum(new_in, (sx.to(first.dtype) / rows).to(first.dtype))
+            new_out = torch.maximum(new_out, (sg.to(first.dtype) * out_scale).to(first.dtype))
         return tuple(_diag_metric(d, first.damping, first.power, first.relative_damping) for d in (new_out, new_in))
 
 
