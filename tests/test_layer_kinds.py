@@ -414,10 +414,10 @@ def test_the_norm_of_index_rows_is_that_of_their_one_hot_rows(method):
 
 
 def test_kfac_input_statistics_are_token_counts_and_patch_squares():
-    """ScaledOPLoRA's d_in after one step from its start (ones): b2 + (1 - b2) colsum(X^2) / T --
+    """ScaledOPLoRA's d_in after one step from the papers' start (ones): b2 + (1 - b2) colsum(X^2) / T --
     for the Embedding the token counts, for the Conv2d the squares of its patches."""
     model, batch, b2 = mixed_model(), mixed_batch(4), 0.9
-    opt = oplora.ScaledOPLoRA(model, lr=0.01, betas=(0.9, b2), capture="rows")
+    opt = oplora.ScaledOPLoRA(model, lr=0.01, betas=(0.9, b2), capture="rows", preset="paper")
     mixed_loss(model, batch).backward()
     opt.step()
     ids, img = batch[0], batch[1]

@@ -258,7 +258,7 @@ BAD = [
     (oplora.ScaledOPLoRA, {"metric": "full"}, "metric"),
     (oplora.ScaledOPLoRA, {"statistics": "adam"}, "statistics"),
     (oplora.ScaledOPLoRA, {"loss_reduction": "none"}, "loss_reduction"),
-    (oplora.ScaledOPLoRA, {"init_metric_scale": 0.0}, "init_metric_scale"),
+    (oplora.ScaledOPLoRA, {"init_metric_scale": 0.0, "preset": "paper"}, "init_metric_scale must be > 0"),
     (oplora.ScaledOPLoRA, {"bias_correction": True, "init_metric_scale": 0.5}, "init_metric_scale"),
     (oplora.ScaledOPLoRA, {"bias_correction": 1}, "bias_correction"),
     (oplora.ScaledOPLoRA, {"relative_damping": "yes"}, "relative_damping"),

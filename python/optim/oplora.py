@@ -169,9 +169,11 @@ class ScaledOPLoRA(LoRAOptimizer):
     ``preset`` fills the arguments left unset (:attr:`PRESETS`): ``"default"`` the package's
     settings (bias-corrected statistics and momentum, damping ``1e-3`` relative to the statistics,
     ``metric_power=0.5``: the square root of the K-FAC diagonal, an Adam-like normalisation whose lr
-    is on Adam's scale), chosen by the fine-tuning studies; ``"paper"`` the papers' (EMAs from
-    ``init_metric_scale * ones`` without correction, absolute damping 0.1, ``metric_power=1``).
-    An argument given explicitly wins over the preset.
+    is on Adam's scale; the metric floored at each step's own statistics and the momentum of
+    preconditioned gradients), chosen by the fine-tuning studies; ``"paper"`` the papers' (EMAs
+    from ``init_metric_scale * ones`` without correction, absolute damping 0.1,
+    ``metric_power=1``, momentum of raw gradients). An argument given explicitly wins over the
+    preset.
 
     Args:
         lr: learning rate (>= 0); the metric normalises the gradient, so lr is on Adam's scale,
@@ -181,6 +183,14 @@ class ScaledOPLoRA(LoRAOptimizer):
             ``relative_damping``).
         metric_power: p in [0, 1] (1: K-FAC, 1/2: its square root, 0: OPLoRA).
         bias_correction, relative_damping: bools, above.
+        current_floor: the metric reads ``max(d_hat, this step's statistics)`` elementwise: a
+            batch far off the average (an outlier token's activations) is normalised by its own
+            statistics rather than amplified by the average's (diagonal K-FAC only).
+        precondition_momentum: the momentum averages the preconditioned gradients
+            ``M_out^-1 G M_in^-1`` (its LoRSum weighted by the step's metric) and enters the step
+            as it is -- Adafactor's momentum of updates -- instead of averaging raw gradients that
+            each later step's metric preconditions: a gradient is normalised by the metric of its
+            own step, so an outlier is not carried at full size for ``1 / (1 - b1)`` steps.
         iters, prox, relative_prox, momentum_rank, start, other, other_kwargs, strict, seed,
             max_grad_norm, skip_nonfinite, process_group, capture, master_factors: as in
             :class:`OPLoRA`.
@@ -207,8 +217,8 @@ class ScaledOPLoRA(LoRAOptimizer):
     #: chosen by the fine-tuning studies (README, "When to use it").
     PRESETS: Dict[str, Dict[str, object]] = {
         "default": dict(betas=(0.9, 0.999), damping=1e-3, metric_power=0.5, bias_correction=True,
-                        relative_damping=True, relative_prox=False, start="A", current_floor=False,
-                        precondition_momentum=False),
+                        relative_damping=True, relative_prox=False, start="A", current_floor=True,
+                        precondition_momentum=True),
         "paper": dict(betas=(0.9, 0.999), damping=0.1, metric_power=1.0, bias_correction=False,
                       relative_damping=False, relative_prox=False, start="A", current_floor=False,
                       precondition_momentum=False),
