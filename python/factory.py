@@ -51,7 +51,7 @@ def create_optimizer(model: nn.Module, name: str = "oplora", **kwargs) -> LoRAOp
     Example::
 
         model = peft.get_peft_model(base, peft.LoraConfig(r=16, target_modules=["q_proj", "v_proj"]))
-        opt = oplora.create_optimizer(model, "scaled", lr=1e-2, other_kwargs={"lr": 1e-3})
+        opt = oplora.create_optimizer(model, "scaled", lr=3e-3, other_kwargs={"lr": 1e-3})
     """
     if not isinstance(name, str):
         raise ValueError(f"name must be a string, one of {', '.join(map(repr, OPTIMIZERS))}; got {name!r}")

@@ -108,7 +108,7 @@ def test_relative_prox_and_auto_start_match_spec(relative, start, zero_b, scaled
     if scaled:
         opt = oplora.ScaledOPLoRA(layer, lr=lr, betas=(b1, 0.9), metric_power=0.5, bias_correction=True,
                                   relative_damping=True, damping=1e-2, prox=prox, relative_prox=relative,
-                                  start=start, seed=3)
+                                  start=start, current_floor=False, precondition_momentum=False, seed=3)
     else:
         opt = oplora.OPLoRA(layer, lr=lr, momentum=b1, prox=prox, relative_prox=relative, start=start, seed=3)
     b, a = factors(layer)
@@ -161,7 +161,7 @@ def test_scaled_oplora_steps_match_spec(metric, statistics, loss_reduction, powe
     opt = oplora.ScaledOPLoRA(layer, lr=lr, betas=betas, damping=damping, metric_power=power, prox=prox,
                               metric=metric, statistics=statistics, loss_reduction=loss_reduction,
                               init_metric_scale=None if corrected else init, bias_correction=corrected,
-                              relative_damping=relative, seed=3)
+                              relative_damping=relative, current_floor=False, precondition_momentum=False, seed=3)
     b, a = factors(layer)
     mom = F.init_momentum(b, a, R, opt._site_seed(opt.lora_group, 0))
     shape = (lambda k: torch.ones(k, dtype=torch.float64)) if metric == "diag" else \

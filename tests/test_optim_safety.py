@@ -146,25 +146,40 @@ def test_data_parallel_replicas_are_refused():
     assert opt.lora_layers == ["0", "2"]
 
 
-def test_a_failing_solve_leaves_factors_and_state_untouched(monkeypatch):
-    model = make_model()
-    opt = oplora.ScaledOPLoRA(model, lr=0.01, seed=0)
+def _counting_solves(monkeypatch, fail_at=None):
+    """Patch the backends' ``prox_solve`` to count its passes, raising in pass ``fail_at``."""
     real = _backend.ops_for
     calls = []
 
     def patched(device):
         ops = real(device)
 
-        def failing(*args, **kwargs):
+        def counted(*args, **kwargs):
             calls.append(1)
-            if len(calls) == 3:  # in the last of 3 passes, after both layers' earlier half-steps succeeded
+            if len(calls) == fail_at:
                 raise torch.linalg.LinAlgError("injected")
             return ops.prox_solve(*args, **kwargs)
 
-        return ops._replace(prox_solve=failing)
+        return ops._replace(prox_solve=counted)
 
     monkeypatch.setattr(_backend, "ops_for", patched)
+    return calls
+
+
+@pytest.mark.parametrize("preset", ["default", "paper"])
+def test_a_failing_solve_leaves_factors_and_state_untouched(monkeypatch, preset):
     x, y = batch()
+    with monkeypatch.context() as m:  # how many solve passes a first step makes
+        calls = _counting_solves(m)
+        model = make_model()
+        opt = oplora.ScaledOPLoRA(model, lr=0.01, seed=0, preset=preset)
+        loss_fn(model, x, y).backward()
+        opt.step()
+    passes = len(calls)
+    assert passes >= 2
+    model = make_model()
+    opt = oplora.ScaledOPLoRA(model, lr=0.01, seed=0, preset=preset)
+    _counting_solves(monkeypatch, fail_at=passes)  # the last pass, after the earlier ones succeeded
     loss_fn(model, x, y).backward()
     snap = snapshot(model, opt)
     with pytest.raises(torch.linalg.LinAlgError):

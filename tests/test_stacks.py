@@ -63,8 +63,8 @@ def tiny_peft_llama():
     cfg = transformers.LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                    num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
                                    pad_token_id=0, eos_token_id=1, bos_token_id=2)
-    return peft.get_peft_model(transformers.LlamaForCausalLM(cfg),
-                               peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
+    lora = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+    return peft.get_peft_model(transformers.LlamaForCausalLM(cfg), lora)
 
 
 def words(gen, k):

@@ -185,7 +185,8 @@ class ScaledOPLoRA(LoRAOptimizer):
         bias_correction, relative_damping: bools, above.
         current_floor: the metric reads ``max(d_hat, this step's statistics)`` elementwise: a
             batch far off the average (an outlier token's activations) is normalised by its own
-            statistics rather than amplified by the average's (diagonal K-FAC only).
+            statistics rather than amplified by the average's (diagonal K-FAC only: a preset's
+            floor is off for the other metrics, an explicit ``True`` is refused there).
         precondition_momentum: the momentum averages the preconditioned gradients
             ``M_out^-1 G M_in^-1`` (its LoRSum weighted by the step's metric) and enters the step
             as it is -- Adafactor's momentum of updates -- instead of averaging raw gradients that
@@ -240,6 +241,8 @@ class ScaledOPLoRA(LoRAOptimizer):
                      current_floor=current_floor, precondition_momentum=precondition_momentum)
         chosen = {key: value for key, value in given.items() if value is not None}
         settings = {**self.PRESETS[check_choice(preset, "preset", tuple(self.PRESETS))], **chosen}
+        if (metric, statistics) != ("diag", "kfac") and current_floor is None:
+            settings["current_floor"] = False  # the preset's floor applies to the diagonal K-FAC metric only
         if settings["current_floor"] is True and (metric, statistics) != ("diag", "kfac"):
             raise ValueError("current_floor applies to the diagonal K-FAC statistics (metric='diag', "
                              f"statistics='kfac'), not to metric={metric!r}, statistics={statistics!r}")
