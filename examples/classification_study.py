@@ -23,7 +23,10 @@ accuracy on 240 passages every 50 steps; then two seeds at each optimizer's best
 The head is trained at ``lr`` by AdamW, LoRA+ and Riemannian (AdamW over all trainable parameters;
 LoRA+ puts it in its group of A factors at ``lr``, Riemannian leaves it unpreconditioned), at ``lr`` by ScaledOPLoRA
 (Adam's scale) and at AdamW's default 1e-3 by OPLoRA and SVDLoRA (their lr is on SGD's scale):
-each package's documented default, what a user gets without ``other_kwargs``.
+each package's documented default, what a user gets without ``other_kwargs``. ScaledOPLoRA is
+its current defaults (``preset="default"``); ``ScaledOPLoRA[preset=paper]`` the papers' settings
+(the default before ``--name classification_levers``, the README's "How ScaledOPLoRA's defaults
+were chosen").
 
 Set-up (``make test`` does it)::
 

@@ -10,7 +10,10 @@ warmup over 30 steps and cosine decay, at each lr of a five-point grid over two 
 held-out perplexity on 32 windows of The Tempest (never trained on) is measured every 50 steps; a run
 whose perplexity exceeds twice the pretrained model's is stopped there and counted as diverged.
 Two seeds at each optimizer's best lr. The machinery (resumable CSV, checkpoints, workers,
-report) is ``_study.py``.
+report) is ``_study.py``. A plain class name means its current defaults (ScaledOPLoRA:
+``preset="default"``); ``ScaledOPLoRA[preset=paper]`` is the papers' settings, the default before
+the lever studies (``--name lm_levers``: every setting tried, the README's "How ScaledOPLoRA's
+defaults were chosen"); ``--steps 1000`` gives the longer runs (``--name lm_long``).
 
 Run (about 3-4 hours on the 2-core CPU machine with SVDLoRA, whose step takes an SVD of each of the
 120 layers; resumable -- rerun the same command to continue, finished runs are skipped)::

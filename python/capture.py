@@ -57,7 +57,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from typing import Dict, List, Optional, Set
+from typing import Dict, List, Optional, Set, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -66,6 +66,7 @@ from . import _lifetime
 from ._hooks import Hook as _Hook, accumulates as _accumulates, eager as _eager
 from ._patches import PATCH_BLOCK, conv_patches  # noqa: F401  (re-exported)
 from .sites import KINDS, Folded, LoRASite, Unsupported, find_lora_sites  # noqa: F401  (re-exported)
+from .sketch import Sketch, sketch_numbers
 
 __all__ = ["LoRASite", "Folded", "Unsupported", "find_lora_sites", "Capture", "CAPTURE_MODES", "KINDS",
            "PATCH_BLOCK", "conv_patches"]
@@ -79,6 +80,57 @@ _LIVE: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDict
 
 def _hooked_module(site: LoRASite) -> nn.Module:
     return site.layer if site.kind == "embedding" else site.lora_B
+
+
+def check_budget(budget: Union[None, int, float], mode: str = "auto") -> Union[None, int, float]:
+    """``capture_budget``: None, bytes (an int >= 0) or a fraction of free memory (a float in
+    (0, 1]); only with ``capture="auto"``. Raises ValueError naming the problem."""
+    if budget is None:
+        return None
+    if mode != "auto":
+        raise ValueError(f"capture_budget applies to capture='auto' (rows while they fit, then the fold or a "
+                         f"sketch), not to capture={mode!r}")
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+        raise ValueError(f"capture_budget must be bytes (an int >= 0) or a fraction of free memory (a float in "
+                         f"(0, 1]), got {budget!r}")
+    if isinstance(budget, int):
+        if budget < 0:
+            raise ValueError(f"capture_budget in bytes must be >= 0, got {budget}")
+        return budget
+    if not 0.0 < budget <= 1.0:
+        raise ValueError(f"capture_budget as a fraction of free memory must be in (0, 1], got {budget!r} "
+                         "(give bytes as an int)")
+    return budget
+
+
+def free_bytes(device: torch.device) -> int:
+    """Free memory of ``device``: ``torch.cuda.mem_get_info`` on CUDA, ``MemAvailable`` on a
+    Linux CPU (``os.sysconf`` elsewhere)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        import os
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    raise ValueError(f"capture_budget as a fraction of free memory is not supported on {device.type!r}; "
+                     "give it in bytes")
+
+
+def resolve_budget(budget: Union[int, float], device: torch.device) -> int:
+    """The budget in bytes: as given, or that fraction of ``device``'s free memory now."""
+    return budget if isinstance(budget, int) else int(budget * free_bytes(device))
+
+
+def _fold_dtype(site: LoRASite) -> torch.dtype:
+    """The dtype ``site``'s rows fold into: float64 when any held row is, else float32."""
+    wide = any(t.dtype == torch.float64 for c in site.chunks for t in c[:2]) or site.B.dtype == torch.float64
+    return torch.float64 if wide else torch.float32
 
 
 def _x_key(x: Tensor) -> tuple:
@@ -102,17 +154,32 @@ class Capture:
     gradient is exactly zero (padding, masked labels) carry nothing: they are dropped as they
     arrive, so they are neither held nor counted.
 
+    ``budget`` (``capture_budget=``, with ``mode="auto"``): the rows are held, and never folded,
+    while everything held fits in it (the fold's GEMM is then off the backward pass); a layer
+    whose rows would cross it is folded into its dense gradient if that still fits, else into a
+    sketch of its gradient whose size does not grow with tokens (:class:`oplora.sketch.Sketch`,
+    ``sketch_rank`` Gaussian directions beside the layer's own factors; its step is approximate,
+    exact on the factors' own subspaces), and its later rows go there as they arrive. What is
+    held then stays below ``max(budget, the sketches)``.
+
     The hooks hold the sites and this object, never the optimizer, so an optimizer that owns a
     ``Capture`` can be garbage collected; a ``weakref.finalize`` on the owner then removes the hooks.
     """
 
     def __init__(self, sites: List[LoRASite], owner: object = None, *, mode: str = "auto",
-                 stats: Optional[str] = None):
+                 stats: Optional[str] = None, budget: Union[None, int, float] = None, sketch_rank: int = 32):
         if mode not in CAPTURE_MODES:
             raise ValueError(f"capture must be one of {', '.join(map(repr, CAPTURE_MODES))}, got {mode!r}")
         self.sites = sites
         self.mode = mode
         self.stats = stats
+        #: ``capture_budget``: bytes (int), a fraction of the free memory of the rows' device
+        #: (float in (0, 1], read at each backward pass's first rows), or None (no budget).
+        self.budget = check_budget(budget, mode)
+        self.sketch_rank = sketch_rank
+        self._limit: Optional[int] = None  # this backward pass's budget in bytes (None: not resolved yet)
+        self._total: Optional[int] = None  # bytes held, kept current during a backward pass (None: recount)
+        self._sketches = 0  # sketches made: each gets its own seed
         self._users: Dict[tuple, int] = {}  # captured X -> how many held chunks share it
         self._compacted: Dict[tuple, tuple] = {}  # X of this backward pass -> its rows kept (_compact)
         self._handles: List = []
@@ -196,6 +263,7 @@ class Capture:
     def _marked(self) -> None:
         self._queued = False
         self._compacted.clear()  # a backward pass is over: its inputs' row selections are not reused
+        self._total = self._limit = None  # recounted at the next pass's first rows (zero_grad may release)
         _lifetime.snapshot([site for site in self.sites if site.mark is not None and site.mark.dirty])
 
     def sync(self, sites: Optional[List[LoRASite]] = None, force: bool = False) -> None:
@@ -366,12 +434,65 @@ class Capture:
         site.chunks.append((x, g, scaling))
         site.x_versions.append(version)
         key = _x_key(x)
+        if self._total is not None:
+            self._total += g.nbytes + (0 if key in self._users else x.nbytes)
         self._users[key] = self._users.get(key, 0) + 1
 
-    def _fold_site(self, site: LoRASite) -> None:
-        """Fold ``site``'s held chunks into its dense gradient (they no longer count as users)."""
+    def _fold_site(self, site: LoRASite, form: Optional[str] = None) -> None:
+        """Fold ``site``'s held chunks into what it folds into (they no longer count as users):
+        its dense gradient or its sketch, made now as ``form`` says (``"dense"``, ``"sketch"``;
+        None: the dense gradient, or as the budget allows)."""
+        if site.folded is None and form is None and self.budget is not None:
+            form = self._form(site)
+        before = None if self._total is None else self._site_bytes(site)
         self._unuse(site)
+        if form == "sketch" and site.folded is None:
+            self._sketches += 1
+            site.folded = Sketch.empty(site.b, site.a, self.sketch_rank, self._sketches,
+                                       _fold_dtype(site), self.stats)
         site.fold(self.stats)
+        if self._total is not None:
+            self._total += self._site_bytes(site) - before
+
+    def _site_bytes(self, site: LoRASite) -> int:
+        """Bytes that ``site`` alone holds: its sD, the captured X no other site holds, its fold."""
+        own = sum(g.nbytes + (x.nbytes if self._users.get(_x_key(x), 0) <= 1 else 0) for x, g, _ in site.chunks)
+        return own + (0 if site.folded is None else sum(t.nbytes for t in site.folded.tensors()))
+
+    def _form_sizes(self, site: LoRASite) -> Tuple[int, int]:
+        """Bytes of ``site``'s dense fold and of its sketch (their statistics included)."""
+        m, n = site.shape
+        size = 8 if _fold_dtype(site) == torch.float64 else 4
+        stats = {"diag": m + n, "dense": m * m + n * n}.get(self.stats, 0)
+        return (m * n + stats) * size, sketch_numbers(m, n, site.a.shape[0], self.sketch_rank, self.stats) * size
+
+    def _form(self, site: LoRASite) -> str:
+        """What a layer over the budget folds into: its dense gradient while that fits (or is the
+        smaller), else a sketch (dense K-FAC statistics need the rows' Grams: always dense)."""
+        dense, sketch = self._form_sizes(site)
+        if self.stats not in (None, "diag") or dense <= sketch:
+            return "dense"
+        return "dense" if self._held_now() - self._held(site) + dense <= self._budget_bytes(site) else "sketch"
+
+    def _form_bytes(self, site: LoRASite) -> int:
+        """Bytes of what ``site`` would fold into now (:meth:`_form`)."""
+        dense, sketch = self._form_sizes(site)
+        return dense if self._form(site) == "dense" else sketch
+
+    def _held_now(self) -> int:
+        if self._total is None:
+            self._total = self.held_bytes()
+        return self._total
+
+    def _budget_bytes(self, site: LoRASite) -> int:
+        """This backward pass's budget in bytes (a fraction: of free memory at its first rows)."""
+        if self._limit is None:
+            self._limit = resolve_budget(self.budget, site.B.device)
+        return self._limit
+
+    def _over_budget(self, site: LoRASite, more: int = 0) -> bool:
+        """Whether what is held (with ``more`` bytes to come) crosses this pass's budget."""
+        return self._held_now() + more > self._budget_bytes(site)
 
     @staticmethod
     def _dense_bytes(site: LoRASite, *tensors: Tensor) -> int:
@@ -383,6 +504,10 @@ class Capture:
         self._hold(site, x, version, g, scaling)
         if self.mode == "rows":
             return
+        if self.budget is not None:  # rows while everything fits, then the layer's fold or sketch
+            if site.folded is not None or (self._over_budget(site) and self._held(site) > self._form_bytes(site)):
+                self._fold_site(site)
+            return
         if self.mode == "dense" or site.folded is not None or self._held(site) > self._dense_bytes(site, g):
             self._fold_site(site)  # once folded, every chunk folds
 
@@ -392,11 +517,15 @@ class Capture:
         count = g.shape[0] if live is None else int(live.sum())
         m, n = site.shape
         rows_bytes = count * (n * x.element_size() + m * g.element_size())
-        fold = self.mode == "dense" or (self.mode == "auto" and (
-            site.folded is not None or self._held(site) + rows_bytes > self._dense_bytes(site, x, g)))
+        if self.budget is not None:
+            fold = site.folded is not None or self._over_budget(site, rows_bytes)
+        else:
+            fold = self.mode == "dense" or (self.mode == "auto" and (
+                site.folded is not None or self._held(site) + rows_bytes > self._dense_bytes(site, x, g)))
         if fold:
             self._fold_site(site)
             site._ensure_folded(torch.float64 in (x.dtype, g.dtype), g.device, self.stats)
+            self._total = None  # recounted: the fold may be new
         for lo, hi, patches in conv_patches(site.lora_A, x, PATCH_BLOCK):
             gb = g[lo:hi]
             if live is not None:
@@ -437,6 +566,7 @@ class Capture:
         Capture._release(self.sites, self._users)
         self._compacted.clear()
         self._queued = False
+        self._total = self._limit = None
 
     def close(self, because: str = "close() was called") -> None:
         """Remove every hook and release every captured tensor; ``because`` is kept in

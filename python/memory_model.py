@@ -14,6 +14,10 @@ micro-batches per step, so :func:`capture_memory` counts it from those alone, on
 * ``auto`` (the default): per layer the rows while they cost less than its dense gradient, else
   the dense gradient -- the threshold :class:`oplora.capture.Capture` applies as micro-batches
   accumulate, a shared X counted once among the layers still holding it;
+* ``bounded`` (``capture_budget=0``): per layer the least of its rows (its share of a shared X),
+  its dense gradient and its sketch (:mod:`oplora.sketch`: ``(r + k) m + (r + 2k + 1) n``
+  float32 numbers, ``k = sketch_rank``), which does not grow with tokens. With a budget B what
+  is held stays near ``max(B, bounded)``: rows while they fit, then the layers that cross it;
 
 next to what AdamW holds at the same point (the factors' ``.grad``, which the LoRSum optimizers'
 autograd pass leaves too) and the optimizer states (AdamW two moments, OPLoRA one low-rank
@@ -35,6 +39,7 @@ from torch import nn
 
 from ._checks import check_int
 from .sites import find_lora_sites
+from .sketch import sketch_numbers
 
 __all__ = ["SHARED", "LayerShape", "CaptureMemory", "lora_shapes", "capture_memory", "LLAMAS", "llama_table"]
 
@@ -109,6 +114,8 @@ class CaptureMemory:
     dense: int
     auto: int
     folded: int  # layers that ``auto`` folds into their dense gradient
+    bounded: int  # capture_budget=0: per layer the least of rows, dense gradient, sketch
+    sketched: int  # layers that ``bounded`` sketches
     factor_grads: int  # the LoRA factors' .grad (AdamW holds exactly this at the same point)
     lora_params: int  # numbers in the LoRA factors
     adamw_state: int
@@ -119,12 +126,14 @@ class CaptureMemory:
     def held(self, mode: str = "auto") -> int:
         """Bytes a LoRSum optimizer holds between backward and step with ``capture=mode``: the
         capture plus the factors' ``.grad``."""
-        return {"rows": self.rows, "dense": self.dense, "auto": self.auto}[mode] + self.factor_grads
+        return {"rows": self.rows, "dense": self.dense, "auto": self.auto, "bounded": self.bounded}[mode] + \
+            self.factor_grads
 
     def summary(self) -> Dict[str, float]:
         """GiB of each quantity (for a table)."""
         gib = 2.0**30
         return {"rows": self.held("rows") / gib, "dense": self.held("dense") / gib, "auto": self.held("auto") / gib,
+                "bounded": self.held("bounded") / gib,
                 "adamw": self.factor_grads / gib, "adamw_state": self.adamw_state / gib,
                 "oplora_state": self.oplora_state / gib}
 
@@ -143,7 +152,8 @@ def _meta_model(config) -> nn.Module:
 def capture_memory(model: Union[nn.Module, object], *, tokens: int, micro_batches: int = 1,
                    targets: Optional[Sequence[str]] = None, r: Optional[int] = None,
                    activation_dtype: torch.dtype = torch.bfloat16, factor_dtype: torch.dtype = torch.float32,
-                   stats: bool = False, shared: Sequence[Sequence[str]] = SHARED) -> CaptureMemory:
+                   stats: bool = False, shared: Sequence[Sequence[str]] = SHARED,
+                   sketch_rank: int = 32) -> CaptureMemory:
     """Count what each capture mode holds between backward and step (module docstring).
 
     Args:
@@ -156,6 +166,7 @@ def capture_memory(model: Union[nn.Module, object], *, tokens: int, micro_batche
         activation_dtype: the dtype of X and sD (bf16 for a bf16 or autocast model).
         factor_dtype: the LoRA factors' dtype (their ``.grad`` and the optimizer states).
         stats: ScaledOPLoRA's diagonal statistics kept beside a folded gradient (m + n numbers).
+        sketch_rank: ``k`` of a sketched layer (``bounded``; the optimizers' ``sketch_rank``).
 
     Returns a :class:`CaptureMemory`.
     """
@@ -196,9 +207,17 @@ def capture_memory(model: Union[nn.Module, object], *, tokens: int, micro_batche
     rows = sum(rows_total * s.n * bx for s in {s.reads: s for s in shapes}.values()) + \
         sum(rows_total * s.m * bg for s in shapes)
     lora = sum(s.r * (s.m + s.n) for s in shapes)
+    bounded, sketched = 0, 0
+    for s in shapes:
+        own_rows = rows_total * (s.n * bx / readers[s.reads] + s.m * bg)
+        sketch = 4 * sketch_numbers(s.m, s.n, s.r, sketch_rank, "diag" if stats else None)
+        least = min(own_rows, dense[s.name], sketch)
+        sketched += least == sketch and sketch < min(own_rows, dense[s.name])
+        bounded += round(least)
     return CaptureMemory(
         layers=len(shapes), tokens=tokens, micro_batches=micro_batches, rows=rows,
-        dense=sum(dense.values()), auto=auto, folded=len(shapes) - len(holding), factor_grads=lora * bf,
+        dense=sum(dense.values()), auto=auto, folded=len(shapes) - len(holding), bounded=bounded,
+        sketched=sketched, factor_grads=lora * bf,
         lora_params=lora, adamw_state=2 * lora * bf, oplora_state=lora * bf,
         scaled_state=lora * bf + 4 * sum(s.m + s.n for s in shapes), per_layer=per_layer)
 
@@ -221,7 +240,8 @@ def llama_table(r: int = 16, tokens: int = 2048, micro_batches: Sequence[int] = 
     import transformers
 
     lines = ["| model | LoRA r%d on | tokens per step | rows | dense | auto (default) | folded layers | "
-             "AdamW (factor grads) | AdamW state | OPLoRA state |" % r, "|---|---|---|---|---|---|---|---|---|---|"]
+             "capture_budget=0 (sketched layers) | AdamW (factor grads) | AdamW state | OPLoRA state |" % r,
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     gib = lambda b: f"{b / 2**30:.2f}"  # noqa: E731
     for name, fields in LLAMAS.items():
         cfg = transformers.LlamaConfig(**fields)
@@ -230,6 +250,7 @@ def llama_table(r: int = 16, tokens: int = 2048, micro_batches: Sequence[int] = 
                 e = capture_memory(cfg, tokens=tokens, micro_batches=micro, targets=targets, r=r)
                 lines.append(f"| {name} | {label} | {tokens * micro:,} ({micro} x {tokens}) | {gib(e.held('rows'))} | "
                              f"{gib(e.held('dense'))} | {gib(e.held('auto'))} | {e.folded}/{e.layers} | "
+                             f"{gib(e.held('bounded'))} ({e.sketched}/{e.layers}) | "
                              f"{gib(e.factor_grads)} | {gib(e.adamw_state)} | {gib(e.oplora_state)} |")
     return "\n".join(lines) + "\n"
 

@@ -113,6 +113,33 @@ class Folded:
     def tensors(self) -> List[Tensor]:
         return [t for t in (self.g, self.sx, self.sg, self.gram_x, self.gram_g) if t is not None]
 
+    # The products the guards, clipping and the step take of the folded gradient (the same for
+    # ``oplora.sketch.Sketch``, whose gradient is low-rank).
+    @property
+    def device(self) -> torch.device:
+        return self.g.device
+
+    def times(self, v: Tensor) -> Tensor:
+        """``G v`` for ``v`` (n x k), in ``v``'s dtype."""
+        return self.g.to(v.dtype) @ v
+
+    def t_times(self, u: Tensor) -> Tensor:
+        """``u^T G`` for ``u`` (m x k), in ``u``'s dtype."""
+        return u.mT @ self.g.to(u.dtype)
+
+    def factor_products(self, b: Tensor, a: Tensor) -> Tuple[Tensor, Tensor]:
+        """``(G A^T, B^T G)`` with the layer's factors ``b`` (m x r), ``a`` (r x n): what autograd
+        gives B and A (over ``s``)."""
+        return self.times(a.mT), self.t_times(b)
+
+    def rows_times(self, g: Tensor) -> Tensor:
+        """``g G`` (T x n) for rows ``g`` (T x m), in G's dtype."""
+        return g.to(self.g.dtype) @ self.g
+
+    def sq_norm(self) -> Tensor:
+        """``||G||_F^2`` (float64)."""
+        return self.g.square().sum(dtype=torch.float64)
+
 
 @dataclass(eq=False)
 class LoRASite:

@@ -103,3 +103,19 @@ def test_the_readme_table_is_what_the_example_prints(capsys):
     with open(os.path.join(root, "README.md")) as f:
         readme = f.read()
     assert printed.count("\n") == 14 and printed in readme
+
+
+@pytest.mark.parametrize("sketch_rank, sketched", [(2, 14), (32, 0)])
+@pytest.mark.parametrize("micro_batches", [3, 6])
+def test_the_bounded_count_is_what_a_zero_budget_holds(sketch_rank, sketched, micro_batches):
+    """``capture_budget=0``: every layer at the least of its rows, dense gradient and sketch (here
+    a sketch of rank 2 is the least for all 14 layers, one of rank 32 for none: they fold densely),
+    the same at 3 and 6 micro-batches."""
+    model = peft_llama()
+    opt = oplora.OPLoRA(model, lr=0.1, capture_budget=0, sketch_rank=sketch_rank)
+    tokens = accumulate(model, micro_batches)
+    est = capture_memory(model, tokens=tokens, micro_batches=micro_batches, activation_dtype=torch.float32,
+                         sketch_rank=sketch_rank)
+    assert opt.capture_bytes() == est.bounded and est.held("bounded") == est.bounded + est.factor_grads
+    assert est.sketched == sketched == sum(type(s.folded).__name__ == "Sketch" for s in opt._sites)
+    opt.close()

@@ -26,28 +26,46 @@ import torch
 from torch import nn
 
 
+import oplora
+
+from ..memory_model import capture_memory
 from ._common import format_table
-from ._smollm import ATTENTION, OPTIMIZERS, loss_of, lora_model, token_batches
+from ._smollm import ALL_LINEAR, ATTENTION, OPTIMIZERS, SHAPES, loss_of, lora_model, token_batches
 
 __all__ = ["CONFIGS", "measure", "table", "plot"]
 
 MiB = 2.0**20
 
-#: (label, optimizer builder); the capture mode is part of the label (the model suite's too).
-CONFIGS = OPTIMIZERS
+#: (label, optimizer builder); the capture mode is part of the label (the model suite's too):
+#: ``budget0`` is ``capture_budget=0`` (every layer whose rows outweigh its sketch is sketched).
+CONFIGS = {**OPTIMIZERS,
+           "OPLoRA budget0": lambda m: oplora.OPLoRA(m, lr=1e-3, seed=0, capture_budget=0),
+           "ScaledOPLoRA budget0": lambda m: oplora.ScaledOPLoRA(m, lr=1e-4, seed=0, capture_budget=0)}
+#: ``--targets``: the LoRA targets by name.
+TARGETS = {"attention": ATTENTION, "all": ALL_LINEAR}
 
 
-def _lora_shapes(model: nn.Module) -> List[Tuple[int, int]]:
+def _lora_shapes(model: nn.Module, targets: Sequence[str] = ATTENTION) -> List[Tuple[int, int]]:
     """(m, n) of every LoRA layer of a PEFT model."""
     return [(mod.out_features, mod.in_features) for name, mod in model.named_modules()
-            if isinstance(mod, nn.Linear) and name.endswith(tuple(f"{t}.base_layer" for t in ATTENTION))]
+            if isinstance(mod, nn.Linear) and name.endswith(tuple(f"{t}.base_layer" for t in targets))]
+
+
+def counted(config: str, model: nn.Module, tokens: int, micro: int) -> int:
+    """What :func:`oplora.memory_model.capture_memory` counts for ``config``'s capture (bytes)."""
+    if config == "AdamW":
+        return 0
+    est = capture_memory(model, tokens=tokens, micro_batches=micro, activation_dtype=torch.float32,
+                         stats=config.startswith("Scaled"))
+    return {"rows": est.rows, "auto": est.auto, "budget0": est.bounded}[config.split()[-1]]
 
 
 def measure(config: str, micro: int, *, layers: int, r: int, batch: int, seq: int, device: torch.device,
-            trace_cls) -> Dict[str, object]:
+            trace_cls, shape: str = "smollm2-135m", targets: str = "attention") -> Dict[str, object]:
     """One row: ``micro`` micro-batches accumulated into the second step of ``config``."""
-    model = lora_model(r=r, layers=layers, device=device, what="memory --accumulation")
-    batches = token_batches(micro + 1, batch, seq, device=device)
+    model = lora_model(r=r, layers=layers, device=device, what="memory --accumulation", shape=shape,
+                       targets=TARGETS[targets])
+    batches = token_batches(micro + 1, batch, seq, device=device, vocab=SHAPES[shape]["vocab_size"])
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     with trace_cls(device) as trace:
         opt = CONFIGS[config](model)
@@ -69,20 +87,22 @@ def measure(config: str, micro: int, *, layers: int, r: int, batch: int, seq: in
             opt.close()
     acc, stp = trace.phases["accumulate"], trace.phases["step"]
     tokens = micro * batch * seq
-    bound = sum(min(tokens * (m + n), m * n) * 4 for m, n in _lora_shapes(model))
-    return {"config": config, "micro_batches": micro, "tokens_per_step": tokens, "layers": layers, "r": r,
-            "held_bytes": acc.end - acc.start, "capture_bytes": held_capture, "bound_bytes": bound,
+    bound = sum(min(tokens * (m + n), m * n) * 4 for m, n in _lora_shapes(model, TARGETS[targets]))
+    return {"config": config, "shape": shape, "targets": targets, "micro_batches": micro, "tokens_per_step": tokens,
+            "layers": layers, "r": r, "held_bytes": acc.end - acc.start, "capture_bytes": held_capture,
+            "counted_bytes": counted(config, model, batch * (seq - 1), micro), "bound_bytes": bound,
             "peak_bytes": params + max(acc.peak, stp.peak), "model_bytes": params,
             "fwd_bwd_s": fwd_bwd, "step_s": step_s}
 
 
 def run(micro_counts: Sequence[int], configs: Sequence[str], *, layers: int, r: int, batch: int, seq: int,
-        device: torch.device, trace_cls, log: Optional[Callable[[str], None]] = None) -> List[Dict[str, object]]:
+        device: torch.device, trace_cls, log: Optional[Callable[[str], None]] = None, shape: str = "smollm2-135m",
+        targets: str = "attention") -> List[Dict[str, object]]:
     rows = []
     for config in configs:
         for micro in micro_counts:
             rows.append(measure(config, micro, layers=layers, r=r, batch=batch, seq=seq, device=device,
-                                trace_cls=trace_cls))
+                                trace_cls=trace_cls, shape=shape, targets=targets))
             if log is not None:
                 row = rows[-1]
                 log(f"  {config:18s} x{micro:<3d} held {row['held_bytes'] / MiB:8.1f} MiB, peak "
@@ -90,14 +110,15 @@ def run(micro_counts: Sequence[int], configs: Sequence[str], *, layers: int, r: 
     return rows
 
 
-HEADER = ["config", "micro-batches", "tokens", "held MiB", "capture MiB", "bound MiB", "peak MiB",
+HEADER = ["config", "micro-batches", "tokens", "held MiB", "capture MiB", "counted MiB", "bound MiB", "peak MiB",
           "peak / AdamW", "fwd+bwd s", "step ms"]
 
 
 def table(rows: Sequence[Dict[str, object]], markdown: bool = False) -> str:
     adamw = {r["micro_batches"]: r["peak_bytes"] for r in rows if r["config"] == "AdamW"}
     body = [[r["config"], str(r["micro_batches"]), str(r["tokens_per_step"]), f"{r['held_bytes'] / MiB:.1f}",
-             f"{r['capture_bytes'] / MiB:.1f}", f"{r['bound_bytes'] / MiB:.1f}", f"{r['peak_bytes'] / MiB:.1f}",
+             f"{r['capture_bytes'] / MiB:.1f}", f"{r['counted_bytes'] / MiB:.1f}", f"{r['bound_bytes'] / MiB:.1f}",
+             f"{r['peak_bytes'] / MiB:.1f}",
              f"{r['peak_bytes'] / adamw[r['micro_batches']]:.3f}" if r["micro_batches"] in adamw else "",
              f"{r['fwd_bwd_s']:.2f}", f"{r['step_s'] * 1e3:.1f}"] for r in rows]
     return format_table(HEADER, body, markdown=markdown)

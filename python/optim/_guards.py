@@ -175,9 +175,9 @@ def _second_order_error(site: LoRASite) -> float:
         want_b += g.mT @ _rows.x_times(_rows.to(x, dtype), af.mT)
         want_a += _rows.xt_times(_rows.to(x, dtype), g @ bf, n).mT
     if site.folded is not None:
-        f = site.folded.g.to(dtype)
-        want_b += f @ af.mT
-        want_a += bf.mT @ f
+        fb, fa = site.folded.factor_products(bf, af)
+        want_b += fb.to(dtype)
+        want_a += fa.to(dtype)
     got_b = site.B.grad.reshape(m, -1).to(dtype)
     got_a = site.A.grad.reshape(-1, n).to(dtype)
     want_b, want_a = want_b * site.coeff, want_a * site.coeff
@@ -228,8 +228,8 @@ def _check_devices(owner: str, site: LoRASite, state: Dict) -> None:
             found.add(f"captured X on {x.device}")
         if g.device != device:
             found.add(f"captured sD on {g.device}")
-    if site.folded is not None and site.folded.g.device != device:
-        found.add(f"folded gradient on {site.folded.g.device}")
+    if site.folded is not None and site.folded.device != device:
+        found.add(f"folded gradient on {site.folded.device}")
     for key, value in state.items():
         if isinstance(value, Tensor) and value.device != device:
             found.add(f"state {key!r} on {value.device}")
@@ -272,7 +272,7 @@ def find_nonfinite(owner: str, sites: Sequence[LoRASite], captured: bool, state:
             named.append((f"the captured sD of LoRA layer {site.name!r}", g))
         if site.folded is not None:
             named += [(f"the captured X or captured sD of LoRA layer {site.name!r} (folded into its dense "
-                       "gradient)", t) for t in site.folded.tensors()]
+                       "gradient or its sketch)", t) for t in site.folded.tensors()]
     named += [(f"the gradient of parameter {name!r}", grad) for name, grad in others]
     if not named:
         return None

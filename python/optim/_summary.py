@@ -87,7 +87,12 @@ def summary(opt) -> str:
     if opt._capture is not None:
         closed = opt._capture.closed_because
         held = "closed: " + closed if closed else f"holding {_bytes(opt.capture_bytes())} now"
-        lines.append(f"  capture: {opt._capture.mode!r}, {held}; steps taken: {steps}")
+        cap = opt._capture
+        if cap.budget is not None:
+            budget = f"{cap.budget:.0%} of free memory" if isinstance(cap.budget, float) else _bytes(cap.budget)
+            sketched = sum(type(site.folded).__name__ == "Sketch" for site in opt._sites)
+            held += f" (capture_budget {budget}, sketch_rank {cap.sketch_rank}; {sketched} layers sketched now)"
+        lines.append(f"  capture: {cap.mode!r}, {held}; steps taken: {steps}")
     else:
         lines.append(f"  capture: none (steps from the factors' .grad); steps taken: {steps}")
     devices = sorted({site.B.device.type for site in sites})

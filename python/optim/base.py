@@ -34,13 +34,13 @@ from __future__ import annotations
 
 import dataclasses
 import weakref
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 from .._checks import check_bool, check_choice
-from ..capture import CAPTURE_MODES, Capture
+from ..capture import CAPTURE_MODES, Capture, check_budget
 from ..reference import compute_dtype
 from ..sites import Folded, LoRASite
 from . import _checkpoint, _distributed, _fsdp, _guards, _inner, _masters, _summary, engine
@@ -82,6 +82,15 @@ class LoRAOptimizer(CopyMixin, ContextMixin, torch.optim.Optimizer):
             that a layer holds at most ``min(T (m + n), m n)`` numbers however many micro-batches
             accumulate; ``"rows"`` always the rows; ``"dense"`` always the dense gradient. The steps
             are the same, to float32 rounding. ``capture_bytes()`` reports what is held.
+        capture_budget: bytes (int) or a fraction of the device's free memory (float in (0, 1],
+            read at each backward pass) that what is held between backward and step may use, with
+            ``capture="auto"``: the rows are held (never folded: the fold's GEMM stays off the
+            backward pass) while everything fits; a layer whose rows would cross it folds into its
+            dense gradient while that fits, else into a sketch of its gradient that does not grow
+            with tokens (``oplora.sketch``: its step is approximate, exact on the layer's own
+            factors). None (default): no budget. Not with data parallelism yet.
+        sketch_rank: the Gaussian directions of a sketch beside the layer's r own (range
+            ``r + sketch_rank``, co-range ``r + 2 sketch_rank + 1``; default 32).
         master_factors: for bfloat16/float16 LoRA factors, keep float32 copies of them in the state
             (``master_B``, ``master_A``) and step those, writing their rounding into the factors, so
             that updates smaller than the factors' precision accumulate instead of being lost
@@ -124,7 +133,8 @@ class LoRAOptimizer(CopyMixin, ContextMixin, torch.optim.Optimizer):
     def __init__(self, model: nn.Module, defaults: dict, *, other: OtherSpec = "adamw",
                  other_kwargs: Optional[dict] = None, strict: bool = False,
                  max_grad_norm: Optional[float] = None, skip_nonfinite: bool = False, process_group=None,
-                 capture: str = "auto", master_factors: bool = False):
+                 capture: str = "auto", master_factors: bool = False,
+                 capture_budget: Union[None, int, float] = None, sketch_rank: int = 32):
         name = type(self).__name__
         if not isinstance(model, nn.Module):
             raise TypeError(f"{name} is built from the model (an nn.Module), got {type(model).__name__}; it finds "
@@ -139,6 +149,13 @@ class LoRAOptimizer(CopyMixin, ContextMixin, torch.optim.Optimizer):
         if self.uses_capture:
             defaults["master_factors"] = master_factors
         check_choice(capture, "capture", CAPTURE_MODES)
+        capture_budget = check_budget(capture_budget, capture)
+        if isinstance(sketch_rank, bool) or not isinstance(sketch_rank, int) or sketch_rank < 1:
+            raise ValueError(f"sketch_rank must be an int >= 1, got {sketch_rank!r}")
+        if capture_budget is not None:
+            why = self._budget_unsupported(defaults)
+            if why is not None:
+                raise ValueError(f"{name}: capture_budget is not supported with {why}")
         group = _distributed.resolve_group(process_group)
         _guards.refuse_fsdp1(name, model)
         sites, unsupported = _guards.lora_sites(name, model, strict=strict,
@@ -148,6 +165,10 @@ class LoRAOptimizer(CopyMixin, ContextMixin, torch.optim.Optimizer):
         for site, lay in zip(sites, self._layouts):
             if lay is not None:
                 site.pinned = (site.A, site.B)
+        if capture_budget is not None and (group is not None or any(lay is not None for lay in self._layouts)):
+            raise NotImplementedError(f"{name}: capture_budget with data parallelism (DDP, FSDP2) is not supported "
+                                      "yet: each rank's sketch would need the same random directions and a "
+                                      "reduction; leave capture_budget=None there")
         if group is not None:
             reason = self._distributed_unsupported(defaults)
             if reason is not None:
@@ -180,7 +201,8 @@ class LoRAOptimizer(CopyMixin, ContextMixin, torch.optim.Optimizer):
         if group is not None and "seed" in defaults:
             self.defaults["seed"] = self.lora_group["seed"] = _distributed.broadcast_seed(
                 defaults["seed"], group, lora_params[0].device)
-        self._capture = (Capture(sites, owner=self, mode=capture, stats=self._fold_stats(defaults))
+        self._capture = (Capture(sites, owner=self, mode=capture, stats=self._fold_stats(defaults),
+                                 budget=capture_budget, sketch_rank=sketch_rank)
                          if self.uses_capture else None)
         self._built = True
 
@@ -201,6 +223,10 @@ class LoRAOptimizer(CopyMixin, ContextMixin, torch.optim.Optimizer):
             return ("max_grad_norm: the norm of the averaged implicit gradient (1/world) sum_k G_k needs "
                     "every rank's m x n gradient or rows, which never cross the network; clip without "
                     "data parallelism, or leave max_grad_norm=None")
+        return None
+
+    def _budget_unsupported(self, defaults: dict) -> Optional[str]:
+        """Why this optimizer cannot step from a sketched gradient (``capture_budget``), or None."""
         return None
 
     def _other_shares_lr(self, defaults: dict) -> bool:

@@ -87,11 +87,10 @@ def site_sq_norm(site: LoRASite) -> Tensor:
     (T_j x n: no m x n product of rows is formed)."""
     chunks = [(x, g) for x, g, _ in site.chunks]
     total = grad_sq_norm(chunks, n=site.shape[1]) if chunks else None
-    if site.folded is not None:
-        f = site.folded.g
-        dense = f.square().sum(dtype=torch.float64)
+    if site.folded is not None:  # a sketched layer: the norm of its sketched gradient (oplora.sketch)
+        dense = site.folded.sq_norm()
         for x, g in chunks:
-            dense = dense + 2.0 * _rows.inner(x, g.to(f.dtype) @ f)
+            dense = dense + 2.0 * _rows.inner(x, site.folded.rows_times(g))
         total = dense if total is None else total + dense
     return total.clamp_min(0.0)
 

@@ -112,8 +112,9 @@ class Layer:
 
     ``xs``: X_j (T_j x n; or T_j token ids standing for one-hot rows, ``oplora._rows``) and
     ``gs``: G_j (T_j x m), the rows (possibly none); ``dense``: the rows
-    already folded into an m x n matrix (``oplora.capture``), or None, with ``dense_sums`` their
-    column sums of squares ``(sum x^2 (n), sum g^2 (m))``. ``stats``, when given, turns the first
+    already folded into an m x n matrix (``oplora.capture``), or None; ``low_rank``: ``(P, R)``,
+    the rows sketched into a low-rank gradient ``P R`` (``oplora.sketch``), or None; with
+    ``dense_sums`` the folded or sketched rows' column sums of squares ``(sum x^2 (n), sum g^2 (m))``. ``stats``, when given, turns the first
     pass's column sums of squares (rows and folded together) into the metric of the problems
     whose metric is :data:`STATS` (see :class:`StatsRule`).
     """
@@ -124,6 +125,7 @@ class Layer:
     stats: Optional[StatsRule] = None
     dense: Optional[Tensor] = None
     dense_sums: Optional[Tuple[Tensor, Tensor]] = None
+    low_rank: Optional[Tuple[Tensor, Tensor]] = None
 
 
 class NonFiniteProducts(FloatingPointError):
@@ -224,6 +226,8 @@ class _Group:
         self.indexed = [any(_rows.is_index(x) for x in layer.xs) for layer in layers]
         self.gs = [[ops.rows(g, dtype) for g in layer.gs] for layer in layers]
         self.dense = [None if layer.dense is None else layer.dense.to(dtype) for layer in layers]
+        self.low_rank = [None if layer.low_rank is None else tuple(t.to(dtype) for t in layer.low_rank)
+                         for layer in layers]
         self.stats_done = layers[0].stats is None
         self.runs = []
         for j, p in enumerate(layers[0].problems):
@@ -298,7 +302,8 @@ def _target(run: _Run, half: _Half, product: Tensor, dtype: torch.dtype) -> Tupl
 def _groups(layers: Sequence[Layer], ops) -> Tuple[List[_Group], List[Tuple[int, int]]]:
     """The groups of ``layers`` (by :func:`_signature`) and where each layer went:
     ``(group, index in group)``."""
-    dtypes = [compute_dtype(*(t for p in layer.problems for t in p.init), *layer.xs, *layer.gs, layer.dense)
+    dtypes = [compute_dtype(*(t for p in layer.problems for t in p.init), *layer.xs, *layer.gs, layer.dense,
+                            *(layer.low_rank or ()))
               for layer in layers]
     members = group_by(range(len(layers)), lambda i: _signature(layers[i], dtypes[i]))
     groups, where = [], [(0, 0)] * len(layers)
@@ -330,7 +335,7 @@ def _products(jobs: Sequence[Tuple["_Group", int, Optional[Tensor], Optional[Ten
     from_rows = iter(ops.row_pass(with_rows) if with_rows else [])
     out = []
     for grp, i, qd, qx, stats in jobs:
-        dense, sums = grp.dense[i], grp.layers[i].dense_sums
+        dense, low, sums = grp.dense[i], grp.low_rank[i], grp.layers[i].dense_sums
         if grp.indexed[i]:
             parts = list(_rows.row_pass(grp.xs[i], grp.gs[i], qd, qx, stats, grp.runs[0].a0.shape[-1]))
         else:
@@ -340,8 +345,14 @@ def _products(jobs: Sequence[Tuple["_Group", int, Optional[Tensor], Optional[Ten
                 parts[0] = parts[0].addmm_(dense.mT, qd)
             if qx is not None:
                 parts[1] = parts[1].addmm_(dense, qx)
-            if stats:
-                parts[2], parts[3] = parts[2] + sums[0].to(grp.dtype), parts[3] + sums[1].to(grp.dtype)
+        if low is not None:  # G = P R
+            p, r = low
+            if qd is not None:
+                parts[0] = parts[0].addmm_(r.mT, p.mT @ qd)
+            if qx is not None:
+                parts[1] = parts[1].addmm_(p, r @ qx)
+        if stats and (dense is not None or low is not None):
+            parts[2], parts[3] = parts[2] + sums[0].to(grp.dtype), parts[3] + sums[1].to(grp.dtype)
         out.append(tuple(parts))
     return out
 

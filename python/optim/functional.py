@@ -29,6 +29,7 @@ from .. import _backend
 from .._checks import group_by
 from ..reference import compute_dtype
 from ..sites import Folded
+from ..sketch import Sketch
 from . import engine
 from . import statistics as _stats
 from .statistics import KfacDiagRule, StatsSpec, metric_from_statistics, update_statistics
@@ -228,8 +229,10 @@ def plan_oplora(
                                        data_coeff=(1.0 - dampening) * grad_coeff, data_precondition=averaged,
                                        metric=metric if averaged else None, lam=lam, iters=iters,
                                        start=_start_side(start, um, first), lam_relative=lam_relative))
+    sketched = isinstance(folded, Sketch)
     layer = engine.Layer(xs=[x for x, _ in chunks], gs=[g for _, g in chunks], problems=problems, stats=stats,
-                         dense=None if folded is None else folded.g,
+                         dense=None if folded is None or sketched else folded.g,
+                         low_rank=folded.low_rank() if sketched else None,
                          dense_sums=None if folded is None or folded.sx is None else (folded.sx, folded.sg))
     step = state.get("step", 0) + 1
 

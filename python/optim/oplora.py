@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -105,6 +105,9 @@ class OPLoRA(LoRAOptimizer):
             implicit gradient, NaN/Inf handling, data-parallel group, what is held between
             backward and step (rows or the dense gradient), float32 master factors for bf16/fp16
             factors: see :class:`oplora.optim.base.LoRAOptimizer`.
+        capture_budget, sketch_rank: a cap on what is held between backward and step, beyond
+            which a layer's gradient is sketched (``oplora.sketch``): see
+            :class:`oplora.optim.base.LoRAOptimizer`.
 
     State per layer (keyed by its B factor): ``step``, ``momentum_U`` (m x k), ``momentum_V``
     (k x n) in the factors' dtype: params + state = 2x the LoRA parameters (Adam: 3x); with
@@ -116,13 +119,15 @@ class OPLoRA(LoRAOptimizer):
                  momentum_rank: Optional[int] = None, start: str = "A", other: OtherSpec = "adamw",
                  other_kwargs: Optional[dict] = None, strict: bool = False,
                  seed: Optional[int] = None, max_grad_norm: Optional[float] = None, skip_nonfinite: bool = False,
-                 process_group=None, capture: str = "auto", master_factors: bool = False):
+                 process_group=None, capture: str = "auto", master_factors: bool = False,
+                 capture_budget: Union[None, int, float] = None, sketch_rank: int = 32):
         defaults = check_all(self.HYPER_CHECKS, dict(
             lr=lr, momentum=momentum, dampening=dampening, iters=iters, prox=prox, relative_prox=relative_prox,
             momentum_rank=momentum_rank, start=start, seed=_seed(seed)))
         super().__init__(model, defaults, other=other, other_kwargs=other_kwargs, strict=strict,
                          max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite, process_group=process_group,
-                         capture=capture, master_factors=master_factors)
+                         capture=capture, master_factors=master_factors, capture_budget=capture_budget,
+                         sketch_rank=sketch_rank)
 
     HYPER_CHECKS = {
         **_LORSUM_CHECKS,
@@ -193,8 +198,8 @@ class ScaledOPLoRA(LoRAOptimizer):
             each later step's metric preconditions: a gradient is normalised by the metric of its
             own step, so an outlier is not carried at full size for ``1 / (1 - b1)`` steps.
         iters, prox, relative_prox, momentum_rank, start, other, other_kwargs, strict, seed,
-            max_grad_norm, skip_nonfinite, process_group, capture, master_factors: as in
-            :class:`OPLoRA`.
+            max_grad_norm, skip_nonfinite, process_group, capture, master_factors, capture_budget,
+            sketch_rank: as in :class:`OPLoRA`.
         metric: ``"diag"`` (vectors, the default) or ``"dense"`` (n x n and m x m EMAs, for small
             layers: memory m^2 + n^2 per layer and an eigen-decomposition per step).
         statistics: ``"kfac"`` (X and g, above) or ``"shampoo"`` (``G G^T`` and ``G^T G``, whose
@@ -235,7 +240,8 @@ class ScaledOPLoRA(LoRAOptimizer):
                  preset: str = "default",
                  other: OtherSpec = "adamw", other_kwargs: Optional[dict] = None, strict: bool = False,
                  seed: Optional[int] = None, max_grad_norm: Optional[float] = None, skip_nonfinite: bool = False,
-                 process_group=None, capture: str = "auto", master_factors: bool = False):
+                 process_group=None, capture: str = "auto", master_factors: bool = False,
+                 capture_budget: Union[None, int, float] = None, sketch_rank: int = 32):
         given = dict(betas=betas, damping=damping, metric_power=metric_power, bias_correction=bias_correction,
                      relative_damping=relative_damping, relative_prox=relative_prox, start=start,
                      current_floor=current_floor, precondition_momentum=precondition_momentum)
@@ -255,7 +261,8 @@ class ScaledOPLoRA(LoRAOptimizer):
             seed=_seed(seed), **settings))
         super().__init__(model, defaults, other=other, other_kwargs=other_kwargs, strict=strict,
                          max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite, process_group=process_group,
-                         capture=capture, master_factors=master_factors)
+                         capture=capture, master_factors=master_factors, capture_budget=capture_budget,
+                         sketch_rank=sketch_rank)
 
     HYPER_CHECKS = {
         **_LORSUM_CHECKS,
@@ -289,6 +296,11 @@ class ScaledOPLoRA(LoRAOptimizer):
         scale = 0.0 if group["bias_correction"] else float(group["init_metric_scale"])
         start["d_in"], start["d_out"] = statistics_start(group["metric"], scale, n, m, site.B.device, dtype)
         return start
+
+    def _budget_unsupported(self, defaults):
+        if defaults["statistics"] == "shampoo":
+            return "statistics='shampoo', computed from the m x n gradient itself"
+        return None
 
     def _distributed_unsupported(self, defaults):
         if defaults["statistics"] == "shampoo":
