@@ -70,7 +70,7 @@ OPTIMIZERS: Dict[str, Callable[[nn.Module, float], torch.optim.Optimizer]] = {
 }
 LRS: Dict[str, Tuple[float, ...]] = {
     "OPLoRA": (1e-3, 3e-3, 1e-2),
-    "ScaledOPLoRA": (3e-3, 1e-2, 3e-2),
+    "ScaledOPLoRA": (1e-3, 3e-3, 1e-2),  # the defaults' Adam-scale lr (the papers' settings: 3e-3 .. 3e-2)
     "SVDLoRA": (1e-3, 3e-3),
     "AdamW": (1e-3, 3e-3),
 }

@@ -167,7 +167,7 @@ class Capture:
     """
 
     def __init__(self, sites: List[LoRASite], owner: object = None, *, mode: str = "auto",
-                 stats: Optional[str] = None, budget: Union[None, int, float] = None, sketch_rank: int = 32):
+                 stats: Optional[str] = None, budget: Union[None, int, float] = None, sketch_rank: int = 64):
         if mode not in CAPTURE_MODES:
             raise ValueError(f"capture must be one of {', '.join(map(repr, CAPTURE_MODES))}, got {mode!r}")
         self.sites = sites

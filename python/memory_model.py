@@ -153,7 +153,7 @@ def capture_memory(model: Union[nn.Module, object], *, tokens: int, micro_batche
                    targets: Optional[Sequence[str]] = None, r: Optional[int] = None,
                    activation_dtype: torch.dtype = torch.bfloat16, factor_dtype: torch.dtype = torch.float32,
                    stats: bool = False, shared: Sequence[Sequence[str]] = SHARED,
-                   sketch_rank: int = 32) -> CaptureMemory:
+                   sketch_rank: int = 64) -> CaptureMemory:
     """Count what each capture mode holds between backward and step (module docstring).
 
     Args:

@@ -90,7 +90,8 @@ class LoRAOptimizer(CopyMixin, ContextMixin, torch.optim.Optimizer):
             with tokens (``oplora.sketch``: its step is approximate, exact on the layer's own
             factors). None (default): no budget. Not with data parallelism yet.
         sketch_rank: the Gaussian directions of a sketch beside the layer's r own (range
-            ``r + sketch_rank``, co-range ``r + 2 sketch_rank + 1``; default 32).
+            ``r + sketch_rank``, co-range ``r + 2 sketch_rank + 1``; default 64: in the LM study the
+            sketched run ends within 0.05 perplexity of the exact one, 0.6 at 32).
         master_factors: for bfloat16/float16 LoRA factors, keep float32 copies of them in the state
             (``master_B``, ``master_A``) and step those, writing their rounding into the factors, so
             that updates smaller than the factors' precision accumulate instead of being lost
@@ -134,7 +135,7 @@ class LoRAOptimizer(CopyMixin, ContextMixin, torch.optim.Optimizer):
                  other_kwargs: Optional[dict] = None, strict: bool = False,
                  max_grad_norm: Optional[float] = None, skip_nonfinite: bool = False, process_group=None,
                  capture: str = "auto", master_factors: bool = False,
-                 capture_budget: Union[None, int, float] = None, sketch_rank: int = 32):
+                 capture_budget: Union[None, int, float] = None, sketch_rank: int = 64):
         name = type(self).__name__
         if not isinstance(model, nn.Module):
             raise TypeError(f"{name} is built from the model (an nn.Module), got {type(model).__name__}; it finds "

@@ -120,7 +120,7 @@ class OPLoRA(LoRAOptimizer):
                  other_kwargs: Optional[dict] = None, strict: bool = False,
                  seed: Optional[int] = None, max_grad_norm: Optional[float] = None, skip_nonfinite: bool = False,
                  process_group=None, capture: str = "auto", master_factors: bool = False,
-                 capture_budget: Union[None, int, float] = None, sketch_rank: int = 32):
+                 capture_budget: Union[None, int, float] = None, sketch_rank: int = 64):
         defaults = check_all(self.HYPER_CHECKS, dict(
             lr=lr, momentum=momentum, dampening=dampening, iters=iters, prox=prox, relative_prox=relative_prox,
             momentum_rank=momentum_rank, start=start, seed=_seed(seed)))
@@ -241,7 +241,7 @@ class ScaledOPLoRA(LoRAOptimizer):
                  other: OtherSpec = "adamw", other_kwargs: Optional[dict] = None, strict: bool = False,
                  seed: Optional[int] = None, max_grad_norm: Optional[float] = None, skip_nonfinite: bool = False,
                  process_group=None, capture: str = "auto", master_factors: bool = False,
-                 capture_budget: Union[None, int, float] = None, sketch_rank: int = 32):
+                 capture_budget: Union[None, int, float] = None, sketch_rank: int = 64):
         given = dict(betas=betas, damping=damping, metric_power=metric_power, bias_correction=bias_correction,
                      relative_damping=relative_damping, relative_prox=relative_prox, start=start,
                      current_floor=current_floor, precondition_momentum=precondition_momentum)
