@@ -207,13 +207,14 @@ def capture_memory(model: Union[nn.Module, object], *, tokens: int, micro_batche
     rows = sum(rows_total * s.n * bx for s in {s.reads: s for s in shapes}.values()) + \
         sum(rows_total * s.m * bg for s in shapes)
     lora = sum(s.r * (s.m + s.n) for s in shapes)
-    bounded, sketched = 0, 0
+    bounded, sketched = 0.0, 0
     for s in shapes:
-        own_rows = rows_total * (s.n * bx / readers[s.reads] + s.m * bg)
+        own_rows = rows_total * (s.n * bx / readers[s.reads] + s.m * bg)  # a shared X split among its readers
         sketch = 4 * sketch_numbers(s.m, s.n, s.r, sketch_rank, "diag" if stats else None)
         least = min(own_rows, dense[s.name], sketch)
         sketched += least == sketch and sketch < min(own_rows, dense[s.name])
-        bounded += round(least)
+        bounded += least
+    bounded = round(bounded)
     return CaptureMemory(
         layers=len(shapes), tokens=tokens, micro_batches=micro_batches, rows=rows,
         dense=sum(dense.values()), auto=auto, folded=len(shapes) - len(holding), bounded=bounded,

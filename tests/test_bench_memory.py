@@ -92,3 +92,21 @@ def test_accumulation_axis_holds_at_most_the_bound_and_stays_flat_once_folded(tm
     assert capture["OPLoRA auto", 4] == capture["OPLoRA auto", 8] < capture["OPLoRA rows", 8]
     assert capture["OPLoRA rows", 8] == 2 * capture["OPLoRA rows", 4]
     assert os.path.exists(tmp_path / "memory_accumulation_cpu_smoke.md")
+
+
+def test_accumulation_axis_on_a_real_width_llama_2_7b_block(tmp_path):
+    """``--shape llama-2-7b``: one width-4096 block, LoRA r16 on every linear layer, micro-batches
+    of 1 x 256 tokens (rows outweigh every layer's sketch): capture_budget=0 holds the same bytes
+    at 1 and 2 micro-batches (its sketches) while capture="auto" doubles, each exactly what
+    oplora.capture_memory counts."""
+    argv = ["--accumulation", "1,2", "--layers", "1", "--micro-batch", "1:256", "--smoke", "--device", "cpu",
+            "--shape", "llama-2-7b", "--targets", "all", "--r", "16", "--configs", "OPLoRA auto", "OPLoRA budget0",
+            "--out", str(tmp_path), "--quiet", "--no-plot"]
+    assert bench.main(argv) == 0
+    with open(tmp_path / "memory_accumulation_llama-2-7b_all_cpu_smoke.csv") as f:
+        rows = {(r["config"], int(r["micro_batches"])): int(r["capture_bytes"]) for r in csv.DictReader(f)}
+        f.seek(0)
+        counted = {(r["config"], int(r["micro_batches"])): int(r["counted_bytes"]) for r in csv.DictReader(f)}
+    assert rows == counted
+    assert rows["OPLoRA budget0", 1] == rows["OPLoRA budget0", 2] < rows["OPLoRA auto", 1]
+    assert rows["OPLoRA auto", 2] == 2 * rows["OPLoRA auto", 1]
