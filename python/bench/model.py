@@ -131,6 +131,16 @@ def targets_summary(rows: Sequence[Dict[str, object]]) -> List[str]:
                 ratio = scaled["step_s"] / plain["step_s"]
                 out.append(f"ScaledOPLoRA / OPLoRA step ({capture}, {targets}): {ratio:.2f}x (target <= 1.3x: "
                            f"{'met' if ratio <= 1.3 else 'missed'})")
+    # The whole training step against AdamW's in the same run (issue 28's targets, 512 tokens r8).
+    ratios = whole_over_adamw(rows)
+    limits = {("OPLoRA", "qkvo"): 1.05, ("OPLoRA", "all"): 1.10, ("ScaledOPLoRA", "qkvo"): 1.10,
+              ("ScaledOPLoRA", "all"): 1.15}
+    for i, r in enumerate(rows):
+        name = r["optimizer"].split()[0]
+        if i in ratios and (name, r["targets"]) in limits and r["r"] == 8 and r["tokens"] == 512:
+            limit = limits[name, r["targets"]]
+            out.append(f"{r['optimizer']} whole training step / AdamW's, LoRA on {r['targets']}, 512 tokens r8: "
+                       f"{ratios[i]:.3f}x (target <= {limit:.2f}x: {'met' if ratios[i] <= limit else 'missed'})")
     return out
 
 
@@ -149,15 +159,25 @@ def slopes(rows: Sequence[Dict[str, object]]) -> List[str]:
     return out
 
 
-HEADER = ["LoRA on", "layers", "r", "tokens", "optimizer", "fwd+bwd s", "step ms", "step / fwd+bwd", "floor ms",
-          "x floor"]
+HEADER = ["LoRA on", "layers", "r", "tokens", "optimizer", "fwd+bwd s", "step ms", "step / fwd+bwd",
+          "whole step / AdamW's", "floor ms", "x floor"]
+
+
+def whole_over_adamw(rows: Sequence[Dict[str, object]]) -> Dict[int, float]:
+    """Per row (by index): its whole training step (forward + backward + step) over AdamW's in the
+    same case (targets, r, tokens), where AdamW ran in the same run."""
+    adamw = {(r["targets"], r["r"], r["tokens"]): r["fwd_bwd_s"] + r["step_s"] for r in rows if r["optimizer"] == "AdamW"}
+    return {i: (r["fwd_bwd_s"] + r["step_s"]) / adamw[(r["targets"], r["r"], r["tokens"])]
+            for i, r in enumerate(rows) if (r["targets"], r["r"], r["tokens"]) in adamw}
 
 
 def table(rows: Sequence[Dict[str, object]], markdown: bool = False) -> str:
+    ratio = whole_over_adamw(rows)
     body = [[r["targets"], str(r["lora_layers"]), str(r["r"]), str(r["tokens"]), r["optimizer"],
              f"{r['fwd_bwd_s']:.2f}", f"{r['step_s'] * 1e3:.1f}", f"{100 * r['step_over_fwd_bwd']:.1f}%",
+             f"{ratio[i]:.3f}" if i in ratio else "",
              f"{r['floor_s'] * 1e3:.1f}" if r["floor_s"] else "", f"{r['x_floor']:.1f}" if r["x_floor"] else ""]
-            for r in rows]
+            for i, r in enumerate(rows)]
     return format_table(HEADER, body, markdown=markdown)
 
 
