@@ -55,6 +55,7 @@ warning, so that the layers are not captured twice; the earlier optimizer's ``st
 
 from __future__ import annotations
 
+import os
 import warnings
 import weakref
 from typing import Dict, List, Optional, Set, Tuple, Union
@@ -116,7 +117,6 @@ def free_bytes(device: torch.device) -> int:
                         return int(line.split()[1]) * 1024
         except OSError:
             pass
-        import os
         return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
     raise ValueError(f"capture_budget as a fraction of free memory is not supported on {device.type!r}; "
                      "give it in bytes")
@@ -474,11 +474,6 @@ class Capture:
             return "dense"
         return "dense" if self._held_now() - self._held(site) + dense <= self._budget_bytes(site) else "sketch"
 
-    def _form_bytes(self, site: LoRASite) -> int:
-        """Bytes of what ``site`` would fold into now (:meth:`_form`)."""
-        dense, sketch = self._form_sizes(site)
-        return dense if self._form(site) == "dense" else sketch
-
     def _held_now(self) -> int:
         if self._total is None:
             self._total = self.held_bytes()
@@ -505,8 +500,12 @@ class Capture:
         if self.mode == "rows":
             return
         if self.budget is not None:  # rows while everything fits, then the layer's fold or sketch
-            if site.folded is not None or (self._over_budget(site) and self._held(site) > self._form_bytes(site)):
+            if site.folded is not None:
                 self._fold_site(site)
+            elif self._over_budget(site):
+                form = self._form(site)
+                if self._held(site) > self._form_sizes(site)[form == "sketch"]:  # folding it saves memory
+                    self._fold_site(site, form)
             return
         if self.mode == "dense" or site.folded is not None or self._held(site) > self._dense_bytes(site, g):
             self._fold_site(site)  # once folded, every chunk folds
@@ -524,8 +523,10 @@ class Capture:
                 site.folded is not None or self._held(site) + rows_bytes > self._dense_bytes(site, x, g)))
         if fold:
             self._fold_site(site)
+            made = site.folded is None
             site._ensure_folded(torch.float64 in (x.dtype, g.dtype), g.device, self.stats)
-            self._total = None  # recounted: the fold may be new
+            if made and self._total is not None:  # a dense fold made here, for rows not held yet
+                self._total += sum(t.nbytes for t in site.folded.tensors())
         for lo, hi, patches in conv_patches(site.lora_A, x, PATCH_BLOCK):
             gb = g[lo:hi]
             if live is not None:

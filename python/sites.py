@@ -119,18 +119,11 @@ class Folded:
     def device(self) -> torch.device:
         return self.g.device
 
-    def times(self, v: Tensor) -> Tensor:
-        """``G v`` for ``v`` (n x k), in ``v``'s dtype."""
-        return self.g.to(v.dtype) @ v
-
-    def t_times(self, u: Tensor) -> Tensor:
-        """``u^T G`` for ``u`` (m x k), in ``u``'s dtype."""
-        return u.mT @ self.g.to(u.dtype)
-
     def factor_products(self, b: Tensor, a: Tensor) -> Tuple[Tensor, Tensor]:
-        """``(G A^T, B^T G)`` with the layer's factors ``b`` (m x r), ``a`` (r x n): what autograd
-        gives B and A (over ``s``)."""
-        return self.times(a.mT), self.t_times(b)
+        """``(G A^T, B^T G)`` with the layer's factors ``b`` (m x r), ``a`` (r x n), in their
+        dtype: what autograd gives B and A (over ``s``)."""
+        g = self.g.to(a.dtype)
+        return g @ a.mT, b.mT @ g
 
     def rows_times(self, g: Tensor) -> Tensor:
         """``g G`` (T x n) for rows ``g`` (T x m), in G's dtype."""

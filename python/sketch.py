@@ -112,13 +112,6 @@ class Sketch:
             self.sx += _rows.col_sq(x, n, self.dtype)
             self.sg += g.square().sum(0)
 
-    def add_dense(self, g: Tensor) -> None:
-        """Sketch an already dense part ``g`` (m x n) of the gradient (a layer folded before it
-        had to be sketched); its rows and sums are added by the caller."""
-        g = g.to(self.dtype)
-        self.y.addmm_(g, self.omega())
-        self.w.addmm_(self.psi().mT, g)
-
     def scale(self, c: float) -> None:
         """The gradient multiplied by ``c``: the sketches by c, ``sg`` by c^2."""
         self.y.mul_(c)
