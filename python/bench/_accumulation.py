@@ -25,12 +25,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-
-import oplora
-
 from ..memory_model import capture_memory
 from ._common import format_table
-from ._smollm import ALL_LINEAR, ATTENTION, OPTIMIZERS, SHAPES, loss_of, lora_model, token_batches
+from ._smollm import ALL_LINEAR, ATTENTION, BUDGETED, OPTIMIZERS, SHAPES, loss_of, lora_model, token_batches
 
 __all__ = ["CONFIGS", "measure", "table", "plot"]
 
@@ -38,9 +35,7 @@ MiB = 2.0**20
 
 #: (label, optimizer builder); the capture mode is part of the label (the model suite's too):
 #: ``budget0`` is ``capture_budget=0`` (every layer whose rows outweigh its sketch is sketched).
-CONFIGS = {**OPTIMIZERS,
-           "OPLoRA budget0": lambda m: oplora.OPLoRA(m, lr=1e-3, seed=0, capture_budget=0),
-           "ScaledOPLoRA budget0": lambda m: oplora.ScaledOPLoRA(m, lr=1e-4, seed=0, capture_budget=0)}
+CONFIGS = {**OPTIMIZERS, **BUDGETED}
 #: ``--targets``: the LoRA targets by name.
 TARGETS = {"attention": ATTENTION, "all": ALL_LINEAR}
 
