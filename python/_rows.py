@@ -9,8 +9,8 @@ with it. A leaf module: it imports nothing of the package.
 
       X q          = q[ids]                                  (T x k)
       X^T v        = zeros(n, k).index_add_(0, ids, v)       (n x k)
-      colsum(X^2)  = bincount(ids, minlength=n)              (n,)   the token counts
-      X^T X        = diag(bincount(ids))                     (n x n)
+      colsum(X^2)  = zeros(n).index_add_(0, ids, ones)       (n,)   the token counts
+      X^T X        = diag(colsum(X^2))                       (n x n)
       X_i X_k^T    = [ids_i[a] == ids_k[b]]                  (T_i x T_k)
       G += sD^T X  : G.index_add_(1, ids, sD^T)              (m x n)
 
@@ -27,7 +27,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["is_index", "to", "x_times", "xt_times", "col_sq", "add_gt_x", "add_gram", "row_gram", "inner",
+__all__ = ["is_index", "to", "x_times", "xt_times", "live_rows", "col_sq", "add_gt_x", "add_gram", "row_gram", "inner",
            "row_pass"]
 
 
@@ -53,11 +53,20 @@ def xt_times(x: Tensor, v: Tensor, n: int) -> Tensor:
     return x.to(v.dtype).mT @ v
 
 
-def col_sq(x: Tensor, n: int, dtype: torch.dtype) -> Tensor:
-    """``colsum(X^2)`` (n,): for index rows the token counts."""
+def live_rows(g: Tensor) -> Tensor:
+    """The rows of ``g`` (T x m) that carry gradient: a bool mask (T,), on ``g``'s device (no
+    host synchronisation)."""
+    return g.ne(0).any(1)
+
+
+def col_sq(x: Tensor, n: int, dtype: torch.dtype, weights: Optional[Tensor] = None) -> Tensor:
+    """``colsum(X^2)`` (n,) (for index rows the token counts), or with ``weights`` (T,)
+    ``colsum(diag(w) X^2)``; no host synchronisation (``bincount`` would size its output)."""
     if is_index(x):
-        return torch.bincount(x, minlength=n).to(dtype)
-    return x.to(dtype).square().sum(0)
+        w = torch.ones(x.shape[0], dtype=dtype, device=x.device) if weights is None else weights.to(dtype)
+        return torch.zeros(n, dtype=dtype, device=x.device).index_add_(0, x, w)
+    sq = x.to(dtype).square()
+    return sq.sum(0) if weights is None else weights.to(dtype) @ sq
 
 
 def add_gt_x(out: Tensor, g: Tensor, x: Tensor) -> Tensor:
@@ -67,12 +76,14 @@ def add_gt_x(out: Tensor, g: Tensor, x: Tensor) -> Tensor:
     return out.addmm_(g.to(out.dtype).mT, x.to(out.dtype))
 
 
-def add_gram(out: Tensor, x: Tensor) -> Tensor:
-    """``out += X^T X`` in place (out n x n); returns ``out``."""
+def add_gram(out: Tensor, x: Tensor, live: Optional[Tensor] = None) -> Tensor:
+    """``out += X^T X`` in place (out n x n), or with the row mask ``live`` (T,) the Gram of the
+    live rows only; returns ``out``."""
     if is_index(x):
-        out.diagonal().add_(col_sq(x, out.shape[0], out.dtype))
+        out.diagonal().add_(col_sq(x, out.shape[0], out.dtype, live))
         return out
-    return out.addmm_(x.to(out.dtype).mT, x.to(out.dtype))
+    xd = x.to(out.dtype)
+    return out.addmm_((xd if live is None else xd * live.to(out.dtype)[:, None]).mT, xd)
 
 
 def row_gram(xi: Tensor, xk: Tensor, dtype: torch.dtype) -> Tensor:

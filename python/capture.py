@@ -21,7 +21,9 @@ gradients, gradient penalties) leave nothing behind; a call with no rows is skip
 a view: changing its storage in place before ``step()`` is detected (version counter) and refused. Several
 backward passes before a step (gradient accumulation, a module called twice in a forward)
 append pairs; the optimizer uses them all, which is exactly the concatenated batch. Rows whose
-branch gradient is exactly zero (padding, masked labels) are dropped as they arrive. What is held
+branch gradient is exactly zero (padding, masked labels, a causal LM's last position) are dropped
+at the step (:meth:`Capture.settle`): nothing on the capture path between the first forward and
+``step()`` reads a device value back to the host (no synchronisation in backward). What is held
 until ``step()``/``zero_grad()`` is bounded per layer by ``min(T (m + n), m n)`` numbers
 (``Capture``'s ``mode``): the rows -- one reference per pair, X kept past backward (autograd would
 have freed it) and ``sD`` -- until they would cost more than the layer's dense gradient, which
@@ -60,10 +62,11 @@ import warnings
 import weakref
 from typing import Dict, List, Optional, Set, Tuple, Union
 
+import numpy
 import torch
 from torch import Tensor, nn
 
-from . import _lifetime
+from . import _lifetime, _rows
 from ._hooks import Hook as _Hook, accumulates as _accumulates, eager as _eager
 from ._patches import PATCH_BLOCK, conv_patches  # noqa: F401  (re-exported)
 from .sites import KINDS, Folded, LoRASite, Unsupported, find_lora_sites  # noqa: F401  (re-exported)
@@ -151,8 +154,9 @@ class Capture:
     folded block by block, never formed whole). ``stats``: what
     the fold also keeps for the optimizer's statistics (:class:`Folded`: ``"diag"`` m + n more
     numbers, ``"dense"`` n^2 + m^2; None: nothing). Rows whose branch
-    gradient is exactly zero (padding, masked labels) carry nothing: they are dropped as they
-    arrive, so they are neither held nor counted.
+    gradient is exactly zero (padding, masked labels) carry nothing: they are held as they arrive
+    (finding them would read the device back during backward), counted in the thresholds, and
+    dropped at the step (:meth:`settle`); a fold or sketch counts only its live rows.
 
     ``budget`` (``capture_budget=``, with ``mode="auto"``): the rows are held, and never folded,
     while everything held fits in it (the fold's GEMM is then off the backward pass); a layer
@@ -181,7 +185,6 @@ class Capture:
         self._total: Optional[int] = None  # bytes held, kept current during a backward pass (None: recount)
         self._sketches = 0  # sketches made: each gets its own seed
         self._users: Dict[tuple, int] = {}  # captured X -> how many held chunks share it
-        self._compacted: Dict[tuple, tuple] = {}  # X of this backward pass -> its rows kept (_compact)
         self._handles: List = []
         self._watched: Set[int] = set()  # ids of the factors with a post-accumulate-grad hook
         self._queued = False  # the end-of-backward mark is queued on the running backward pass
@@ -262,7 +265,6 @@ class Capture:
 
     def _marked(self) -> None:
         self._queued = False
-        self._compacted.clear()  # a backward pass is over: its inputs' row selections are not reused
         self._total = self._limit = None  # recounted at the next pass's first rows (zero_grad may release)
         _lifetime.snapshot([site for site in self.sites if site.mark is not None and site.mark.dirty])
 
@@ -380,7 +382,8 @@ class Capture:
 
     def _receive(self, site: LoRASite, x: Tensor, version: int, grad: Tensor, scaling: float) -> None:
         """The rows of one call from lora_A's input (or the ids) ``x`` and the gradient ``grad``
-        at the branch output (Embedding: at the layer output), rows without gradient dropped."""
+        at the branch output (Embedding: at the layer output), taken as they are: rows without
+        gradient are dropped at the step (:meth:`settle`)."""
         m = site.shape[0]
         if site.kind == "conv":
             if x.dim() == site.A.dim() - 1:  # an unbatched call
@@ -392,47 +395,76 @@ class Capture:
             g = grad.reshape(-1, m)
         if g.shape[0] == 0:
             return  # no rows (an empty micro-batch, an expert with no tokens): a pass that adds nothing
-        live = g.ne(0).any(1)
-        if bool(live.all()):
-            live = None
-        elif not bool(live.any()):
-            return
+        live = _rows.live_rows(g)  # on the device: read back at the step (settle), never here
         if site.kind == "conv":
             self._add_patches(site, x, g, live, scaling)
             return
-        if live is not None:
-            keep = live.nonzero().squeeze(1)
-            x, g = self._compact(x, keep), g.index_select(0, keep)
-            version = x._version
-        self._add(site, x, version, g, scaling)
+        self._add(site, x, version, g, scaling, live)
 
-    def _compact(self, x: Tensor, keep: Tensor) -> Tensor:
-        """``x.index_select(0, keep)``, one copy for every layer of this backward pass that reads
-        the same X and keeps the same rows (q, k and v of a block: a causal LM's last position,
-        padding), so that the copies stay shared as the X they come from was (``_users``).
-
-        The cache is keyed by X's storage object (a weak reference: torch keeps one Python object
-        per live storage, so a freed storage whose address is reused never matches), offset,
-        shape, strides and version, and the kept rows are compared; it is emptied after every
-        backward pass."""
-        key = _x_key(x) + (tuple(x.stride()),)
-        storage = x.untyped_storage()
-        entry = self._compacted.get(key)
-        if entry is not None:
-            ref, version, rows, copy = entry
-            if ref() is storage and version == x._version and rows.shape == keep.shape and torch.equal(rows, keep):
-                return copy
-        copy = x.index_select(0, keep)
-        self._compacted[key] = (weakref.ref(storage), x._version, keep, copy)
-        return copy
+    def settle(self) -> None:
+        """Drop the rows without gradient (padding, masked labels, a causal LM's last position:
+        exactly zero sD) from what is held, before a step reads it: one host synchronisation per
+        device (the rows' masks read back together), none during backward, where the rows arrive
+        unchecked. A chunk with no live row is released; a site left with nothing (no live row
+        held or folded) is released too, as a backward pass whose rows carried nothing is not a
+        step for the layer. A chunk's X is compacted once for every layer that holds it with the
+        same rows kept (q, k and v of a block), so the copies stay shared as the X was. Folds and
+        sketches count their live rows on the device as they take rows in; their counts become
+        ints here. A chunk whose X was modified in place since its capture is left as it is and
+        marks its site (the step refuses it)."""
+        held = [site for site in self.sites if site.held]
+        chunks = [(site, i) for site in held for i in range(len(site.chunks))]
+        lives = [site.live[i] for site, i in chunks]
+        counted = [site for site in held if isinstance(getattr(site.folded, "rows", 0), Tensor)]
+        host = {}  # per device: the masks, then the fold counts, read back at once (a few ops whatever the layers)
+        for device in {t.device for t in lives + [site.folded.rows for site in counted]}:
+            masks = [t for t in lives if t.device == device]
+            counts = [site.folded.rows for site in counted if site.folded.rows.device == device]
+            parts = ([torch.cat(masks).to(torch.int64)] if masks else []) + ([torch.stack(counts)] if counts else [])
+            flat = torch.cat(parts)
+            host[device] = iter(numpy.split(flat.cpu().numpy(), numpy.cumsum([t.numel() for t in masks] + [1] * len(counts))[:-1]))
+        compacted: Dict[tuple, Tensor] = {}
+        drop: Dict[int, List[int]] = {}
+        for (site, i), live in zip(chunks, lives):
+            keep = next(host[live.device]).astype(bool)  # numpy: no tensor op per layer
+            if keep.all():
+                continue
+            if not keep.any():
+                drop.setdefault(id(site), []).append(i)
+                continue
+            x, g, scaling = site.chunks[i]
+            if x._version != site.x_versions[i]:
+                site.modified = True  # the step refuses it; the rows stay as they are
+                continue
+            index = torch.from_numpy(keep.nonzero()[0]).to(live.device)
+            key = _x_key(x) + (tuple(x.stride()), keep.tobytes())
+            if key not in compacted:
+                compacted[key] = x.index_select(0, index)
+            site.chunks[i] = (compacted[key], g.index_select(0, index), scaling)
+            site.x_versions[i] = compacted[key]._version
+            site.live[i] = torch.ones(index.shape[0], dtype=torch.bool, device=live.device)
+        for site in counted:
+            site.folded.rows = int(next(host[site.folded.rows.device])[0])
+        for site in held:
+            for i in reversed(drop.get(id(site), [])):
+                del site.chunks[i], site.x_versions[i], site.live[i]
+            if not site.chunks and (site.folded is None or site.folded.rows == 0):
+                site.folded = None  # nothing carried gradient: not a step for this layer
+        self._users.clear()  # the copies now share as their X did
+        for site in self.sites:
+            for x, _, _ in site.chunks:
+                self._users[_x_key(x)] = self._users.get(_x_key(x), 0) + 1
+        self._total = None
 
     def _held(self, site: LoRASite) -> float:
         """Bytes of ``site``'s held chunks, a captured X shared by several layers counted once."""
         return sum(x.nbytes / self._users.get(_x_key(x), 1) + g.nbytes for x, g, _ in site.chunks)
 
-    def _hold(self, site: LoRASite, x: Tensor, version: int, g: Tensor, scaling: float) -> None:
+    def _hold(self, site: LoRASite, x: Tensor, version: int, g: Tensor, scaling: float,
+              live: Optional[Tensor] = None) -> None:
         site.chunks.append((x, g, scaling))
         site.x_versions.append(version)
+        site.live.append(_rows.live_rows(g) if live is None else live)
         key = _x_key(x)
         if self._total is not None:
             self._total += g.nbytes + (0 if key in self._users else x.nbytes)
@@ -494,9 +526,10 @@ class Capture:
         m, n = site.shape
         return m * n * (8 if any(t.dtype == torch.float64 for t in tensors) else 4)
 
-    def _add(self, site: LoRASite, x: Tensor, version: int, g: Tensor, scaling: float) -> None:
-        """Hold a chunk (its rows with gradient), then fold the site's rows when the mode says so."""
-        self._hold(site, x, version, g, scaling)
+    def _add(self, site: LoRASite, x: Tensor, version: int, g: Tensor, scaling: float, live: Tensor) -> None:
+        """Hold a chunk (and ``live``, its rows with gradient), then fold the site's rows when the
+        mode says so."""
+        self._hold(site, x, version, g, scaling, live)
         if self.mode == "rows":
             return
         if self.budget is not None:  # rows while everything fits, then the layer's fold or sketch
@@ -510,10 +543,10 @@ class Capture:
         if self.mode == "dense" or site.folded is not None or self._held(site) > self._dense_bytes(site, g):
             self._fold_site(site)  # once folded, every chunk folds
 
-    def _add_patches(self, site: LoRASite, x: Tensor, g: Tensor, live: Optional[Tensor], scaling: float) -> None:
+    def _add_patches(self, site: LoRASite, x: Tensor, g: Tensor, live: Tensor, scaling: float) -> None:
         """A Conv call's rows: the patches of ``x`` block by block (:func:`conv_patches`), each
         held, or folded as it is formed when holding them all would cross the mode's threshold."""
-        count = g.shape[0] if live is None else int(live.sum())
+        count = g.shape[0]
         m, n = site.shape
         rows_bytes = count * (n * x.element_size() + m * g.element_size())
         if self.budget is not None:
@@ -529,15 +562,10 @@ class Capture:
                 self._total += sum(t.nbytes for t in site.folded.tensors())
         for lo, hi, patches in conv_patches(site.lora_A, x, PATCH_BLOCK):
             gb = g[lo:hi]
-            if live is not None:
-                keep = live[lo:hi].nonzero().squeeze(1)
-                if keep.numel() == 0:
-                    continue
-                patches, gb = patches.index_select(0, keep), gb.index_select(0, keep)
             if fold:
-                site.folded.add(patches, gb)
+                site.folded.add(patches, gb, live[lo:hi])
             else:
-                self._hold(site, patches, patches._version, gb, scaling)
+                self._hold(site, patches, patches._version, gb, scaling, live[lo:hi])
 
     def held_bytes(self) -> int:
         """Bytes held for the next step: every captured X once (however many layers share it),
@@ -565,7 +593,6 @@ class Capture:
     def clear(self) -> None:
         """Release every captured tensor (the hooks stay)."""
         Capture._release(self.sites, self._users)
-        self._compacted.clear()
         self._queued = False
         self._total = self._limit = None
 

@@ -49,7 +49,7 @@ import math
 import sys
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import List, Optional, Tuple
+from typing import List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -74,7 +74,7 @@ class Folded:
     X may be dense or index rows (``oplora._rows``)."""
 
     g: Tensor
-    rows: int = 0
+    rows: Union[int, Tensor] = 0
     sx: Optional[Tensor] = None
     sg: Optional[Tensor] = None
     gram_x: Optional[Tensor] = None
@@ -89,17 +89,20 @@ class Folded:
             return Folded(zeros(m, n), gram_x=zeros(n, n), gram_g=zeros(m, m))
         return Folded(zeros(m, n))
 
-    def add(self, x: Tensor, g: Tensor) -> None:
+    def add(self, x: Tensor, g: Tensor, live: Optional[Tensor] = None) -> None:
         """Fold the rows ``x`` (T x n, or T ids), ``g`` (T x m) in: one GEMM (an ``index_add``
-        for ids; two more for dense statistics)."""
+        for ids; two more for dense statistics). ``live`` (T, bool, on the rows' device): the rows
+        that carry gradient, the only ones counted in ``rows`` and X's statistics (the others add
+        nothing to ``g``); ``rows`` is then a device tensor until :meth:`LoRASite.settle_rows`
+        (no host synchronisation during backward)."""
         g = g.to(self.g.dtype)
         _rows.add_gt_x(self.g, g, x)
-        self.rows += x.shape[0]
+        self.rows = self.rows + (x.shape[0] if live is None else live.sum())
         if self.sx is not None:
-            self.sx += _rows.col_sq(x, self.g.shape[1], self.g.dtype)
+            self.sx += _rows.col_sq(x, self.g.shape[1], self.g.dtype, live)
             self.sg += g.square().sum(0)
         if self.gram_x is not None:
-            _rows.add_gram(self.gram_x, x)
+            _rows.add_gram(self.gram_x, x, live)
             self.gram_g.addmm_(g.mT, g)
 
     def scale(self, c: float) -> None:
@@ -142,7 +145,8 @@ class LoRASite:
 
     ``chunks`` holds the captured ``(X, sD, s)`` triples since the last step: X (T_j x n dense
     rows, or T_j token ids) and sD (T_j x m) detached, in the dtype the forward pass used, rows
-    without gradient dropped; ``folded`` the rows already folded into the dense gradient
+    without gradient dropped at the step (``live``: each chunk's mask of the rows with gradient,
+    taken on the device as it arrives); ``folded`` the rows already folded into the dense gradient
     (:class:`Folded`), or None. The layer's gradient is ``coeff (folded.g + sum_j sD_j^T X_j)``:
     ``coeff`` is the product of the uniform rescales of the factors' ``.grad`` seen since the
     rows were captured (``clip_grad_norm_``, GradScaler's ``unscale_``; ``oplora._lifetime``,
@@ -165,6 +169,7 @@ class LoRASite:
     kind: str = "linear"
     chunks: List[Tuple[Tensor, Tensor, float]] = field(default_factory=list)
     x_versions: List[int] = field(default_factory=list, repr=False)  # X's version counter at capture
+    live: List[Tensor] = field(default_factory=list, repr=False)  # each chunk's rows with gradient (bool, device)
     folded: Optional[Folded] = None
     modified: bool = False
     passes: int = 0
@@ -249,11 +254,12 @@ class LoRASite:
             return
         self._ensure_folded(any(t.dtype == torch.float64 for c in self.chunks for t in c[:2]), self.chunks[0][1].device,
                             stats)
-        for (x, g, _), version in zip(self.chunks, self.x_versions):
+        for (x, g, _), version, live in zip(self.chunks, self.x_versions, self.live):
             self.modified = self.modified or x._version != version
-            self.folded.add(x, g)
+            self.folded.add(x, g, live)
         self.chunks.clear()
         self.x_versions.clear()
+        self.live.clear()
 
     def _ensure_folded(self, float64: bool, device: torch.device, stats: Optional[str]) -> Folded:
         if self.folded is None:
@@ -266,6 +272,7 @@ class LoRASite:
         forward pass in flight stay."""
         self.chunks.clear()
         self.x_versions.clear()
+        self.live.clear()
         self.folded = None
         self.modified = False
         self.passes = self.reached = 0

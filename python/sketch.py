@@ -26,7 +26,7 @@ right-hand side -- and what is approximated is G on the directions the factors d
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -62,7 +62,7 @@ class Sketch:
     seed: int
     y: Tensor
     w: Tensor
-    rows: int = 0
+    rows: Union[int, Tensor] = 0
     sx: Optional[Tensor] = None
     sg: Optional[Tensor] = None
     chunks: int = field(default=0, repr=False)
@@ -99,17 +99,17 @@ class Sketch:
         m = self.b0.shape[0]
         return torch.cat([self.b0.detach().to(self.dtype), self._gaussian(m, 2 * self.k + 1, 1)], dim=1)
 
-    def add(self, x: Tensor, g: Tensor) -> None:
+    def add(self, x: Tensor, g: Tensor, live: Optional[Tensor] = None) -> None:
         """Sketch the rows ``x`` (T x n, or T ids), ``g`` (T x m): ``Y += g^T (x Om)``,
-        ``W += (g Psi)^T x``, and the K-FAC sums."""
+        ``W += (g Psi)^T x``, and the K-FAC sums; ``live`` as in :meth:`oplora.sites.Folded.add`."""
         g = g.to(self.dtype)
         n = self.a0.shape[1]
         self.y.addmm_(g.mT, _rows.x_times(_rows.to(x, self.dtype), self.omega()))
         self.w += _rows.xt_times(_rows.to(x, self.dtype), g @ self.psi(), n).mT
-        self.rows += x.shape[0]
+        self.rows = self.rows + (x.shape[0] if live is None else live.sum())
         self.chunks += 1
         if self.sx is not None:
-            self.sx += _rows.col_sq(x, n, self.dtype)
+            self.sx += _rows.col_sq(x, n, self.dtype, live)
             self.sg += g.square().sum(0)
 
     def scale(self, c: float) -> None:

@@ -1,6 +1,7 @@
 """What is held between backward and step (SPEC section 3, ``capture=``): the rows, or the rows
 folded into the layer's dense gradient, or the cheaper of the two -- the same steps in every case;
-the fold happens at the threshold; rows without gradient (padding) are neither held nor counted."""
+the fold happens at the threshold; rows without gradient (padding) are dropped before the step
+reads them (``Capture.settle``) and counted nowhere."""
 
 import math
 
@@ -165,8 +166,9 @@ def test_a_padded_batch_steps_as_the_batch_without_its_padding(name, capture):
 
 
 def test_a_micro_batch_without_rows_adds_nothing():
-    """A micro-batch whose every label is masked has no row with gradient: nothing is held, and
-    the step is the step of the other micro-batches."""
+    """A micro-batch whose every label is masked has no row with gradient: its rows are held
+    unchecked (no host synchronisation in backward) and dropped whole before the step reads them
+    (``Capture.settle``), and the step is the step of the other micro-batches."""
     with_empty, without = make_model(), make_model()
     opts = [oplora.ScaledOPLoRA(m, lr=0.01, seed=0) for m in (with_empty, without)]
     x, y, _ = padded_batch(5, 0, seed=1)
@@ -174,7 +176,9 @@ def test_a_micro_batch_without_rows_adds_nothing():
         opt.zero_grad()
         if empty:
             (0.0 * model(x).sum()).backward()
-            assert all(site.rows == 0 for site in opt._sites) and opt.capture_bytes() == 0
+            assert all(site.held for site in opt._sites)  # rows held, or folded (their live count: 0, on the device)
+            opt._capture.settle()
+            assert all(site.rows == 0 and not site.held for site in opt._sites) and opt.capture_bytes() == 0
         (0.5 * (model(x) - y).square().sum(1).mean()).backward()
         opt.step()
     assert_same(with_empty, without, 1e-12)

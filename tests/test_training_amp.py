@@ -74,8 +74,8 @@ def autocast_step(model, opt, x, y, enabled):
 def test_autocast_bf16_steps_close_to_float32(name, monkeypatch):
     dtypes = set()  # the dtypes of the captured X and sD, as they arrive (before any fold)
     add = Capture._add
-    monkeypatch.setattr(Capture, "_add", lambda self, site, x, version, g, s: (
-        dtypes.update((x.dtype, g.dtype)), add(self, site, x, version, g, s)))
+    monkeypatch.setattr(Capture, "_add", lambda self, site, x, version, g, *rest: (
+        dtypes.update((x.dtype, g.dtype)), add(self, site, x, version, g, *rest)))
     plain, cast = make_model(), make_model()
     opt_plain, opt_cast = OPTIMIZERS[name](plain), OPTIMIZERS[name](cast)
     for seed in range(3):

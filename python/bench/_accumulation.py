@@ -85,7 +85,7 @@ def measure(config: str, micro: int, *, layers: int, r: int, batch: int, seq: in
     bound = sum(min(tokens * (m + n), m * n) * 4 for m, n in _lora_shapes(model, TARGETS[targets]))
     return {"config": config, "shape": shape, "targets": targets, "micro_batches": micro, "tokens_per_step": tokens,
             "layers": layers, "r": r, "held_bytes": acc.end - acc.start, "capture_bytes": held_capture,
-            "counted_bytes": counted(config, model, batch * (seq - 1), micro), "bound_bytes": bound,
+            "counted_bytes": counted(config, model, batch * seq, micro), "bound_bytes": bound,
             "peak_bytes": params + max(acc.peak, stp.peak), "model_bytes": params,
             "fwd_bwd_s": fwd_bwd, "step_s": step_s}
 

@@ -53,6 +53,7 @@ class ContextMixin:
             # (FSDP2) into its shard: compare the values themselves then.
             self._capture.sync(force=unscaled or self._sharded)
             self._capture.release_frozen()
+            self._capture.settle()
         rows = [site.rows for site in self._sites]
         error, bad, world = None, None, 1
         try:
