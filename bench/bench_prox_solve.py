@@ -1,4 +1,4 @@
-"""Micro-benchmark of ``prox_solve`` (``oplora._ops.Ops.prox_solve``) per backend: the r x r
+"""Micro-benchmark of ``prox_solve`` (``oplora.backends.ops.Ops.prox_solve``) per backend: the r x r
 proximal solves of one half-step of a group of ``b`` same-shaped layers, the step's and the
 momentum's side by side (two stacks of ``b`` problems ``(R, Y, X0, lam, p)``, R r x r, Y and X0
 r x q, float64), as the step engine hands them over.
@@ -10,7 +10,7 @@ backend both stacks in one. Run, and where the JSON goes: see bench/conftest.py
 
 import torch
 
-from oplora import _backend
+from oplora import backends as _backend
 
 OP = "prox_solve"
 FIELDS = ("b", "r", "q")  # a group of b layers, 4 to 32; R r x r (r 8 or 16), Y and X0 r x q (768 to 11008)

@@ -1,4 +1,4 @@
-"""Micro-benchmark of ``row_pass`` (``oplora._ops.Ops.row_pass``) per backend: one LoRA layer's pass
+"""Micro-benchmark of ``row_pass`` (``oplora.backends.ops.Ops.row_pass``) per backend: one LoRA layer's pass
 over its captured rows X (T x n) and sD (T x m) with the step's and the momentum's right-hand
 sides side by side (``K = 2r`` columns on each side) and the diagonal K-FAC statistics -- the
 pass of a ScaledOPLoRA step that reads the rows, the op that dominates a step. And a whole
@@ -15,7 +15,7 @@ runs. Run, and where the JSON goes: see bench/conftest.py (``pytest bench/bench_
 import pytest
 import torch
 
-from oplora import _backend
+from oplora import backends as _backend
 from oplora.bench._smollm import SMOLLM2_135M
 
 OP = "row_pass"

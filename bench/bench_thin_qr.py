@@ -1,15 +1,15 @@
-"""Micro-benchmark of ``thin_qr`` (``oplora._ops.Ops.thin_qr``) per backend: the reduced QR of a
+"""Micro-benchmark of ``thin_qr`` (``oplora.backends.ops.Ops.thin_qr``) per backend: the reduced QR of a
 group's weighted factors, a stack of ``b`` same-shaped tall-skinny float64 matrices (p x r), as the
 step engine hands them over once per half-step of a group of ``b`` same-shaped layers.
 
 The torch (and C++) backend factors the stack by Householder (LAPACK/cuSOLVER), the Triton
-backend by batched CholeskyQR2 (``oplora._cholqr``). Run, and where the JSON goes: see
+backend by batched CholeskyQR2 (``oplora.backends.cholqr``). Run, and where the JSON goes: see
 bench/conftest.py (``pytest bench/bench_thin_qr.py --benchmark-only``).
 """
 
 import torch
 
-from oplora import _backend
+from oplora import backends as _backend
 
 OP = "thin_qr"
 FIELDS = ("b", "p", "r")  # a group of b layers, 4 to 32; each p x r, 768 to 11008 by 8 or 16

@@ -7,7 +7,7 @@ Run from the repository root::
     pytest bench/ --benchmark-disable              # each benchmark once, untimed (what the tests run)
 
 Each module names its op (``OP``: ``row_pass``, ``thin_qr`` or ``prox_solve`` of
-``oplora._ops.Ops``) and its shapes per device (``SHAPES``, named by ``FIELDS``); this file
+``oplora.backends.ops.Ops``) and its shapes per device (``SHAPES``, named by ``FIELDS``); this file
 parametrizes every benchmark over them and over the backends that run on the benchmark device
 (CUDA when torch sees a GPU, else the CPU): ``torch`` and ``cpp`` on the CPU, ``torch`` and
 ``triton`` on a GPU -- the compiled kernels only: under ``TRITON_INTERPRET=1`` Triton is left out,
@@ -21,7 +21,7 @@ Results: unless ``--benchmark-json PATH`` is given or nothing is timed (``--benc
 ``--collect-only``), the run writes ``bench/results/ops_<device>.json``, pytest-benchmark's JSON
 (every round's time and the statistics per benchmark, with its parameters and ``extra_info``), whose
 ``machine_info`` carries here also the torch version, torch's thread count, the device's name
-and every backend's reason (``oplora._backend.reason``: the extension's path, the Triton
+and every backend's reason (``oplora.backends.reason``: the extension's path, the Triton
 version). Two runs compare with ``pytest-benchmark compare``.
 """
 
@@ -32,11 +32,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from oplora import _backend
+from oplora import backends as _backend
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-# The backends that run tensors of each device type (oplora._backend dispatches the same way).
+# The backends that run tensors of each device type (oplora.backends dispatches the same way).
 CANDIDATES = {"cpu": ("torch", "cpp"), "cuda": ("torch", "triton")}
 # Without pytest-benchmark (the test extra) there is nothing to run here.
 collect_ignore_glob = [] if importlib.util.find_spec("pytest_benchmark") else ["bench_*.py"]

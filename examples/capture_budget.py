@@ -1,7 +1,7 @@
 """How far is a sketched step from the exact one? ``capture_budget`` on real SmolLM2 gradients.
 
 With ``capture_budget=`` a layer whose rows no longer fit keeps a sketch of its gradient
-(``oplora.sketch``) whose size does not grow with tokens. This measures what that costs in the
+(``oplora.capture.sketch``) whose size does not grow with tokens. This measures what that costs in the
 step: SmolLM2-135M + PEFT LoRA r=8 on q, k, v, o (120 layers, the LM study's set-up) is first
 trained ``--warm`` steps with the exact optimizer (so that B is no longer zero: from PEFT's B = 0
 the first step is exact by construction), then one step on a large batch (``--batch`` x

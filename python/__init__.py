@@ -14,7 +14,7 @@ Public API:
         and step, per capture mode, next to AdamW (counted, nothing allocated)
 """
 
-from ._backend import backend_info
+from .backends import backend_info
 from .factory import create_optimizer
 from .layers import LoRALinear, add_lora
 from .memory_model import capture_memory

@@ -1,5 +1,5 @@
 """DTensors (FSDP2's sharded parameters and gradients) as the rest of the package reads them: a
-leaf module, imported by the capture's gradient marks (``oplora._lifetime``) and the optimizers'
+leaf module, imported by the capture's gradient marks (``oplora.capture.lifetime``) and the optimizers'
 FSDP support (``oplora.optim._fsdp``). Nothing of ``torch.distributed`` is imported here: a model
 cannot hold DTensors unless ``torch.distributed.tensor`` already is."""
 

@@ -15,7 +15,7 @@ micro-batches per step, so :func:`capture_memory` counts it from those alone, on
   the dense gradient -- the threshold :class:`oplora.capture.Capture` applies as micro-batches
   accumulate, a shared X counted once among the layers still holding it;
 * ``bounded`` (``capture_budget=0``): per layer the least of its rows (its share of a shared X),
-  its dense gradient and its sketch (:mod:`oplora.sketch`: ``(r + k) m + (r + 2k + 1) n``
+  its dense gradient and its sketch (:mod:`oplora.capture.sketch`: ``(r + k) m + (r + 2k + 1) n``
   float32 numbers, ``k = sketch_rank``), which does not grow with tokens. With a budget B what
   is held stays near ``max(B, bounded)``: rows while they fit, then the layers that cross it;
 
@@ -38,8 +38,8 @@ import torch
 from torch import nn
 
 from ._checks import check_int
-from .sites import find_lora_sites
-from .sketch import sketch_numbers
+from .capture.sites import find_lora_sites
+from .capture.sketch import sketch_numbers
 
 __all__ = ["SHARED", "LayerShape", "CaptureMemory", "lora_shapes", "capture_memory", "LLAMAS", "llama_table"]
 

@@ -1,7 +1,7 @@
 """Pure-torch reference of every oplora op: the specification the fast paths are checked against.
 
 Tests and benchmarks import this module; the Triton and C++ backends must agree with it.
-It is also the ``torch`` backend that ``oplora._backend`` dispatches to. Functions here take
+It is also the ``torch`` backend that ``oplora.backends`` dispatches to. Functions here take
 already-validated input (``oplora.lorsum`` validates); they never modify their arguments.
 
 LoRSum (SPEC section 2)

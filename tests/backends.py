@@ -1,4 +1,4 @@
-"""The backends a test runs on, as pytest parameters: every backend of ``oplora._backend`` that can
+"""The backends a test runs on, as pytest parameters: every backend of ``oplora.backends`` that can
 run CPU tensors here (``_backend.load(name)`` gives its ops), skipped with the reason where it
 cannot.
 
@@ -11,7 +11,7 @@ GPU tests.
 
 import pytest
 
-from oplora import _backend
+from oplora import backends as _backend
 
 kernels = None
 if _backend.load("triton") is not None:

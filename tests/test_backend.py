@@ -1,4 +1,4 @@
-"""Dispatch (``oplora._backend``): what runs where and why, the ``OPLORA_BACKEND`` switch, the
+"""Dispatch (``oplora.backends``): what runs where and why, the ``OPLORA_BACKEND`` switch, the
 accessors ``load``/``reason``, a missing C++ extension that is reported, never silent
 (``OPLORA_REQUIRE_EXT=1`` makes it an ImportError), and the Triton backend: not imported by
 ``import oplora``, reported without importing it, loaded (without touching CUDA) when CUDA tensors
@@ -14,7 +14,7 @@ import torch
 from backends import kernels
 
 import oplora
-from oplora import _backend
+from oplora import backends as _backend
 
 
 def _python(code, hide=(), env_extra=None):
@@ -107,7 +107,7 @@ def test_require_ext_turns_a_missing_extension_into_an_import_error():
 # ------------------------------------------------------------------------------ the Triton backend
 
 def test_import_loads_no_triton_touches_no_gpu_and_cpu_tensors_never_go_to_triton():
-    done = _python("from oplora import _backend\n"
+    done = _python("from oplora import backends as _backend\n"
                    "info = oplora.backend_info()\n"
                    "print('triton' in sys.modules, 'oplora_kernels' in sys.modules, torch.cuda.is_initialized(),\n"
                    "      _backend.ops_for(torch.device('cpu')).name, 'triton' in sys.modules)\n"
@@ -124,7 +124,7 @@ def test_import_loads_no_triton_touches_no_gpu_and_cpu_tensors_never_go_to_trito
 
 @pytest.mark.skipif(kernels is None, reason="the Triton backend is unavailable")
 def test_cuda_tensors_load_triton_without_touching_cuda():
-    done = _python("from oplora import _backend\n"
+    done = _python("from oplora import backends as _backend\n"
                    "name = _backend.ops_for(torch.device('cuda')).name\n"
                    "print(name, 'triton' in sys.modules, torch.cuda.is_initialized())\n"
                    "print(oplora.backend_info()['reasons']['triton'])")
@@ -136,7 +136,7 @@ def test_cuda_tensors_load_triton_without_touching_cuda():
 
 @pytest.mark.skipif(kernels is None, reason="the Triton backend is unavailable")
 def test_loaded_and_reported():
-    from oplora import _triton_ops
+    from oplora.backends import triton_ops as _triton_ops
 
     assert _backend.load("triton") is _triton_ops.OPS and _triton_ops.OPS.name == "triton"
     info = oplora.backend_info()
@@ -146,7 +146,7 @@ def test_loaded_and_reported():
 
 @pytest.mark.skipif(kernels is None, reason="the Triton backend is unavailable")
 def test_the_reason_says_where_it_can_run(monkeypatch):
-    from oplora import _triton_ops
+    from oplora.backends import triton_ops as _triton_ops
 
     monkeypatch.setattr(_triton_ops._row_pass, "interpreting", lambda: True)
     assert "TRITON_INTERPRET=1" in _triton_ops.describe()
@@ -160,8 +160,8 @@ def test_the_reason_says_where_it_can_run(monkeypatch):
 @pytest.mark.parametrize("hidden,before,after", [
     ("triton", "False torch Triton kernels unavailable: the triton package is not installed",
      "Triton kernels unavailable: import of triton halted"),
-    ("oplora._triton_ops", "True triton Triton installed; loaded when CUDA tensors first need it",
-     "Triton kernels unavailable: import of oplora._triton_ops halted"),
+    ("oplora.backends.triton_ops", "True triton Triton installed; loaded when CUDA tensors first need it",
+     "Triton kernels unavailable: import of oplora.backends.triton_ops halted"),
 ], ids=["triton-missing", "load-fails"])
 def test_without_the_triton_backend_cuda_steps_use_torch_ops_and_say_why(hidden, before, after):
     """Triton not installed (unavailable from import on), or installed but the backend does not
@@ -169,7 +169,7 @@ def test_without_the_triton_backend_cuda_steps_use_torch_ops_and_say_why(hidden,
     and the reason -- logged, and in ``backend_info()`` -- is the ``ImportError``."""
     report = ("info = oplora.backend_info()\n"
               "print(info['available']['triton'], info['selected']['cuda'], info['reasons']['triton'])\n")
-    done = _python(report + "from oplora import _backend\n"
+    done = _python(report + "from oplora import backends as _backend\n"
                    "print(_backend.ops_for(torch.device('cuda')).name, _backend.load('triton'))\n" + report,
                    hide=[hidden])
     assert done.returncode == 0, done.stderr

@@ -16,7 +16,7 @@ from tolerances import assert_close
 from torch import nn
 
 import oplora
-from oplora import _backend, reference
+from oplora import backends as _backend, reference
 from oplora.optim import engine
 
 # ------------------------------------------------------------------ half-steps vs reference.lorsum

@@ -7,7 +7,7 @@ import pytest
 
 from oplora.bench import main
 
-pytest.importorskip("oplora._cpu_ops", reason="the C++ extension oplora._cpu is not built")
+pytest.importorskip("oplora.backends.cpu_ops", reason="the C++ extension oplora._cpu is not built")
 
 
 def test_cpu_suite_smoke_writes_results(tmp_path):

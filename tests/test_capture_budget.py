@@ -1,4 +1,4 @@
-"""``capture_budget=`` and the sketched gradient (``oplora.sketch``): rows while they fit (never
+"""``capture_budget=`` and the sketched gradient (``oplora.capture.sketch``): rows while they fit (never
 folded), then the layer's dense fold or its sketch; a sketch whose size does not grow with tokens,
 exact when the gradient's rank is within it and exact on the layer's own factors always; steps
 against the exact capture's; the memory model's count of it; the refusals."""
@@ -11,7 +11,7 @@ from torch import nn
 
 import oplora
 from oplora.memory_model import capture_memory
-from oplora.sketch import Sketch, sketch_numbers
+from oplora.capture.sketch import Sketch, sketch_numbers
 
 N, H, M, R, K = 120, 90, 8, 3, 6
 F64 = torch.float64

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import oplora
-from oplora import _backend
+from oplora import backends as _backend
 from oplora.bench._common import count_ops
 from oplora.optim import engine
 
@@ -141,7 +141,7 @@ def test_triton_step_costs_the_same_launches_for_any_number_of_layers(name, monk
     """SPEC section 4's second lever: a model-wide step is a fixed number of launches per group
     of same-shaped layers -- not a few per layer. Counted on the third step (steady state: no
     momentum or statistics created) through the Triton interpreter."""
-    from oplora import _triton_ops
+    from oplora.backends import triton_ops as _triton_ops
     from oplora_kernels import row_pass as rp
 
     if not rp.interpreting():

@@ -315,7 +315,7 @@ def test_fsdp1_is_refused_naming_fully_shard():
 @pytest.mark.parametrize("name, kwargs", [("oplora", dict(momentum=0.9)), ("scaled", {}),
                                           ("oplora", dict(momentum=0.0, iters=2)), ("oplora", dict(iters=0))])
 def test_network_bytes_is_what_the_reduce_hook_receives(name, kwargs):
-    """The README's bytes per step (``_distributed.network_bytes``) against the buffers the step
+    """docs/guide/distributed.md's bytes per step (``_distributed.network_bytes``) against the buffers the step
     engine hands its reduce hook on a model of two LoRA layers."""
     import dataclasses
 

@@ -23,8 +23,9 @@ from tolerances import assert_close
 from torch import nn
 
 import oplora
-from oplora import _backend, capture
-from oplora.sites import find_lora_sites
+from oplora import backends as _backend, capture
+import oplora.capture.holding  # noqa: F401  (capture.holding, patched below)
+from oplora.capture.sites import find_lora_sites
 
 peft = pytest.importorskip("peft")
 try:
@@ -217,7 +218,7 @@ def test_conv_patches_are_im2col_in_blocks(block):
 def test_conv_patches_are_folded_block_by_block(mode, monkeypatch):
     """Blocks of a few rows: held as several chunks ("rows"), or folded one by one ("auto", whose
     threshold the batch crosses) -- the same gradient."""
-    monkeypatch.setattr(capture, "PATCH_BLOCK", 30)
+    monkeypatch.setattr(capture.holding, "PATCH_BLOCK", 30)  # where the capture reads it
     model, x = conv_model("2d")
     opt = oplora.OPLoRA(model, lr=0.1, capture=mode)
     (torch.tanh(model(x)) ** 2).sum().backward()

@@ -80,7 +80,7 @@ def test_shapes_from_a_config_on_the_meta_device_and_from_targets():
 
 
 def test_llama_2_7b_every_linear_layer_16k_tokens():
-    """The README's table: Llama-2-7B shapes, LoRA r16 on every linear layer, 8 x 2048 bf16
+    """The memory guide's table (docs/guide/memory.md): Llama-2-7B shapes, LoRA r16 on every linear layer, 8 x 2048 bf16
     tokens: the exact capture holds ~26 GiB with the rows and caps at the dense gradients (every
     layer folds), against 0.3 GiB of factor gradients for AdamW."""
     cfg = transformers.LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -93,8 +93,8 @@ def test_llama_2_7b_every_linear_layer_16k_tokens():
     assert est.factor_grads / gib == pytest.approx(4 * 16 * 32 * (4 * 8192 + 3 * (4096 + 11008)) / gib)
 
 
-def test_the_readme_table_is_what_the_example_prints(capsys):
-    """README's table at LLM scale comes from ``examples/memory_at_scale.py`` unchanged."""
+def test_the_memory_guide_table_is_what_the_example_prints(capsys):
+    """docs/guide/memory.md's table at LLM scale comes from ``examples/memory_at_scale.py`` unchanged."""
     import os
     import sys
 
@@ -104,9 +104,9 @@ def test_the_readme_table_is_what_the_example_prints(capsys):
 
     assert memory_at_scale.main([]) == 0
     printed = capsys.readouterr().out
-    with open(os.path.join(root, "README.md")) as f:
-        readme = f.read()
-    assert printed.count("\n") == 14 and printed in readme
+    with open(os.path.join(root, "docs", "guide", "memory.md")) as f:
+        guide = f.read()
+    assert printed.count("\n") == 14 and printed in guide
 
 
 @pytest.mark.parametrize("sketch_rank, sketched", [(2, 14), (32, 0)])

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import oplora
-from oplora.sites import find_lora_sites
+from oplora.capture.sites import find_lora_sites
 
 peft = pytest.importorskip("peft")
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import oplora
-from oplora import _backend
+from oplora import backends as _backend
 
 
 def make_model(seed=0, dtype=torch.float32):

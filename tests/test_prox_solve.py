@@ -12,7 +12,7 @@ import torch
 from backends import cpu_backends, kernels
 from tolerances import assert_close
 
-from oplora import _backend, reference
+from oplora import backends as _backend, reference
 
 F64 = torch.float64
 

@@ -24,7 +24,7 @@ from backends import compiled, cpu_backends, interpreted
 from backends import kernels as rp
 from tolerances import assert_close
 
-from oplora import _backend, reference
+from oplora import backends as _backend, reference
 
 SMALL_BLOCKS = dict(block_t=16, block_c=16)  # several row tiles and column slices at small sizes
 ROW_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -361,7 +361,10 @@ def test_triton_splits_mixed_jobs_by_compile_time_key_only():
 
 @interpreted
 def test_triton_splits_wide_right_hand_sides_into_column_groups(monkeypatch):
+    from oplora_kernels import _plan
+
     monkeypatch.setattr(rp, "MAX_K", 16)
+    monkeypatch.setattr(_plan, "MAX_K", 16)  # where plan_launches reads it
     job = make_job(30, 26, [20, 13], 40, 17, True)
     # Column groups 0..2 for Kd = 40, 0..1 for Kx = 17; statistics only in group 0.
     assert sorted((L.has_qd, L.has_qx, L.stats) for L in plan([job])) == [(True, False, False), (True, True, False),
@@ -397,7 +400,7 @@ def test_triton_rejects_what_it_cannot_read(monkeypatch):
 
 @interpreted
 def test_triton_adapter_sends_float64_to_the_reference_and_keeps_low_precision_rows():
-    from oplora import _triton_ops
+    from oplora.backends import triton_ops as _triton_ops
 
     low = make_job(12, 14, [20], 3, None, True, dtype=torch.bfloat16)
     wide = make_job(12, 14, [20], None, 2, True, dtype=torch.float64)

@@ -1,4 +1,4 @@
-"""``examples/_study.py``, the machinery of the fine-tuning studies: the queue (grid order, edge
+"""``examples/study/``, the machinery of the fine-tuning studies: the queue (grid order, edge
 extension, seeds), the shared CSV, claims, and a run killed mid-way resuming to the same rows as
 an uninterrupted one. On a tiny PEFT model, so it runs in seconds."""
 
@@ -16,10 +16,16 @@ sys.path.insert(0, os.path.join(ROOT, "examples"))
 peft = pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
-import _study  # noqa: E402
+from study.cli import grids_from, parser, scale_schedule  # noqa: E402
+from study.optimizers import build_optimizer, half_decades, split_name  # noqa: E402
+from study.queue import _half_decade_below, claim, pending, summarize  # noqa: E402
+from study.report import report  # noqa: E402
+from study.results import Results, RunKey, final_value, finished, runs_of  # noqa: E402
+from study.task import Task  # noqa: E402
+from study.workers import train  # noqa: E402
 
 
-class Tiny(_study.Task):
+class Tiny(Task):
     name = "tiny"
     title = "tiny regression"
     metrics = ("test_loss",)
@@ -60,12 +66,12 @@ class Tiny(_study.Task):
 
 def _rows(key, task, folder, stop_at=None):
     task.setup()
-    results = _study.Results(os.path.join(folder, "tiny.csv"), task.metrics)
+    results = Results(os.path.join(folder, "tiny.csv"), task.metrics)
     runs = os.path.join(folder, "runs")
     os.makedirs(runs, exist_ok=True)
     task.stop_at = stop_at
     try:
-        _study.train(task, key, results, runs, lambda msg: None)
+        train(task, key, results, runs, lambda msg: None)
     except KeyboardInterrupt:
         pass
     return results
@@ -73,7 +79,7 @@ def _rows(key, task, folder, stop_at=None):
 
 @pytest.mark.parametrize("name", ["AdamW", "OPLoRA", "ScaledOPLoRA", "LoRA+"])
 def test_a_killed_run_resumes_to_the_rows_of_an_uninterrupted_one(tmp_path, name):
-    key = _study.RunKey(name, 1e-2, 0)
+    key = RunKey(name, 1e-2, 0)
     whole = _rows(key, Tiny(), str(tmp_path / "whole")).rows()
     assert [int(r["step"]) for r in whole] == [0, 2, 4, 6]
     # Killed in step 4 (after the checkpoint of step 2 and the row of step 2), then run again.
@@ -95,20 +101,20 @@ def test_a_killed_run_resumes_to_the_rows_of_an_uninterrupted_one(tmp_path, name
 def test_a_run_the_task_calls_broken_stops_as_diverged(tmp_path):
     task = Tiny()
     task.broken = lambda metrics, start: metrics["test_loss"] > 0.5 * start["test_loss"]  # never reached
-    key = _study.RunKey("AdamW", 1e-2, 0)
+    key = RunKey("AdamW", 1e-2, 0)
     rows = _rows(key, task, str(tmp_path)).rows()
     assert [int(r["step"]) for r in rows] == [0, 2] and rows[-1]["status"] == "diverged"
-    assert _study.finished(rows, task.steps) and _study.final_value(task, rows) == math.inf
+    assert finished(rows, task.steps) and final_value(task, rows) == math.inf
 
 
 def test_rows_past_the_checkpoint_are_dropped_on_resume(tmp_path):
-    results = _study.Results(str(tmp_path / "r.csv"), ("m",))
-    key, other = _study.RunKey("AdamW", 1e-3, 0), _study.RunKey("AdamW", 3e-3, 0)
+    results = Results(str(tmp_path / "r.csv"), ("m",))
+    key, other = RunKey("AdamW", 1e-3, 0), RunKey("AdamW", 3e-3, 0)
     for step in (0, 2, 4):
         results.append({"optimizer": "AdamW", "lr": 1e-3, "seed": 0, "step": step, "m": step})
         results.append({"optimizer": "AdamW", "lr": 3e-3, "seed": 0, "step": step, "m": step})
     results.truncate(key, 2)
-    runs = _study.runs_of(results.rows())
+    runs = runs_of(results.rows())
     assert [r["step"] for r in runs[key]] == ["0", "2"] and [r["step"] for r in runs[other]] == ["0", "2", "4"]
 
 
@@ -117,15 +123,15 @@ def _done(task, name, lr, seed, value, diverged=False):
              "status": ""},
             {"optimizer": name, "lr": str(lr), "seed": str(seed), "step": str(task.steps), "wall_s": "6", "test_loss": str(value),
              "train_loss": "1", "status": "diverged" if diverged else ""}]
-    return {_study.RunKey(name, lr, seed): rows}
+    return {RunKey(name, lr, seed): rows}
 
 
 def test_queue_order_extension_and_seeds():
     task = Tiny()
     grid = {"AdamW": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2), "OPLoRA": (1e-3, 3e-3, 1e-2)}
-    todo, blocked = _study.pending(task, grid, 2, {})
+    todo, blocked = pending(task, grid, 2, {})
     # Middle lrs of every optimizer first, then their neighbours, then the edges.
-    assert todo[:2] == [_study.RunKey("AdamW", 1e-3, 0), _study.RunKey("OPLoRA", 3e-3, 0)]
+    assert todo[:2] == [RunKey("AdamW", 1e-3, 0), RunKey("OPLoRA", 3e-3, 0)]
     assert [k.lr for k in todo if k.optimizer == "AdamW"] == [1e-3, 3e-4, 3e-3, 1e-4, 1e-2]
     assert blocked and len(todo) == 8
     done = {}
@@ -133,15 +139,15 @@ def test_queue_order_extension_and_seeds():
         done.update(_done(task, "AdamW", lr, 0, value, diverged=math.isnan(value)))
     for lr, value in zip(grid["OPLoRA"], (5.0, 4.0, 3.0)):  # best on the upper edge
         done.update(_done(task, "OPLoRA", lr, 0, value))
-    todo, blocked = _study.pending(task, grid, 2, done)
-    assert todo == [_study.RunKey("AdamW", 1e-3, 1), _study.RunKey("OPLoRA", 3e-2, 0)] and blocked
+    todo, blocked = pending(task, grid, 2, done)
+    assert todo == [RunKey("AdamW", 1e-3, 1), RunKey("OPLoRA", 3e-2, 0)] and blocked
     done.update(_done(task, "OPLoRA", 3e-2, 0, 3.5))  # the extension is worse: 1e-2 is inside now
     done.update(_done(task, "AdamW", 1e-3, 1, 3.1))
-    todo, blocked = _study.pending(task, grid, 2, done)
-    assert todo == [_study.RunKey("OPLoRA", 1e-2, 1)] and not blocked
+    todo, blocked = pending(task, grid, 2, done)
+    assert todo == [RunKey("OPLoRA", 1e-2, 1)] and not blocked
     done.update(_done(task, "OPLoRA", 1e-2, 1, 3.2))
-    assert _study.pending(task, grid, 2, done) == ([], False)
-    sums = {s.optimizer: s for s in _study.summarize(task, grid, 2, [r for rows in done.values() for r in rows])}
+    assert pending(task, grid, 2, done) == ([], False)
+    sums = {s.optimizer: s for s in summarize(task, grid, 2, [r for rows in done.values() for r in rows])}
     assert sums["AdamW"].best == 1e-3 and sorted(sums["AdamW"].finals) == [3.0, 3.1] and sums["AdamW"].complete
     assert sums["AdamW"].grid[1e-2] == math.inf  # diverged counts as the worst
     assert sums["OPLoRA"].best == 1e-2 and 3e-2 in sums["OPLoRA"].grid
@@ -154,8 +160,8 @@ def test_extension_stops_after_the_limit_and_higher_is_better():
     done = {}
     for lr, value in zip(grid["AdamW"] + (3e-2,), (0.5, 0.6, 0.7, 0.8)):  # always better upwards
         done.update(_done(task, "AdamW", lr, 0, value))
-    todo, blocked = _study.pending(task, grid, 2, done)
-    assert todo == [_study.RunKey("AdamW", 3e-2, 1)] and not blocked  # no second extension
+    todo, blocked = pending(task, grid, 2, done)
+    assert todo == [RunKey("AdamW", 3e-2, 1)] and not blocked  # no second extension
 
 
 def test_an_extension_under_way_comes_before_the_seeds():
@@ -166,19 +172,19 @@ def test_an_extension_under_way_comes_before_the_seeds():
     done = {}
     for lr, value in zip(grid["OPLoRA"], (3.0, 4.0, 5.0)):  # best on the lower edge
         done.update(_done(task, "OPLoRA", lr, 0, value))
-    assert _study.pending(task, grid, 2, done) == ([_study.RunKey("OPLoRA", 3e-4, 0)], True)
+    assert pending(task, grid, 2, done) == ([RunKey("OPLoRA", 3e-4, 0)], True)
     half = _done(task, "OPLoRA", 3e-4, 0, 2.5)
-    half[_study.RunKey("OPLoRA", 3e-4, 0)][-1]["step"] = str(task.steps // 2)
+    half[RunKey("OPLoRA", 3e-4, 0)][-1]["step"] = str(task.steps // 2)
     done.update(half)
-    assert _study.pending(task, grid, 2, done) == ([_study.RunKey("OPLoRA", 3e-4, 0)], True)
+    assert pending(task, grid, 2, done) == ([RunKey("OPLoRA", 3e-4, 0)], True)
     done.update(_done(task, "OPLoRA", 3e-4, 0, 2.5))
-    assert _study.pending(task, grid, 2, done)[0] == [_study.RunKey("OPLoRA", 1e-4, 0)]
+    assert pending(task, grid, 2, done)[0] == [RunKey("OPLoRA", 1e-4, 0)]
 
 
 def test_the_report_shows_each_seed_and_a_diverged_seed_sinks_the_mean(tmp_path):
     task = Tiny()
     grid = {"AdamW": (1e-3, 3e-3, 1e-2), "OPLoRA": (1e-3, 3e-3, 1e-2)}
-    results = _study.Results(str(tmp_path / "tiny.csv"), task.metrics)
+    results = Results(str(tmp_path / "tiny.csv"), task.metrics)
     done = {}
     for lr, value in zip(grid["AdamW"], (4.0, 3.0, 5.0)):
         done.update(_done(task, "AdamW", lr, 0, value))
@@ -189,7 +195,7 @@ def test_the_report_shows_each_seed_and_a_diverged_seed_sinks_the_mean(tmp_path)
         for row in rows:
             results.append(row)
     info = {"device_name": "cpu", "cpu_threads": 1, "torch": torch.__version__, "python": "3", "date": "today"}
-    md = _study.report(task, grid, 2, results, str(tmp_path), "cmd", info, {}, plot=False)
+    md = report(task, grid, 2, results, str(tmp_path), "cmd", info, {}, plot=False)
     first = {}  # the summary table's row of each optimizer (the later tables have one too)
     for line in md.splitlines():
         first.setdefault(line.split(" | ")[0], line)
@@ -199,46 +205,46 @@ def test_the_report_shows_each_seed_and_a_diverged_seed_sinks_the_mean(tmp_path)
 
 
 def test_claims_exclude_live_workers_and_take_over_dead_ones(tmp_path):
-    key = _study.RunKey("OPLoRA[start=B]", 1e-3, 0)
+    key = RunKey("OPLoRA[start=B]", 1e-3, 0)
     assert "[" not in key.tag and "]" not in key.tag
-    assert _study.claim(str(tmp_path), key)
-    assert not _study.claim(str(tmp_path), key)  # this (live) process holds it
+    assert claim(str(tmp_path), key)
+    assert not claim(str(tmp_path), key)  # this (live) process holds it
     with open(tmp_path / (key.tag + ".claim"), "w") as f:
         f.write("999999999")  # a pid that does not exist
-    assert _study.claim(str(tmp_path), key)
+    assert claim(str(tmp_path), key)
 
 
 def test_optimizer_names_with_arguments():
-    assert _study.split_name("OPLoRA[start=B,iters=2,prox=0.001]") == ("OPLoRA", {"start": "B", "iters": 2,
-                                                                                 "prox": 0.001})
-    assert _study.split_name("LoRA+") == ("LoRA+", {})
-    assert _study.split_name("ScaledOPLoRA[iters=0,betas=(0.9,0.99),damping=1e-05]") == (
+    assert split_name("OPLoRA[start=B,iters=2,prox=0.001]") == ("OPLoRA", {"start": "B", "iters": 2,
+                                                                          "prox": 0.001})
+    assert split_name("LoRA+") == ("LoRA+", {})
+    assert split_name("ScaledOPLoRA[iters=0,betas=(0.9,0.99),damping=1e-05]") == (
         "ScaledOPLoRA", {"iters": 0, "betas": (0.9, 0.99), "damping": 1e-5})
     with pytest.raises(SystemExit, match="unknown optimizer"):
-        _study.split_name("Adam")
-    assert _study.half_decades(1e-4, 5) == (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
-    assert _study.half_decades(3e-5, 4) == (3e-5, 1e-4, 3e-4, 1e-3)  # the 1-3-10 ladder, never 9e-5
-    assert [_study._half_decade_below(lr) for lr in (3e-3, 1e-3, 9e-4)] == [1e-3, 3e-4, 3e-4]
+        split_name("Adam")
+    assert half_decades(1e-4, 5) == (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
+    assert half_decades(3e-5, 4) == (3e-5, 1e-4, 3e-4, 1e-3)  # the 1-3-10 ladder, never 9e-5
+    assert [_half_decade_below(lr) for lr in (3e-3, 1e-3, 9e-4)] == [1e-3, 3e-4, 3e-4]
     model = Tiny().model(0)
-    opt = _study.build_optimizer("OPLoRA[start=B,iters=2]", model, 1e-2, 0)
+    opt = build_optimizer("OPLoRA[start=B,iters=2]", model, 1e-2, 0)
     assert opt.param_groups[0]["start"] == "B" and opt.param_groups[0]["iters"] == 2
     opt.close()
 
 
 def test_a_variant_without_a_grid_of_its_own_uses_its_optimizers():
     defaults = {"OPLoRA": (1e-3, 3e-3), "AdamW": (1e-4,)}
-    args = _study.parser("t").parse_args(["--optimizers", "OPLoRA[prox=0]", "AdamW"])
-    assert _study.grids_from(args, defaults) == {"OPLoRA[prox=0]": (1e-3, 3e-3), "AdamW": (1e-4,)}
-    args = _study.parser("t").parse_args(["--optimizers", "OPLoRA[prox=0]", "--grid", "OPLoRA[prox=0]=1e-2"])
-    assert _study.grids_from(args, defaults) == {"OPLoRA[prox=0]": (1e-2,)}
+    args = parser("t").parse_args(["--optimizers", "OPLoRA[prox=0]", "AdamW"])
+    assert grids_from(args, defaults) == {"OPLoRA[prox=0]": (1e-3, 3e-3), "AdamW": (1e-4,)}
+    args = parser("t").parse_args(["--optimizers", "OPLoRA[prox=0]", "--grid", "OPLoRA[prox=0]=1e-2"])
+    assert grids_from(args, defaults) == {"OPLoRA[prox=0]": (1e-2,)}
     with pytest.raises(SystemExit, match="unknown optimizer"):
-        _study.grids_from(_study.parser("t").parse_args(["--optimizers", "Adam[x=1]"]), defaults)
+        grids_from(parser("t").parse_args(["--optimizers", "Adam[x=1]"]), defaults)
 
 
 def test_a_longer_run_scales_its_warmup_and_evaluations():
     task = Tiny()
     task.steps, task.warmup, task.eval_every = 300, 30, 50
-    _study.scale_schedule(task, 1000)
+    scale_schedule(task, 1000)
     assert (task.steps, task.warmup, task.eval_every) == (1000, 100, 167)
     with pytest.raises(SystemExit, match="--steps must be >= 1"):
-        _study.scale_schedule(task, 0)
+        scale_schedule(task, 0)

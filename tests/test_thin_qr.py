@@ -4,7 +4,7 @@ well-conditioned, ill-conditioned (cond 1e4 in float32 factors, SPEC section 2),
 zero and wide matrices, many shapes in one call, single matrices and stacks mixed.
 
 The torch and C++ backends run the reference (Householder, LAPACK); the Triton backend runs the
-batched CholeskyQR2 of ``oplora._cholqr`` (plain torch, Householder fallback), whose acceptance
+batched CholeskyQR2 of ``oplora.backends.cholqr`` (plain torch, Householder fallback), whose acceptance
 test is checked on its own. Bounds: tests/tolerances.py.
 """
 
@@ -13,7 +13,9 @@ import torch
 from backends import cpu_backends
 from tolerances import assert_close
 
-from oplora import _backend, _cholqr, reference
+from oplora import reference
+from oplora import backends as _backend
+from oplora.backends import cholqr as _cholqr
 
 F64 = torch.float64
 

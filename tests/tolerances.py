@@ -10,7 +10,7 @@ optimizer runs, against the torch backend), measured by ``MEASURE[op]``:
   roundings went into (the product ``B A`` of a LoRSum, the factors after several steps).
 
 Low precision: a backend's rows may be float16/bfloat16, but every backend accumulates in
-float32 (the precision policy of ``oplora._backend``) and the reference gets the same rows
+float32 (the precision policy of ``oplora.backends``) and the reference gets the same rows
 widened to float32 -- exactly -- so the low-precision bound is torch's own float32 error, the
 order of the sums. Optimizer runs on bfloat16 models store the factors in bfloat16 after every
 step: a sum that rounds the other way moves an entry by one bfloat16 ulp (2^-8 relative), so

@@ -27,8 +27,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .. import _backend
-from ..sites import Folded
+from .. import backends as _backend
+from ..capture.sites import Folded
 from ..optim import engine
 from ..optim import functional as F
 from ._common import format_table, machine_info, markdown_header, measure, save_figure, suite_parser, write_results

@@ -56,7 +56,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 import oplora
-from .. import _backend
+from .. import backends as _backend
 from ..optim import engine
 from ..optim import functional as F
 from . import lorsum as lorsum_bench

@@ -2,7 +2,7 @@
 
 :class:`ContextMixin` gives :class:`~oplora.optim.base.LoRAOptimizer` its ``_context()``: in
 order, the model's structure (``_guards.check_model``), GradScaler's verdict and scale, what is
-captured brought in line with the factors' ``.grad`` (``oplora._lifetime``: rows of discarded
+captured brought in line with the factors' ``.grad`` (``oplora.capture.lifetime``: rows of discarded
 gradients dropped, a uniform rescale taken in, frozen adapters dropped), the refusals that name a
 layer (nothing captured for reached factors, second-order terms, devices, NaN/Inf; agreed by
 every rank under data parallelism), unscaling and clipping. The result is one
@@ -117,7 +117,7 @@ class ContextMixin:
     def _amp_inverse_scale(self) -> Tuple[Optional[float], bool]:
         """1 / loss scale set by GradScaler.step (1.0 without one; None when it found inf/NaN), and
         whether ``scaler.unscale_(opt)`` ran before (``.grad`` unscaled already, and through the
-        factors' gradients the captured sD: ``oplora._lifetime``)."""
+        factors' gradients the captured sD: ``oplora.capture.lifetime``)."""
         found_inf = getattr(self, "found_inf", None)
         if found_inf is None:
             return 1.0, False

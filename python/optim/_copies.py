@@ -11,7 +11,7 @@ momentum, statistics, the other optimizer's state). Hence:
   (the model's copy in the same ``deepcopy`` call is used; ``copy.deepcopy(opt)`` alone copies the
   model too, as a torch optimizer copies its parameters);
 * ``torch.save({"model": model, "opt": opt})`` / ``pickle``: the same on loading. The capture
-  hooks of the model pickle as inert ones (``oplora._hooks.Hook``): a model pickled or copied
+  hooks of the model pickle as inert ones (``oplora.capture.hooks.Hook``): a model pickled or copied
   alone -- ``torch.save(model)``, multiprocessing's spawn -- runs as a plain module.
 
 What was captured and not yet stepped is not copied (it belongs to the original's backward).

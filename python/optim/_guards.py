@@ -22,11 +22,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from .. import _rows
+from ..capture import rows as _rows
 from .._checks import check_real, first_nonfinite
 from .._dtensor import is_dtensor, local
 from ..reference import compute_dtype
-from ..sites import LoRASite, Unsupported, find_lora_sites
+from ..capture.sites import LoRASite, Unsupported, find_lora_sites
 
 __all__ = ["check_max_norm", "refuse_fsdp1", "lora_sites", "check_model", "check_captured", "check_second_order",
            "find_nonfinite"]

@@ -51,7 +51,7 @@ def _bytes(n: int) -> str:
 
 def summary(opt) -> str:
     """The text of ``repr(opt)`` for an :class:`oplora.optim.base.LoRAOptimizer`."""
-    from .. import _backend  # the dispatch module, read only (nothing is loaded)
+    from .. import backends as _backend  # the dispatch module, read only (nothing is loaded)
 
     name = type(opt).__name__
     sites, group = opt._sites, opt.lora_group

@@ -12,7 +12,7 @@ from . import _fsdp, _inner
 from . import functional as F
 from ._inner import OtherSpec
 from .base import LoRAOptimizer
-from ..sites import LoRASite
+from ..capture.sites import LoRASite
 
 __all__ = ["SVDLoRA", "RiemannianLoRA"]
 

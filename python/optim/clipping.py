@@ -18,10 +18,10 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .. import _rows
+from ..capture import rows as _rows
 from .._checks import group_by
 from ..reference import compute_dtype
-from ..sites import LoRASite
+from ..capture.sites import LoRASite
 from .statistics import grad_blocks
 
 __all__ = ["grad_sq_norm", "site_sq_norm", "total_norm"]
@@ -43,7 +43,7 @@ def grad_sq_norm(chunks: Chunks, *, method: str = "auto", block: int = 1024, n: 
     """``||G||_F^2`` of a layer's implicit gradient ``G = sum_j sD_j^T X_j`` (m x n), as a 0-dim
     float64 tensor on the rows' device; computed in float32 (float64 for float64 rows), summed
     in float64. ``chunks``: pairs ``(X_j, sD_j)`` (T_j x n, T_j x m), T rows in all; X_j may be
-    index rows (``oplora._rows``: token ids), whose width ``n`` must then be given.
+    index rows (``oplora.capture.rows``: token ids), whose width ``n`` must then be given.
 
     Three ways to get it, by cost (multiply-adds):
 
@@ -87,7 +87,7 @@ def site_sq_norm(site: LoRASite) -> Tensor:
     (T_j x n: no m x n product of rows is formed)."""
     chunks = [(x, g) for x, g, _ in site.chunks]
     total = grad_sq_norm(chunks, n=site.shape[1]) if chunks else None
-    if site.folded is not None:  # a sketched layer: the norm of its sketched gradient (oplora.sketch)
+    if site.folded is not None:  # a sketched layer: the norm of its sketched gradient (oplora.capture.sketch)
         dense = site.folded.sq_norm()
         for x, g in chunks:
             dense = dense + 2.0 * _rows.inner(x, site.folded.rows_times(g))

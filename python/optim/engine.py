@@ -10,7 +10,7 @@ So the engine advances all problems of all layers together. At each *pass* it ga
 layer, the right-hand sides of every problem's next half-step (and asks for the column sums of
 squares of X and G on the layer's first pass when its metric comes from them), and reads each
 layer's rows once for all of them through the backend's grouped ``row_pass``
-(``oplora._backend``): one call for all layers. Passes per step, per layer:
+(``oplora.backends``): one call for all layers. Passes per step, per layer:
 
 * OPLoRA, ``iters = 1``: 2 (the step's and the momentum's A half-steps share pass 0, their
   B half-steps pass 1); ``iters = k``: 2k; ``iters = 0`` (Jacobi, both sides from the start): 1.
@@ -42,100 +42,18 @@ before it is used, which is how data-parallel training keeps replicas in lockste
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Hashable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from .. import _rows, reference
+from .. import reference
+from ..capture import rows as _rows
 from .._checks import first_nonfinite, group_by
 from ..reference import Metric, compute_dtype
+from .problems import STATS, Layer, MetricSpec, NonFiniteProducts, Problem, StatsRule
 
-__all__ = ["STATS", "Problem", "Layer", "StatsRule", "NonFiniteProducts", "solve", "stack_layers"]
-
-#: ``Problem.metric = STATS``: the metric comes from this step's statistics (``Layer.stats``).
-STATS = "stats"
-
-MetricSpec = Union[None, Tuple[Optional[Tensor], Optional[Tensor]], str]
-
-
-@dataclass
-class Problem:
-    """One LoRSum problem on a layer's rows:
-    ``(B, A) <- lorsum(thin + [(G, data_coeff)], init=init, iters, prox=lam, metric, start)``.
-
-    ``lam_relative``: a proximal weight relative to the fixed factor's own scale, added to
-    ``lam``: each half-step's weight is ``lam + lam_relative * ||W F||_F^2 / r`` (F the fixed
-    factor, W its metric weight: the mean squared singular value of ``W F``), so that it neither
-    freezes a small factor nor vanishes beside a large one.
-
-    ``thin``: small terms ``(U, V, c, precondition)`` (U m x k, V k x n); the data term is the
-    layer's ``G`` with coefficient ``data_coeff``, preconditioned when ``data_precondition``.
-    ``metric``: None, ``(M_out, M_in)`` (vectors or SPD matrices, either may be None) or
-    :data:`STATS`.
-    """
-
-    init: Tuple[Tensor, Tensor]
-    thin: Sequence[Tuple[Tensor, Tensor, float, bool]]
-    data_coeff: float
-    data_precondition: bool = False
-    metric: MetricSpec = None
-    lam: float = 0.0
-    iters: int = 1
-    start: str = "A"
-    lam_relative: float = 0.0
-
-
-class StatsRule:
-    """How a layer's metric follows from the column sums of squares of its rows (the diagonal
-    K-FAC statistics), evaluated for a whole group of layers at once.
-
-    ``key``: hashable; layers whose rules have equal ``key`` (and type) may share a group.
-    ``batch(rules, sx, sg)`` (a static method) receives the rules of a group's layers and the
-    stacks ``sx = sum_j colsum(X_j^2)`` (b x n) and ``sg = sum_j colsum(G_j^2)`` (b x m) from
-    their first pass, and returns the stacks ``(M_out, M_in)`` (b x m, b x n; either may be
-    None) of the problems whose metric is :data:`STATS`, or None for no metric. It may record
-    what it computed in the rules (the optimizer's new statistics).
-    """
-
-    key: Hashable = None
-
-    @staticmethod
-    def batch(rules: Sequence["StatsRule"], sx: Tensor, sg: Tensor
-              ) -> Optional[Tuple[Optional[Tensor], Optional[Tensor]]]:
-        raise NotImplementedError
-
-
-@dataclass
-class Layer:
-    """A layer's gradient ``G = dense + sum_j G_j^T X_j`` and the problems that read it.
-
-    ``xs``: X_j (T_j x n; or T_j token ids standing for one-hot rows, ``oplora._rows``) and
-    ``gs``: G_j (T_j x m), the rows (possibly none); ``dense``: the rows
-    already folded into an m x n matrix (``oplora.capture``), or None; ``low_rank``: ``(P, R)``,
-    the rows sketched into a low-rank gradient ``P R`` (``oplora.sketch``), or None; with
-    ``dense_sums`` the folded or sketched rows' column sums of squares ``(sum x^2 (n), sum g^2 (m))``. ``stats``, when given, turns the first
-    pass's column sums of squares (rows and folded together) into the metric of the problems
-    whose metric is :data:`STATS` (see :class:`StatsRule`).
-    """
-
-    xs: Sequence[Tensor]
-    gs: Sequence[Tensor]
-    problems: Sequence[Problem]
-    stats: Optional[StatsRule] = None
-    dense: Optional[Tensor] = None
-    dense_sums: Optional[Tuple[Tensor, Tensor]] = None
-    low_rank: Optional[Tuple[Tensor, Tensor]] = None
-
-
-class NonFiniteProducts(FloatingPointError):
-    """A pass's products of layer ``index`` (in the order given to :func:`solve`) hold NaN or Inf:
-    its rows or folded gradient do (or, under data parallelism, another rank's)."""
-
-    def __init__(self, index: int):
-        super().__init__(f"the gradient products of layer {index} hold NaN or Inf")
-        self.index = index
-
+__all__ = ["STATS", "MetricSpec", "Problem", "Layer", "StatsRule", "NonFiniteProducts", "solve", "stack_layers"]
 
 def stack_layers(ts: Sequence[Tensor]) -> Tensor:
     """``torch.stack(ts)``; a view for a single tensor (a group of one copies nothing)."""
@@ -328,7 +246,7 @@ def _products(jobs: Sequence[Tuple["_Group", int, Optional[Tensor], Optional[Ten
               ) -> List[Tuple[Optional[Tensor], ...]]:
     """The pass's products ``(G^T qd, G qx, sx, sg)`` of each job ``(group, layer index, qd, qx,
     stats)``: the rows' part by one ``row_pass`` call for every layer that has dense rows (index
-    rows by ``oplora._rows.row_pass``: gathers and index_add), plus the folded part by matrix
+    rows by ``oplora.capture.rows.row_pass``: gathers and index_add), plus the folded part by matrix
     products (torch's GEMM: MKL on the CPU, cuBLAS on CUDA) and its sums."""
     with_rows = [(grp.xs[i], grp.gs[i], qd, qx, stats) for grp, i, qd, qx, stats in jobs
                  if grp.xs[i] and not grp.indexed[i]]
@@ -363,7 +281,7 @@ def solve(layers: Sequence[Layer], ops, reduce: Optional[Callable[[List[Tensor]]
     the dtype of the problem's ``init`` (new tensors, possibly views of one buffer per group;
     nothing is modified).
 
-    ``ops``: the backend (``oplora._backend.ops_for(device)``). Per pass, each of its ops is
+    ``ops``: the backend (``oplora.backends.ops_for(device)``). Per pass, each of its ops is
     called once for all layers: ``thin_qr`` on every half-step's weighted factors, ``row_pass`` on
     every layer's rows, ``prox_solve`` on every half-step's small problems (the r-sized ops on
     stacks, one per group and half-step). ``reduce`` (optional) is called with the list of every

@@ -25,11 +25,11 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .. import _backend
+from .. import backends as _backend
 from .._checks import group_by
 from ..reference import compute_dtype
-from ..sites import Folded
-from ..sketch import Sketch
+from ..capture.sites import Folded
+from ..capture.sketch import Sketch
 from . import engine
 from . import statistics as _stats
 from .statistics import KfacDiagRule, StatsSpec, metric_from_statistics, update_statistics
@@ -132,7 +132,7 @@ class Plan(NamedTuple):
 
 
 def run_plans(plans: Sequence[Plan], reduce: Optional[Reduce] = None) -> List[Update]:
-    """Solve the plans of many layers together, one engine run per device (``oplora._backend``
+    """Solve the plans of many layers together, one engine run per device (``oplora.backends``
     picks the ops), and return their updates in order. ``reduce`` (data parallel) is handed to
     :func:`oplora.optim.engine.solve`: it receives every tensor of each row pass (thin products,
     diagonal K-FAC sums) to reduce in place before they are used. Raises

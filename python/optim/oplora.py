@@ -13,7 +13,7 @@ from ._inner import OtherSpec
 from .statistics import statistics_start
 from ..reference import compute_dtype
 from .base import LoRAOptimizer
-from ..sites import LoRASite
+from ..capture.sites import LoRASite
 
 __all__ = ["OPLoRA", "ScaledOPLoRA"]
 
@@ -106,7 +106,7 @@ class OPLoRA(LoRAOptimizer):
             backward and step (rows or the dense gradient), float32 master factors for bf16/fp16
             factors: see :class:`oplora.optim.base.LoRAOptimizer`.
         capture_budget, sketch_rank: a cap on what is held between backward and step, beyond
-            which a layer's gradient is sketched (``oplora.sketch``): see
+            which a layer's gradient is sketched (``oplora.capture.sketch``): see
             :class:`oplora.optim.base.LoRAOptimizer`.
 
     State per layer (keyed by its B factor): ``step``, ``momentum_U`` (m x k), ``momentum_V``

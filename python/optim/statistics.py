@@ -28,8 +28,8 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Un
 import torch
 from torch import Tensor
 
-from .. import _rows
-from ..sites import Folded
+from ..capture import rows as _rows
+from ..capture.sites import Folded
 from . import engine
 
 __all__ = ["StatsSpec", "KfacDiagRule", "update_statistics", "metric_from_statistics", "grad_blocks",
@@ -42,7 +42,7 @@ def grad_blocks(chunks: Chunks, dtype: torch.dtype, block: int = 256, n: Optiona
                 ) -> Iterator[Tuple[int, Tensor]]:
     """The implicit gradient ``G = sum_j sD_j^T X_j`` (m x n) in blocks of ``block`` of its rows:
     ``(lo, G[lo:lo + block])``, never all of m x n at once (``block n`` memory). X_j may be index
-    rows (``oplora._rows``: token ids), whose width ``n`` must then be given."""
+    rows (``oplora.capture.rows``: token ids), whose width ``n`` must then be given."""
     m = chunks[0][1].shape[1]
     if not any(_rows.is_index(x) for x, _ in chunks):
         for lo in range(0, m, block):

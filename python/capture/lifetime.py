@@ -47,8 +47,8 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from ._checks import group_by
-from ._dtensor import local
+from .._checks import group_by
+from .._dtensor import local
 
 __all__ = ["GradMark", "KEEP", "DISCARD", "CHANGED", "pending", "accumulated", "snapshot", "verdicts",
            "queue_after_backward", "changed_message"]

@@ -1,7 +1,8 @@
-"""The LoRA layers of a model: what a site is, how it is found, and its folded gradient.
+"""The LoRA layers of a model: what a site is and how it is found.
 
 A *site* (:class:`LoRASite`) is one adapter of one LoRA layer: its factors as matrices, its
-captured chunks and the rows already folded into its dense gradient (:class:`Folded`).
+captured chunks and the rows already folded into its dense gradient (:class:`Folded`, from
+``oplora.capture.folded``).
 :func:`find_lora_sites` walks a model and returns the sites it can train and the LoRA
 parameters it cannot (:class:`Unsupported`, with the reason). ``oplora.capture`` fills the sites.
 
@@ -25,7 +26,7 @@ Layer kinds (:data:`KINDS`; a site's ``kind``), each with its X and its factors 
   gradient as it is formed, so a whole batch's patches never exist at once.
 * ``"embedding"`` -- PEFT ``Embedding`` LoRA (``lora_embedding_A`` r x vocab, ``lora_embedding_B``
   m x r; hooks on the layer itself). X: one-hot rows of the token ids, held as the ids
-  (``oplora._rows``: index rows, never formed), sD: ``s`` x the layer's output gradient (x its
+  (``oplora.capture.rows``: index rows, never formed), sD: ``s`` x the layer's output gradient (x its
   ``embed_scale`` where PEFT applies one). ``G = s D^T X`` is the whole gradient of ``B A``,
   the base layer's ``padding_idx`` column included (autograd's gradient of ``A`` leaves that
   column at zero, ``F.embedding``'s rule for its weight; a masked padding token has no gradient
@@ -49,13 +50,13 @@ import math
 import sys
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import List, Optional, Tuple, Union
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from . import _rows
-from .layers import LoRALinear
+from ..layers import LoRALinear
+from .folded import Folded
 
 __all__ = ["LoRASite", "Folded", "Unsupported", "find_lora_sites", "KINDS"]
 
@@ -63,78 +64,6 @@ __all__ = ["LoRASite", "Folded", "Unsupported", "find_lora_sites", "KINDS"]
 KINDS = ("linear", "conv", "embedding")
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
-@dataclass(eq=False)
-class Folded:
-    """Captured rows folded into the dense gradient: ``g = sum_j sD_j^T X_j`` (m x n, float32;
-    float64 for float64 rows) and their number ``rows``; with the statistics the optimizer needs
-    (``stats``): ``"diag"``, their column sums of squares ``sx`` (n,) and ``sg`` (m,) (diagonal
-    K-FAC); ``"dense"``, the Grams ``gram_x = X^T X`` (n x n) and ``gram_g = sD^T sD`` (m x m).
-    X may be dense or index rows (``oplora._rows``)."""
-
-    g: Tensor
-    rows: Union[int, Tensor] = 0
-    sx: Optional[Tensor] = None
-    sg: Optional[Tensor] = None
-    gram_x: Optional[Tensor] = None
-    gram_g: Optional[Tensor] = None
-
-    @staticmethod
-    def empty(m: int, n: int, dtype: torch.dtype, device: torch.device, stats: Optional[str]) -> "Folded":
-        zeros = lambda *shape: torch.zeros(shape, dtype=dtype, device=device)  # noqa: E731
-        if stats == "diag":
-            return Folded(zeros(m, n), sx=zeros(n), sg=zeros(m))
-        if stats == "dense":
-            return Folded(zeros(m, n), gram_x=zeros(n, n), gram_g=zeros(m, m))
-        return Folded(zeros(m, n))
-
-    def add(self, x: Tensor, g: Tensor, live: Optional[Tensor] = None) -> None:
-        """Fold the rows ``x`` (T x n, or T ids), ``g`` (T x m) in: one GEMM (an ``index_add``
-        for ids; two more for dense statistics). ``live`` (T, bool, on the rows' device): the rows
-        that carry gradient, the only ones counted in ``rows`` and X's statistics (the others add
-        nothing to ``g``); ``rows`` is then a device tensor until :meth:`LoRASite.settle_rows`
-        (no host synchronisation during backward)."""
-        g = g.to(self.g.dtype)
-        _rows.add_gt_x(self.g, g, x)
-        self.rows = self.rows + (x.shape[0] if live is None else live.sum())
-        if self.sx is not None:
-            self.sx += _rows.col_sq(x, self.g.shape[1], self.g.dtype, live)
-            self.sg += g.square().sum(0)
-        if self.gram_x is not None:
-            _rows.add_gram(self.gram_x, x, live)
-            self.gram_g.addmm_(g.mT, g)
-
-    def scale(self, c: float) -> None:
-        """The rows' gradient multiplied by ``c`` in place: ``g`` by c, the gradient statistics
-        (``sg``, ``gram_g``) by c^2; X's statistics unchanged."""
-        self.g.mul_(c)
-        for t in (self.sg, self.gram_g):
-            if t is not None:
-                t.mul_(c * c)
-
-    def tensors(self) -> List[Tensor]:
-        return [t for t in (self.g, self.sx, self.sg, self.gram_x, self.gram_g) if t is not None]
-
-    # The products the guards, clipping and the step take of the folded gradient (the same for
-    # ``oplora.sketch.Sketch``, whose gradient is low-rank).
-    @property
-    def device(self) -> torch.device:
-        return self.g.device
-
-    def factor_products(self, b: Tensor, a: Tensor) -> Tuple[Tensor, Tensor]:
-        """``(G A^T, B^T G)`` with the layer's factors ``b`` (m x r), ``a`` (r x n), in their
-        dtype: what autograd gives B and A (over ``s``)."""
-        g = self.g.to(a.dtype)
-        return g @ a.mT, b.mT @ g
-
-    def rows_times(self, g: Tensor) -> Tensor:
-        """``g G`` (T x n) for rows ``g`` (T x m), in G's dtype."""
-        return g.to(self.g.dtype) @ self.g
-
-    def sq_norm(self) -> Tensor:
-        """``||G||_F^2`` (float64)."""
-        return self.g.square().sum(dtype=torch.float64)
 
 
 @dataclass(eq=False)
@@ -149,7 +78,7 @@ class LoRASite:
     taken on the device as it arrives); ``folded`` the rows already folded into the dense gradient
     (:class:`Folded`), or None. The layer's gradient is ``coeff (folded.g + sum_j sD_j^T X_j)``:
     ``coeff`` is the product of the uniform rescales of the factors' ``.grad`` seen since the
-    rows were captured (``clip_grad_norm_``, GradScaler's ``unscale_``; ``oplora._lifetime``,
+    rows were captured (``clip_grad_norm_``, GradScaler's ``unscale_``; ``oplora.capture.lifetime``,
     whose record of the factors' gradients is ``mark``).
     ``modified`` names a problem found at a fold (a captured X changed in place), for the step to
     raise. ``passes``: backward passes (accumulating into ``.grad``) that reached the branch
@@ -195,7 +124,7 @@ class LoRASite:
 
     @property
     def grad_params(self) -> Tuple[Tensor, Tensor]:
-        """``(A, B)`` whose ``.grad`` the training loop acts on (``oplora._lifetime``): ``pinned``
+        """``(A, B)`` whose ``.grad`` the training loop acts on (``oplora.capture.lifetime``): ``pinned``
         when set -- FSDP2's sharded factors, which its forward and backward swap for unsharded
         copies in the modules -- else the factors the modules hold now."""
         return self.pinned if self.pinned is not None else (self.A, self.B)

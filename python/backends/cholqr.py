@@ -1,5 +1,5 @@
 """Grouped thin QR of many tall-skinny float64 matrices: batched CholeskyQR2, Householder fallback.
-The ``thin_qr`` of the Triton backend (``oplora._triton_ops``).
+The ``thin_qr`` of the Triton backend (``oplora.backends.triton_ops``).
 
 The step engine factors, every pass, the weighted fixed factor ``Z = W F`` (p x r, float64) of
 every half-step of every layer -- hundreds of small QRs per pass on a 7B model. LAPACK/cuSOLVER
@@ -38,7 +38,7 @@ from typing import List, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ._checks import group_by
+from .._checks import group_by
 
 __all__ = ["thin_qr", "cholesky_qr2"]
 

@@ -1,5 +1,5 @@
 """The unfolded patches (im2col) of a Conv LoRA branch's input, formed in blocks of rows: the X
-of a ``"conv"`` site (``oplora.sites``), never a whole batch's patches at once."""
+of a ``"conv"`` site (``oplora.capture.sites``), never a whole batch's patches at once."""
 
 from __future__ import annotations
 

@@ -1,14 +1,14 @@
 """What a backend provides: the :class:`Ops` of the optimizer step engine, and the torch ones.
 
 A leaf module (it imports only torch and ``oplora.reference``): the backend adapters
-(``oplora._cpu_ops``, ``oplora._triton_ops``) build their :class:`Ops` from it, and
-``oplora._backend`` chooses among them. The ops, each specified by ``oplora.reference``:
+(``oplora.backends.cpu_ops``, ``oplora.backends.triton_ops``) build their :class:`Ops` from it, and
+``oplora.backends`` chooses among them. The ops, each specified by ``oplora.reference``:
 
 * ``row_pass(jobs)``: for each job ``(xs, gs, qd, qx, stats)`` of one layer, the thin products
   ``G^T qd``, ``G qx`` of its implicit gradient and its diagonal K-FAC statistics, reading the
   rows once (``reference.row_pass``); one call for all layers of a step;
 * ``rows(t, dtype)``: the captured rows as ``row_pass`` takes them, for compute dtype ``dtype``
-  (the precision policy of ``oplora._backend``);
+  (the precision policy of ``oplora.backends``);
 * ``thin_qr(Zs)`` and ``prox_solve(problems)``: the float64 r-sized work of the half-steps, one
   call for all half-steps of a pass (``reference.thin_qr``, ``reference.prox_solve`` per item;
   an item is a matrix or a stack of same-shaped matrices, one per layer of a group).
@@ -23,7 +23,7 @@ from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from . import reference
+from .. import reference
 
 __all__ = ["Ops", "Job", "PassResult", "SmallProblem", "TORCH_OPS"]
 

@@ -31,7 +31,7 @@ from typing import List, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from . import _rows
+from . import rows as _rows
 
 __all__ = ["Sketch", "sketch_sizes", "sketch_numbers"]
 
@@ -54,7 +54,7 @@ class Sketch:
     and ``sg`` (m), all in ``dtype`` (float32; float64 for float64 rows). ``b0`` and ``a0`` are the
     layer's factors as matrices (m x r, r x n: views of the parameters, not copies), read at every
     chunk and at the step: they do not change in between. Same interface as
-    :class:`oplora.sites.Folded` (``add``, ``scale``, ``tensors``, ``rows``, ``sx``, ``sg``)."""
+    :class:`oplora.capture.folded.Folded` (``add``, ``scale``, ``tensors``, ``rows``, ``sx``, ``sg``)."""
 
     b0: Tensor
     a0: Tensor
@@ -101,7 +101,7 @@ class Sketch:
 
     def add(self, x: Tensor, g: Tensor, live: Optional[Tensor] = None) -> None:
         """Sketch the rows ``x`` (T x n, or T ids), ``g`` (T x m): ``Y += g^T (x Om)``,
-        ``W += (g Psi)^T x``, and the K-FAC sums; ``live`` as in :meth:`oplora.sites.Folded.add`."""
+        ``W += (g Psi)^T x``, and the K-FAC sums; ``live`` as in :meth:`oplora.capture.folded.Folded.add`."""
         g = g.to(self.dtype)
         n = self.a0.shape[1]
         self.y.addmm_(g.mT, _rows.x_times(_rows.to(x, self.dtype), self.omega()))

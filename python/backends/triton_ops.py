@@ -1,6 +1,6 @@
-"""The Triton backend's step-engine ops (``oplora._ops.Ops``), from ``oplora_kernels``.
+"""The Triton backend's step-engine ops (``oplora.backends.ops.Ops``), from ``oplora_kernels``.
 
-``oplora._backend`` imports this module (and with it Triton) only when a CUDA tensor first needs
+``oplora.backends`` imports this module (and with it Triton) only when a CUDA tensor first needs
 it, or when this backend is asked for by name; an ``ImportError`` here (Triton not installed)
 makes the backend unavailable with that reason. Importing it touches no GPU: the kernels compile
 at their first launch.
@@ -15,12 +15,12 @@ at their first launch.
   stride; a contiguous copy in the compute dtype otherwise (float64 compute, other dtypes,
   column-strided views). Rows are only read, so a copy loses nothing.
 * ``thin_qr(Zs)``: batched CholeskyQR2 per shape with a Householder fallback
-  (``oplora._cholqr``, plain torch).
+  (``oplora.backends.cholqr``, plain torch).
 * ``prox_solve(problems)``: the batched ``reference.prox_solve`` (one SVD per stack), with the
   stacks of one shape -- the step's and the momentum's half-steps of a group -- concatenated
   into one call.
 
-The kernels run on CUDA tensors; ``oplora._backend`` dispatches only those here. The same ops
+The kernels run on CUDA tensors; ``oplora.backends`` dispatches only those here. The same ops
 accept CPU tensors under ``TRITON_INTERPRET=1`` (how the tests exercise them without a GPU).
 """
 
@@ -34,9 +34,10 @@ from torch import Tensor
 
 from oplora_kernels import row_pass as _row_pass
 
-from . import _cholqr, reference
-from ._checks import group_by
-from ._ops import Job, Ops, PassResult, SmallProblem
+from .. import reference
+from . import cholqr as _cholqr
+from .._checks import group_by
+from .ops import Job, Ops, PassResult, SmallProblem
 
 __all__ = ["OPS", "describe", "rows", "row_pass", "prox_solve"]
 

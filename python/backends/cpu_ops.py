@@ -1,13 +1,13 @@
 """The C++ CPU backend (``oplora._cpu``, built from ``csrc/``) as step-engine :class:`Ops`.
 
-Importing this module imports the extension; ``oplora._backend`` imports it with ``oplora`` (the
+Importing this module imports the extension; ``oplora.backends`` imports it with ``oplora`` (the
 extension is small), catches the ``ImportError`` and reports why. Tensors reach C++ as zero-copy
 NumPy views (``tensor.numpy()``); outputs are allocated here with torch and written in place by
 C++. The thread count follows ``torch.get_num_threads()``, so ``torch.set_num_threads`` governs
 both backends alike.
 
 bf16/fp16 rows are upcast to float32 once per step in :func:`rows` (the policy stated in
-``oplora._backend``); C++ takes float32 and float64 only.
+``oplora.backends``); C++ takes float32 and float64 only.
 
 The r-sized float64 work (``thin_qr``, ``prox_solve``) is the reference's (LAPACK through torch):
 the step engine hands it over as stacks of same-shaped layers, on which LAPACK was measured
@@ -21,8 +21,8 @@ from typing import List, Sequence
 import torch
 from torch import Tensor
 
-from . import _cpu  # noqa: F401  (ImportError here: the extension is missing)
-from ._ops import TORCH_OPS, Job, Ops, PassResult
+from .. import _cpu  # noqa: F401  (ImportError here: the extension is missing)
+from .ops import TORCH_OPS, Job, Ops, PassResult
 
 __all__ = ["OPS", "describe"]
 

@@ -1,18 +1,18 @@
 """The one place that decides how an op runs: Triton (CUDA), C++ (CPU) or pure torch.
 
 Nothing else in the package branches on ``device.type`` or probes for native code. What a
-backend provides is an :class:`oplora._ops.Ops` (the ops of the optimizer step engine,
+backend provides is an :class:`oplora.backends.ops.Ops` (the ops of the optimizer step engine,
 ``oplora.optim.engine``, each specified by ``oplora.reference``); this module loads the
 backends, picks one per device, and says why.
 
 Backends:
 
-* ``torch``: the pure-torch reference ops (``oplora._ops.TORCH_OPS``); every device.
-* ``cpp``: the C++ extension ``oplora._cpu`` (``csrc/``, through ``oplora._cpu_ops``), CPU
+* ``torch``: the pure-torch reference ops (``oplora.backends.ops.TORCH_OPS``); every device.
+* ``cpp``: the C++ extension ``oplora._cpu`` (``csrc/``, through ``oplora.backends.cpu_ops``), CPU
   tensors. Loaded with ``oplora`` (it is small). It is optional but never silently missing: when
   it does not load, the reason is logged and shown by :func:`backend_info`, and
   ``OPLORA_REQUIRE_EXT=1`` turns it into an ``ImportError`` at ``import oplora``.
-* ``triton``: the Triton kernels (``oplora_kernels``, through ``oplora._triton_ops``), CUDA
+* ``triton``: the Triton kernels (``oplora_kernels``, through ``oplora.backends.triton_ops``), CUDA
   tensors. Loaded lazily -- Triton is most of what importing the package would otherwise cost
   -- when a CUDA tensor first needs it (:func:`ops_for` on a CUDA device), or when it is asked
   for by name (``OPLORA_BACKEND=triton``, :func:`load`). Until then :func:`backend_info` reports
@@ -30,6 +30,12 @@ available backend for the tensors' device). Asking for a backend that is not ava
 
 Code that wants one backend by name (benchmarks, tests) uses :func:`load` (its ops, or None) and
 :func:`reason` (why it is or is not available).
+
+The backends layer: this module (the dispatch), ``ops`` (the :class:`~oplora.backends.ops.Ops`
+interface and the torch ops), ``cpu_ops`` (the C++ extension ``oplora._cpu`` as Ops),
+``triton_ops`` (the Triton kernels of ``oplora_kernels`` as Ops) and ``cholqr`` (batched float64
+CholeskyQR2, the Triton backend's thin QR). It depends on ``oplora.reference`` only; the step
+engine (``oplora.optim.engine``) calls it.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-from ._ops import TORCH_OPS, Ops
+from .ops import TORCH_OPS, Ops
 
 __all__ = ["backend_info", "ops_for", "load", "reason", "NAMES"]
 
@@ -56,7 +62,7 @@ logger = logging.getLogger("oplora")
 def _load_cpp() -> Tuple[Optional[Ops], str]:
     """The C++ backend, or None and why not."""
     try:
-        from . import _cpu_ops
+        from . import cpu_ops as _cpu_ops
     except ImportError as err:
         return None, f"the C++ extension oplora._cpu did not load: {err}"
     return _cpu_ops.OPS, _cpu_ops.describe()
@@ -67,7 +73,7 @@ def _load_triton() -> Tuple[Optional[Ops], str]:
     ever receives CUDA tensors (``_DEVICES``), so on a machine without one it is available but
     never selected, and its reason says so."""
     try:
-        from . import _triton_ops
+        from . import triton_ops as _triton_ops
     except ImportError as err:
         return None, f"Triton kernels unavailable: {err}"
     return _triton_ops.OPS, _triton_ops.describe()
