@@ -26,7 +26,7 @@
 #
 # --dry-run (no GPU needed): checks that oplora, its bench suites and triton import, that every
 # planned suite command's arguments parse (the suite's own argparse), that the CUDA-marked tests
-# collect; prints the plan; exits non-zero when anything is off. tests/test_gpu_check.py runs it.
+# collect; prints the plan; exits non-zero when anything is off. tests/bench/test_gpu_check.py runs it.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -52,7 +52,7 @@ OUT="${OUT:-bench/results/gpu_$(date -u +%Y%m%d_%H%M)}"
 export OPLORA_REQUIRE_EXT=1 PYTHONUNBUFFERED=1
 
 # The CUDA-marked test files, found rather than listed.
-mapfile -t CUDA_TESTS < <(grep -l "pytest.mark.cuda" tests/test_*.py | sort)
+mapfile -t CUDA_TESTS < <(grep -rl --include="test_*.py" "pytest.mark.cuda" tests | sort)
 
 # name|budget s|required (1) or optional (0)|command (run by bash -c with $PY and $OUT exported)
 STEPS=(

@@ -41,7 +41,7 @@ to continue, finished runs are skipped)::
     python examples/classification_study.py --quick       # CI smoke: a few steps, in-process
 
 Writes ``examples/results/classification_study{.csv,.md,.png,_memory.csv}``; ``--quick`` into
-``quick/``. ``tests/test_classification_study.py`` runs ``--quick``.
+``quick/``. ``tests/examples/test_classification_study.py`` runs ``--quick``.
 """
 
 from __future__ import annotations

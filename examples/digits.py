@@ -11,7 +11,7 @@ the new digits at each optimizer's best lr (lowest final training loss).
 Set-up: ``pip install scikit-learn matplotlib`` (the ``examples`` extra: ``pip install
 oplora[examples]``; ``make test`` installs it).
 Run:  python examples/digits.py            (about 1 minute on 2 CPU cores)
-Writes examples/results/digits{.csv,.md,.png}. ``tests/test_examples.py`` runs a CI-sized version.
+Writes examples/results/digits{.csv,.md,.png}. ``tests/examples/test_examples.py`` runs a CI-sized version.
 """
 
 from __future__ import annotations

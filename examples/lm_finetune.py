@@ -24,7 +24,7 @@ Run:  python examples/lm_finetune.py                  (CPU size: a few minutes p
       python examples/lm_finetune.py --device cuda    (same defaults; raise --steps/--batch there)
       python examples/lm_finetune.py --quick          (CI smoke: a few steps, one lr each)
 Writes examples/results/lm_finetune{.csv,.md,.png} (``--quick``: into ``quick/``).
-``tests/test_lm_example.py`` runs ``--quick``.
+``tests/examples/test_lm_example.py`` runs ``--quick``.
 """
 
 from __future__ import annotations

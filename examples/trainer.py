@@ -18,13 +18,13 @@ Why each line:
 * ``max_grad_norm``: the Trainer's clipping (1.0 by default) works: its ``clip_grad_norm_``
   rescales every ``.grad`` by one coefficient, and the optimizer, which steps from the captured
   activations and their gradients rather than from the factors' ``.grad``, applies that coefficient
-  to what it captured (``tests/test_trainer.py``). It measures the norm of the factor gradients
+  to what it captured (``tests/stacks/test_trainer.py``). It measures the norm of the factor gradients
   ``(B^T G, G A^T)`` and the head's. To clip by the norm of the full gradient ``G`` of each LoRA
   layer instead -- what full fine-tuning would clip --, set ``max_grad_norm=0.0`` here and pass
   ``create_optimizer(model, "oplora", ..., max_grad_norm=1.0)``. The demo below clips neither.
 * ``gradient_accumulation_steps``: works as it does for AdamW: every micro-batch's backward pass
   is captured, and the step uses all of them, exactly one step on the concatenated batch
-  (``tests/test_trainer.py``). The Trainer divides each micro-batch loss by the number of
+  (``tests/stacks/test_trainer.py``). The Trainer divides each micro-batch loss by the number of
   micro-batches unless it believes the model already normalised it by ``num_items_in_batch``
   (a model whose ``forward`` takes ``**kwargs``). Causal LMs do; a sequence classifier such as
   BERT's (transformers 5) takes ``**kwargs`` but ignores it, so set
@@ -40,7 +40,7 @@ through the Trainer), with PEFT LoRA (r=4) on its three Linear layers, fine-tune
 through the same ``Trainer`` (micro-batch 32, gradient accumulation 2, cosine schedule) with
 OPLoRA, ScaledOPLoRA and the Trainer's own default AdamW (``optimizers`` not given); each at the
 best lr ``examples/digits.py`` found for it. Test loss and accuracy on the new digits every epoch.
-``tests/test_trainer.py`` tests the recipe on transformers models (BERT, Llama) built from configs.
+``tests/stacks/test_trainer.py`` tests the recipe on transformers models (BERT, Llama) built from configs.
 
 Set-up: ``pip install "oplora[examples,lm]"`` (``make test`` installs both).
 Run:  python examples/trainer.py            (under a minute per optimizer on 2 CPU cores)

@@ -57,7 +57,7 @@ Precision policy
     O((p + q) r^2) work) runs in float64. A float32 QR perturbs the factor by eps * ||F||, which
     the least-squares problem amplifies by cond(F): at cond 1e4 that cost ~5e-4 of the product;
     in float64 the result is as accurate as rounding the exact answer to float32 (~3e-5 at
-    cond 1e4, see tests/test_lorsum.py). Results come back in the start point's dtype, as new
+    cond 1e4, see tests/lorsum/test_lorsum.py). Results come back in the start point's dtype, as new
     tensors.
 """
 

@@ -4,6 +4,14 @@ On a machine without a GPU, TRITON_INTERPRET=1 is set before anything can import
 the Triton kernels run on the CPU through the interpreter (correctness only: programs run one at a
 time, fp32 dots are exact, no bf16 tl.dot). Tests marked ``cuda`` need a GPU and are skipped, with
 the reason, without one; no test module touches CUDA at import.
+
+The tests mirror the package by layer: ``lorsum/`` (the LoRSum math against its float64
+reference), ``backends/`` (every op on every backend, the Triton compile), ``capture/`` (what each
+layer kind records and holds), ``optim/`` (the optimizers, their guards and the training loop),
+``stacks/`` (the HF Trainer, TRL, Lightning, torchtune, DDP, FSDP2), ``bench/`` and ``examples/``;
+at the top, the packaging, the docs' links and commands, and the layout itself. Shared helpers:
+``backend_cases`` (which backends a test runs on), ``explicit`` (dense-matrix formulas),
+``tolerances``.
 """
 
 import os

@@ -33,7 +33,7 @@ allocation (``metadata.shared``, dynamic shared memory, which ``ptxas`` does not
 
 ``python -m oplora.bench._aot`` prints the table; ``--write`` rewrites
 ``bench/results/row_pass_ptxas.{md,csv}``; ``--json PATH`` writes every result (errors
-included) for ``tests/test_compile.py``. It re-executes itself with ``TRITON_INTERPRET=0`` when
+included) for ``tests/backends/test_compile.py``. It re-executes itself with ``TRITON_INTERPRET=0`` when
 the interpreter is on (interpreted kernels cannot be compiled). Exit status 1 on any compile error.
 """
 

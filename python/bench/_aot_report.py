@@ -7,7 +7,7 @@ import datetime as _dt
 import os
 from typing import Dict, List, Sequence
 
-#: Spill stores + loads (bytes) a specialization may have (tests/test_compile.py). Not 0: with the
+#: Spill stores + loads (bytes) a specialization may have (tests/backends/test_compile.py). Not 0: with the
 #: launcher's defaults (BLOCK_T 128 x BLOCK_C 64, 8 warps, 2 stages) the tf32x3 products hold
 #: most tiles at 255 registers and some spill, up to 3096 B (float32 qd+qx, unaligned, sm_90),
 #: 548 B on the 7B bf16 ScaledOPLoRA path (qd+qx, sm_90); at BLOCK_T 64 x BLOCK_C 32 none
@@ -86,7 +86,7 @@ def markdown(results: Sequence[Dict], info: Dict[str, str], what_if: Sequence[st
     return (
         "# Row pass kernel: registers, spills and shared memory per specialization (ptxas -v)\n\n"
         f"- command: `{COMMAND}` (check without writing: `python -m oplora.bench._aot`; "
-        "the test `tests/test_compile.py` compares this table with what it measures)\n"
+        "the test `tests/backends/test_compile.py` compares this table with what it measures)\n"
         f"- triton {info['triton']} (its bundled ptxas {info['ptxas']}), torch {info['torch']}; "
         f"date {date}; {len(results)} compilations on a CPU-only machine, no GPU\n"
         "- what: every specialization of `oplora_kernels.row_pass._row_pass_kernel` the kernels suite "
@@ -99,7 +99,7 @@ def markdown(results: Sequence[Dict], info: Dict[str, str], what_if: Sequence[st
         "bytes (all from `ptxas -v` on the PTX, Triton's flags); smem: Triton's shared-memory "
         "allocation (dynamic, which ptxas does not count)\n"
         f"- spills: {len(spilling)} of {len(results)} specializations spill{worst}; budget {SPILL_BUDGET} B of "
-        f"spill stores + loads per specialization (`SPILL_BUDGET`, tests/test_compile.py), over it: {len(over)}"
+        f"spill stores + loads per specialization (`SPILL_BUDGET`, tests/backends/test_compile.py), over it: {len(over)}"
         + "\n" + "".join(f"- what-if: {line}\n" for line in what_if)
         + "\n" + format_table(header, body, markdown=True) + "\n")
 
