@@ -12,6 +12,17 @@ Public API:
     backend_info()  -- which implementation runs on which device, and why
     capture_memory(model_or_config, tokens=..., ...)  -- what the optimizers hold between backward
         and step, per capture mode, next to AdamW (counted, nothing allocated)
+
+Layers, lowest first (each imports only those below it; ``docs/architecture.md``):
+    the math       ``lorsum`` (public, validated) over ``reference`` (pure torch, float64-exact:
+                   the specification every backend is tested against); ``layers`` (LoRA without
+                   PEFT) and the leaf helpers ``_checks``, ``_dtensor`` beside it
+    backends       ``oplora.backends``: which implementation runs an op on which device
+                   (C++ ``oplora._cpu`` on CPU, Triton ``oplora_kernels`` on CUDA, torch anywhere)
+    capture        ``oplora.capture``: what every LoRA layer saw in forward and backward, held for
+                   the step (``memory_model``: what is held, counted before training)
+    optimizers     ``oplora.optim`` (``factory``: by name)
+    benchmarks     ``oplora.bench`` (``oplora-bench``)
 """
 
 from .backends import backend_info
