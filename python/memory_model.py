@@ -25,12 +25,14 @@ momentum, ScaledOPLoRA that plus two vectors).
 
 Which layers share X: siblings (same parent module) whose names are in one of :data:`SHARED`
 read the same input in the transformer families this package is used with; pass ``shared=``
-for others. Rows whose branch gradient is zero (padding, masked labels) are not held: ``tokens``
-counts the tokens with a gradient.
+for others. Rows whose branch gradient is zero (padding, masked labels, a causal LM's last
+position) are held until the step drops them (no host synchronisation in backward): ``tokens``
+counts every token of a micro-batch.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -153,7 +155,7 @@ def capture_memory(model: Union[nn.Module, object], *, tokens: int, micro_batche
                    targets: Optional[Sequence[str]] = None, r: Optional[int] = None,
                    activation_dtype: torch.dtype = torch.bfloat16, factor_dtype: torch.dtype = torch.float32,
                    stats: bool = False, shared: Sequence[Sequence[str]] = SHARED,
-                   sketch_rank: int = 64) -> CaptureMemory:
+                   sketch_rank: Optional[int] = 64) -> CaptureMemory:
     """Count what each capture mode holds between backward and step (module docstring).
 
     Args:
@@ -166,7 +168,8 @@ def capture_memory(model: Union[nn.Module, object], *, tokens: int, micro_batche
         activation_dtype: the dtype of X and sD (bf16 for a bf16 or autocast model).
         factor_dtype: the LoRA factors' dtype (their ``.grad`` and the optimizer states).
         stats: ScaledOPLoRA's diagonal statistics kept beside a folded gradient (m + n numbers).
-        sketch_rank: ``k`` of a sketched layer (``bounded``; the optimizers' ``sketch_rank``).
+        sketch_rank: ``k`` of a sketched layer (``bounded``; the optimizers' ``sketch_rank``; None:
+            never sketched, ``bounded`` is then per layer the least of its rows and dense gradient).
 
     Returns a :class:`CaptureMemory`.
     """
@@ -210,7 +213,8 @@ def capture_memory(model: Union[nn.Module, object], *, tokens: int, micro_batche
     bounded, sketched = 0.0, 0
     for s in shapes:
         own_rows = rows_total * (s.n * bx / readers[s.reads] + s.m * bg)  # a shared X split among its readers
-        sketch = 4 * sketch_numbers(s.m, s.n, s.r, sketch_rank, "diag" if stats else None)
+        sketch = math.inf if sketch_rank is None else 4 * sketch_numbers(s.m, s.n, s.r, sketch_rank,
+                                                                          "diag" if stats else None)
         least = min(own_rows, dense[s.name], sketch)
         sketched += least == sketch and sketch < min(own_rows, dense[s.name])
         bounded += least

@@ -16,7 +16,7 @@ from torch import nn
 
 import oplora
 
-__all__ = ["SMOLLM2_135M", "LLAMA2_7B_BLOCKS", "SHAPES", "ATTENTION", "ALL_LINEAR", "OPTIMIZERS", "BUDGETED", "lora_model", "token_batches", "loss_of"]
+__all__ = ["SMOLLM2_135M", "LLAMA2_7B_BLOCKS", "SHAPES", "ATTENTION", "ALL_LINEAR", "OPTIMIZERS", "BUDGETED", "EXACT_BUDGET", "lora_model", "token_batches", "loss_of"]
 
 #: SmolLM2-135M's shape (its config.json): 30 blocks of width 576, 9 query and 3 key/value heads.
 SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -47,6 +47,14 @@ OPTIMIZERS: Dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {
 BUDGETED: Dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {
     "OPLoRA budget0": lambda m: oplora.OPLoRA(m, lr=1e-3, seed=0, capture_budget=0),
     "ScaledOPLoRA budget0": lambda m: oplora.ScaledOPLoRA(m, lr=1e-4, seed=0, capture_budget=0),
+}
+#: The LoRSum optimizers holding their rows within a quarter of free memory and folding exactly
+#: past it (``capture_budget=0.25, sketch_rank=None``): no fold GEMM in backward while the rows
+#: fit. Offered by the model suite, not run by default.
+EXACT_BUDGET: Dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {
+    "OPLoRA budget.25 exact": lambda m: oplora.OPLoRA(m, lr=1e-3, seed=0, capture_budget=0.25, sketch_rank=None),
+    "ScaledOPLoRA budget.25 exact": lambda m: oplora.ScaledOPLoRA(m, lr=1e-4, seed=0, capture_budget=0.25,
+                                                                 sketch_rank=None),
 }
 
 

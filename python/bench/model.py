@@ -32,7 +32,7 @@ import torch
 
 from ._common import (choose_device, format_table, machine_info, markdown_header, save_figure, suite_parser,
                       write_results)
-from ._smollm import ALL_LINEAR, ATTENTION, BUDGETED, OPTIMIZERS, loss_of, lora_model, token_batches
+from ._smollm import ALL_LINEAR, ATTENTION, BUDGETED, EXACT_BUDGET, OPTIMIZERS, loss_of, lora_model, token_batches
 
 __all__ = ["OPTIMIZERS", "run", "main"]
 
@@ -77,7 +77,7 @@ def measure(name: str, targets: str, r: int, tokens: int, *, layers: int, steps:
     seq = min(seq, tokens)
     batch = max(1, tokens // seq)
     data = token_batches(steps + 1, batch, seq, device=device)
-    opt = {**OPTIMIZERS, **BUDGETED}[name](model)
+    opt = {**OPTIMIZERS, **BUDGETED, **EXACT_BUDGET}[name](model)
     fwd_bwd, step, flops = [], [], 0.0
     for i, ids in enumerate(data):
         opt.zero_grad(set_to_none=True)
@@ -208,8 +208,9 @@ def build_parser():
     p.add_argument("--smoke", action="store_true", help="one block, 64 tokens: seconds, for CI")
     p.add_argument("--case", action="append", metavar="TARGETS:R:TOKENS", default=None,
                    help="e.g. qkvo:8:512 or all:16:2048 (repeatable; default: the CPU grid)")
-    p.add_argument("--optimizers", nargs="+", choices=list(OPTIMIZERS) + list(BUDGETED), default=list(OPTIMIZERS),
-                   help="default: every one but the capture_budget=0 ones (" + ", ".join(BUDGETED) + ")")
+    p.add_argument("--optimizers", nargs="+", choices=list(OPTIMIZERS) + list(BUDGETED) + list(EXACT_BUDGET),
+                   default=list(OPTIMIZERS), help="default: every one but the capture_budget ones ("
+                   + ", ".join(list(BUDGETED) + list(EXACT_BUDGET)) + ")")
     p.add_argument("--blocks", type=int, default=None, help="SmolLM2 blocks (default 30; --smoke 1)")
     p.add_argument("--seq", type=int, default=128, help="tokens per sequence (default 128)")
     p.add_argument("--steps", type=int, default=None, help="timed steps after one warm-up (default 3; smoke 1)")

@@ -114,7 +114,8 @@ class Capture(Holding):
     """
 
     def __init__(self, sites: List[LoRASite], owner: object = None, *, mode: str = "auto",
-                 stats: Optional[str] = None, budget: Union[None, int, float] = None, sketch_rank: int = 64):
+                 stats: Optional[str] = None, budget: Union[None, int, float] = None,
+                 sketch_rank: Optional[int] = 64):
         if mode not in CAPTURE_MODES:
             raise ValueError(f"capture must be one of {', '.join(map(repr, CAPTURE_MODES))}, got {mode!r}")
         self.sites = sites

@@ -118,8 +118,12 @@ class Holding:
         device (the rows' masks read back together), none during backward, where the rows arrive
         unchecked. A chunk with no live row is released; a site left with nothing (no live row
         held or folded) is released too, as a backward pass whose rows carried nothing is not a
-        step for the layer. A chunk's X is compacted once for every layer that holds it with the
-        same rows kept (q, k and v of a block), so the copies stay shared as the X was. Folds and
+        step for the layer. A chunk with a few such rows (at most a quarter: a causal LM's last
+        position) keeps them in place, uncopied: they add nothing to the gradient's products, the
+        site's ``dead_rows`` leaves them out of its row count and ``dead_sx`` (with diagonal
+        K-FAC statistics) out of the statistics. A chunk with more is compacted, its X once for
+        every layer that holds it with the same rows kept (q, k and v of a block), so the copies
+        stay shared as the X was. Folds and
         sketches count their live rows on the device as they take rows in; their counts become
         ints here. A chunk whose X was modified in place since its capture is left as it is and
         marks its site (the step refuses it)."""
@@ -132,9 +136,10 @@ class Holding:
             masks = [t for t in lives if t.device == device]
             counts = [site.folded.rows for site in counted if site.folded.rows.device == device]
             parts = ([torch.cat(masks).to(torch.int64)] if masks else []) + ([torch.stack(counts)] if counts else [])
-            flat = torch.cat(parts)
-            host[device] = iter(numpy.split(flat.cpu().numpy(), numpy.cumsum([t.numel() for t in masks] + [1] * len(counts))[:-1]))
+            ends = numpy.cumsum([t.numel() for t in masks] + [1] * len(counts))[:-1]
+            host[device] = iter(numpy.split(torch.cat(parts).cpu().numpy(), ends))
         compacted: Dict[tuple, Tensor] = {}
+        dead_sums: Dict[tuple, Tensor] = {}
         drop: Dict[int, List[int]] = {}
         for (site, i), live in zip(chunks, lives):
             keep = next(host[live.device]).astype(bool)  # numpy: no tensor op per layer
@@ -147,8 +152,21 @@ class Holding:
             if x._version != site.x_versions[i]:
                 site.modified = True  # the step refuses it; the rows stay as they are
                 continue
-            index = torch.from_numpy(keep.nonzero()[0]).to(live.device)
             key = _x_key(x) + (tuple(x.stride()), keep.tobytes())
+            dead = int((~keep).sum())
+            if 4 * dead <= keep.shape[0]:
+                # A few rows (a causal LM's last position): left in place -- they add nothing to G's
+                # products -- rather than copying the rest; not counted, and their share of the
+                # diagonal K-FAC sums (taken in the step's row pass) is taken off (``dead_sx``).
+                site.dead_rows += dead
+                if self.stats == "diag":
+                    if key not in dead_sums:
+                        index = torch.from_numpy((~keep).nonzero()[0]).to(live.device)
+                        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+                        dead_sums[key] = _rows.col_sq(x.index_select(0, index), site.shape[1], dtype)
+                    site.dead_sx = dead_sums[key] if site.dead_sx is None else site.dead_sx + dead_sums[key]
+                continue
+            index = torch.from_numpy(keep.nonzero()[0]).to(live.device)
             if key not in compacted:
                 compacted[key] = x.index_select(0, index)
             site.chunks[i] = (compacted[key], g.index_select(0, index), scaling)
@@ -207,13 +225,16 @@ class Holding:
         m, n = site.shape
         size = 8 if _fold_dtype(site) == torch.float64 else 4
         stats = {"diag": m + n, "dense": m * m + n * n}.get(self.stats, 0)
+        if self.sketch_rank is None:  # never sketched
+            return (m * n + stats) * size, None
         return (m * n + stats) * size, sketch_numbers(m, n, site.a.shape[0], self.sketch_rank, self.stats) * size
 
     def _form(self, site: LoRASite) -> str:
         """What a layer over the budget folds into: its dense gradient while that fits (or is the
-        smaller), else a sketch (dense K-FAC statistics need the rows' Grams: always dense)."""
+        smaller, or ``sketch_rank`` is None), else a sketch (dense K-FAC statistics need the rows'
+        Grams: always dense)."""
         dense, sketch = self._form_sizes(site)
-        if self.stats not in (None, "diag") or dense <= sketch:
+        if sketch is None or self.stats not in (None, "diag") or dense <= sketch:
             return "dense"
         return "dense" if self._held_now() - self._held(site) + dense <= self._budget_bytes(site) else "sketch"
 

@@ -99,6 +99,8 @@ class LoRASite:
     chunks: List[Tuple[Tensor, Tensor, float]] = field(default_factory=list)
     x_versions: List[int] = field(default_factory=list, repr=False)  # X's version counter at capture
     live: List[Tensor] = field(default_factory=list, repr=False)  # each chunk's rows with gradient (bool, device)
+    dead_rows: int = 0  # rows without gradient left in the held chunks by the step's settle (not counted)
+    dead_sx: Optional[Tensor] = field(default=None, repr=False)  # their colsum(X^2), taken off the statistics
     folded: Optional[Folded] = None
     modified: bool = False
     passes: int = 0
@@ -174,8 +176,10 @@ class LoRASite:
 
     @property
     def rows(self) -> int:
-        """Rows captured since the last step, held or folded."""
-        return sum(x.shape[0] for x, _, _ in self.chunks) + (self.folded.rows if self.folded is not None else 0)
+        """Rows captured since the last step, held or folded (rows without gradient left in held
+        chunks by the step's settle not counted)."""
+        return sum(x.shape[0] for x, _, _ in self.chunks) - self.dead_rows + (
+            self.folded.rows if self.folded is not None else 0)
 
     def fold(self, stats: Optional[str] = None) -> None:
         """Fold every held chunk into :attr:`folded` and release it."""
@@ -189,6 +193,7 @@ class LoRASite:
         self.chunks.clear()
         self.x_versions.clear()
         self.live.clear()
+        self.dead_rows, self.dead_sx = 0, None  # the fold counted live rows only
 
     def _ensure_folded(self, float64: bool, device: torch.device, stats: Optional[str]) -> Folded:
         if self.folded is None:
@@ -202,6 +207,7 @@ class LoRASite:
         self.chunks.clear()
         self.x_versions.clear()
         self.live.clear()
+        self.dead_rows, self.dead_sx = 0, None
         self.folded = None
         self.modified = False
         self.passes = self.reached = 0

@@ -89,7 +89,11 @@ class LoRAOptimizer(CopyMixin, ContextMixin, StepMixin, torch.optim.Optimizer):
             factors). None (default): no budget. Not with data parallelism yet.
         sketch_rank: the Gaussian directions of a sketch beside the layer's r own (range
             ``r + sketch_rank``, co-range ``r + 2 sketch_rank + 1``; default 64: in the LM study the
-            sketched run ends within 0.05 perplexity of the exact one, 0.6 at 32).
+            sketched run ends within 0.05 perplexity of the exact one, 0.6 at 32). None: never
+            sketch -- a layer past the budget folds into its dense gradient, so the step stays
+            exact: ``capture_budget=<bytes>, sketch_rank=None`` holds the rows (no fold GEMM in
+            backward, the whole step as fast as ``capture="rows"``) while they fit, and what is
+            held stays near ``max(budget, the dense gradients)``.
         master_factors: for bfloat16/float16 LoRA factors, keep float32 copies of them in the state
             (``master_B``, ``master_A``) and step those, writing their rounding into the factors, so
             that updates smaller than the factors' precision accumulate instead of being lost
@@ -133,7 +137,7 @@ class LoRAOptimizer(CopyMixin, ContextMixin, StepMixin, torch.optim.Optimizer):
                  other_kwargs: Optional[dict] = None, strict: bool = False,
                  max_grad_norm: Optional[float] = None, skip_nonfinite: bool = False, process_group=None,
                  capture: str = "auto", master_factors: bool = False,
-                 capture_budget: Union[None, int, float] = None, sketch_rank: int = 64):
+                 capture_budget: Union[None, int, float] = None, sketch_rank: Optional[int] = 64):
         name = type(self).__name__
         if not isinstance(model, nn.Module):
             raise TypeError(f"{name} is built from the model (an nn.Module), got {type(model).__name__}; it finds "
@@ -149,8 +153,9 @@ class LoRAOptimizer(CopyMixin, ContextMixin, StepMixin, torch.optim.Optimizer):
             defaults["master_factors"] = master_factors
         check_choice(capture, "capture", CAPTURE_MODES)
         capture_budget = check_budget(capture_budget, capture)
-        if isinstance(sketch_rank, bool) or not isinstance(sketch_rank, int) or sketch_rank < 1:
-            raise ValueError(f"sketch_rank must be an int >= 1, got {sketch_rank!r}")
+        if sketch_rank is not None and (isinstance(sketch_rank, bool) or not isinstance(sketch_rank, int)
+                                        or sketch_rank < 1):
+            raise ValueError(f"sketch_rank must be an int >= 1 or None (never sketch), got {sketch_rank!r}")
         if capture_budget is not None:
             why = self._budget_unsupported(defaults)
             if why is not None:

@@ -269,7 +269,7 @@ def _products(jobs: Sequence[Tuple["_Group", int, Optional[Tensor], Optional[Ten
                 parts[0] = parts[0].addmm_(r.mT, p.mT @ qd)
             if qx is not None:
                 parts[1] = parts[1].addmm_(p, r @ qx)
-        if stats and (dense is not None or low is not None):
+        if stats and sums is not None:  # the folded or sketched rows' (less the rows without gradient)
             parts[2], parts[3] = parts[2] + sums[0].to(grp.dtype), parts[3] + sums[1].to(grp.dtype)
         out.append(tuple(parts))
     return out

@@ -176,6 +176,7 @@ def plan_oplora(
     step_scale: float = 1.0,
     relative_prox: bool = False,
     precondition_momentum: bool = False,
+    row_sums_offset: Optional[Tensor] = None,
 ) -> Plan:
     """One OPLoRA step of a layer (SPEC section 3) as a :class:`Plan`:
 
@@ -207,6 +208,9 @@ def plan_oplora(
     metric, precondition=[False, True])`` -- Adafactor's momentum of updates -- and enters the
     step as it is, instead of averaging raw gradients that the step's metric preconditions: a
     gradient far off the average is normalised by the metric of its own step, not by later ones.
+
+    ``row_sums_offset`` (n,): the column sums of squares of held X rows without gradient (left in
+    ``chunks`` by the capture's settle), taken off this step's statistics (``stats``).
     """
     lam, lam_relative = (0.0, prox) if relative_prox else (lr * prox, 0.0)
     first = state.get("step", 0) == 0
@@ -230,10 +234,14 @@ def plan_oplora(
                                        metric=metric if averaged else None, lam=lam, iters=iters,
                                        start=_start_side(start, um, first), lam_relative=lam_relative))
     sketched = isinstance(folded, Sketch)
+    sums = None if folded is None or folded.sx is None else (folded.sx, folded.sg)
+    if row_sums_offset is not None and stats is not None:  # rows without gradient left in the chunks
+        sx, sg = sums if sums is not None else (0.0, torch.zeros(b.shape[0], dtype=row_sums_offset.dtype,
+                                                                 device=row_sums_offset.device))
+        sums = (sx - row_sums_offset, sg)
     layer = engine.Layer(xs=[x for x, _ in chunks], gs=[g for _, g in chunks], problems=problems, stats=stats,
                          dense=None if folded is None or sketched else folded.g,
-                         low_rank=folded.low_rank() if sketched else None,
-                         dense_sums=None if folded is None or folded.sx is None else (folded.sx, folded.sg))
+                         low_rank=folded.low_rank() if sketched else None, dense_sums=sums)
     step = state.get("step", 0) + 1
 
     def finish(solutions: List[Tuple[Tensor, Tensor]]) -> Update:
@@ -275,6 +283,7 @@ def plan_scaled_oplora(
     rows: Optional[int] = None,
     reduce: Optional[Reduce] = None,
     folded: Optional[Folded] = None,
+    row_sums_offset: Optional[Tensor] = None,
 ) -> Plan:
     """One ScaledOPLoRA step (diagonal fractional K-FAC, SPEC section 3) of a layer as a :class:`Plan`.
 
@@ -310,6 +319,7 @@ def plan_scaled_oplora(
     common = dict(lr=lr, momentum=b1, dampening=b1, iters=iters, prox=prox, start=start, relative_prox=relative_prox,
                   precondition_momentum=precondition_momentum,
                   momentum_rank=momentum_rank, seed=seed, grad_coeff=grad_coeff, extra_state=stats, folded=folded,
+                  row_sums_offset=row_sums_offset,
                   step_scale=1.0 / _stats.bias_correction(b1, step) if bias_correction and b1 != 0.0 else 1.0)
     spec = StatsSpec(b2, metric, statistics, loss_reduction, init_metric_scale, bias_correction)
     if metric == "diag" and statistics == "kfac":

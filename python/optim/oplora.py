@@ -106,7 +106,8 @@ class OPLoRA(LoRAOptimizer):
             backward and step (rows or the dense gradient), float32 master factors for bf16/fp16
             factors: see :class:`oplora.optim.base.LoRAOptimizer`.
         capture_budget, sketch_rank: a cap on what is held between backward and step, beyond
-            which a layer's gradient is sketched (``oplora.capture.sketch``): see
+            which a layer's gradient is sketched (``oplora.capture.sketch``; with
+            ``sketch_rank=None`` folded into its dense gradient, exactly): see
             :class:`oplora.optim.base.LoRAOptimizer`.
 
     State per layer (keyed by its B factor): ``step``, ``momentum_U`` (m x k), ``momentum_V``
@@ -120,7 +121,7 @@ class OPLoRA(LoRAOptimizer):
                  other_kwargs: Optional[dict] = None, strict: bool = False,
                  seed: Optional[int] = None, max_grad_norm: Optional[float] = None, skip_nonfinite: bool = False,
                  process_group=None, capture: str = "auto", master_factors: bool = False,
-                 capture_budget: Union[None, int, float] = None, sketch_rank: int = 64):
+                 capture_budget: Union[None, int, float] = None, sketch_rank: Optional[int] = 64):
         defaults = check_all(self.HYPER_CHECKS, dict(
             lr=lr, momentum=momentum, dampening=dampening, iters=iters, prox=prox, relative_prox=relative_prox,
             momentum_rank=momentum_rank, start=start, seed=_seed(seed)))
@@ -241,7 +242,7 @@ class ScaledOPLoRA(LoRAOptimizer):
                  other: OtherSpec = "adamw", other_kwargs: Optional[dict] = None, strict: bool = False,
                  seed: Optional[int] = None, max_grad_norm: Optional[float] = None, skip_nonfinite: bool = False,
                  process_group=None, capture: str = "auto", master_factors: bool = False,
-                 capture_budget: Union[None, int, float] = None, sketch_rank: int = 64):
+                 capture_budget: Union[None, int, float] = None, sketch_rank: Optional[int] = 64):
         given = dict(betas=betas, damping=damping, metric_power=metric_power, bias_correction=bias_correction,
                      relative_damping=relative_damping, relative_prox=relative_prox, start=start,
                      current_floor=current_floor, precondition_momentum=precondition_momentum)
@@ -314,6 +315,7 @@ class ScaledOPLoRA(LoRAOptimizer):
         return None  # Shampoo: from G itself
 
     def _plan(self, index, site, factors, chunks, folded, state, group, ctx: F.StepContext) -> F.Plan:
+        rows = ctx.rows.get(index, site.rows)  # T: the rows with gradient (of every rank), held or folded
         if not (group["metric"] == "diag" and group["statistics"] == "kfac"):
             chunks, folded = [], self._fold_all(site)  # these statistics are computed from G itself
         b, a = factors
@@ -327,5 +329,6 @@ class ScaledOPLoRA(LoRAOptimizer):
             relative_damping=bool(group["relative_damping"]), relative_prox=bool(group["relative_prox"]),
             current_floor=bool(group["current_floor"]), precondition_momentum=bool(group["precondition_momentum"]),
             momentum_rank=group["momentum_rank"] or b.shape[1], seed=self._site_seed(group, index),
-            grad_coeff=ctx.grad_coeff, rows=ctx.rows.get(index), reduce=ctx.reduce,
+            grad_coeff=ctx.grad_coeff, rows=rows, reduce=ctx.reduce,
+            row_sums_offset=site.dead_sx,
         )

@@ -145,6 +145,28 @@ def test_a_large_budget_holds_the_rows_and_never_folds():
         assert rel(got, want) < 1e-12
 
 
+def test_sketch_rank_none_folds_exactly_past_the_budget():
+    """``sketch_rank=None``: rows while they fit, then each layer that crosses the budget folds into
+    its dense gradient -- never a sketch, so every step is the exact capture's -- and what is held is
+    what the memory model counts (per layer the least of its rows and dense gradient)."""
+    micro = [batches(3, 200, seed=s) for s in range(2)]
+    rows_model, model, tight_model = make_model(), make_model(), make_model()
+    rows = oplora.ScaledOPLoRA(rows_model, lr=0.003, seed=0, capture="rows")
+    roomy = oplora.ScaledOPLoRA(model, lr=0.003, seed=0, capture_budget=10**9, sketch_rank=None)
+    tight = oplora.ScaledOPLoRA(tight_model, lr=0.003, seed=0, capture_budget=0, sketch_rank=None)
+    train(rows_model, rows, 2, micro)
+    _, roomy_forms = train(model, roomy, 2, micro)
+    held, tight_forms = train(tight_model, tight, 2, micro)
+    assert roomy_forms[0] == ["rows", "rows"] and tight_forms[0] == ["Folded", "Folded"]
+    for fast, exact, want in zip(factors(model), factors(tight_model), factors(rows_model)):
+        assert rel(fast, want) < 1e-12 and rel(exact, want) < 1e-10
+    assert held[0] == 8 * (H * N + H + N + M * H + M + H)  # the two dense folds and their K-FAC sums
+    counted = capture_memory(make_model(), tokens=200, micro_batches=3, activation_dtype=F64, sketch_rank=None)
+    assert counted.sketched == 0 and counted.bounded == 4 * (H * N + M * H)  # float32 folds (the model's count)
+    with pytest.raises(ValueError, match="sketch_rank"):
+        oplora.OPLoRA(make_model(), lr=0.01, capture_budget=0, sketch_rank=2.5)
+
+
 def test_rows_are_kept_while_they_are_smaller_than_the_sketch():
     model = make_model()
     opt = oplora.OPLoRA(model, lr=0.01, seed=0, capture_budget=0, sketch_rank=K)

@@ -147,22 +147,40 @@ def padded_batch(real_rows, pad_rows, seed):
     return x, y, mask
 
 
+@pytest.mark.parametrize("pad", [12, 1], ids=["compacted", "left-in-place"])
 @pytest.mark.parametrize("capture", ["rows", "auto"])
 @pytest.mark.parametrize("name", ["oplora", "scaled", "scaled_dense"])
-def test_a_padded_batch_steps_as_the_batch_without_its_padding(name, capture):
+def test_a_padded_batch_steps_as_the_batch_without_its_padding(name, capture, pad):
     """Padding rows (masked out of the loss: their branch gradient is exactly zero) are not rows:
-    the K-FAC statistics and their row count T see only the real rows."""
+    the K-FAC statistics and their row count T see only the real rows -- whether the step's settle
+    copies the real rows out (12 of 16 padded) or leaves one padded row of 5 in place."""
     padded, plain = make_model(), make_model()
     opt_padded = OPTIMIZERS[name](padded, capture=capture)
     opt_plain = OPTIMIZERS[name](plain, capture=capture)
     for step in range(3):
-        x, y, mask = padded_batch(4, 12, seed=step)
+        x, y, mask = padded_batch(4, pad, seed=step)
         for model, opt, keep in ((padded, opt_padded, slice(None)), (plain, opt_plain, slice(0, 4))):
             opt.zero_grad()
             err = 0.5 * (model(x[keep]) - y[keep]).square().sum(1)
             ((err * mask[keep]).sum() / mask.sum()).backward()
             opt.step()
     assert_same(padded, plain, 1e-10)
+
+
+def test_a_few_rows_without_gradient_are_left_in_place_uncopied():
+    """One padded row in 5: the settle copies nothing (q, k, v keep the X they captured), counts 4
+    rows, and takes the padded row's squares off ScaledOPLoRA's statistics."""
+    model = make_model()
+    opt = OPTIMIZERS["scaled"](model, capture="rows")
+    x, y, mask = padded_batch(4, 1, seed=0)
+    (0.5 * ((model(x) - y).square().sum(1) * mask).sum()).backward()
+    before = [site.chunks[0][0] for site in opt._sites]
+    opt._capture.settle()
+    assert [site.chunks[0][0] for site in opt._sites] == before and all(site.rows == 4 for site in opt._sites)
+    q = opt._sites[0]
+    torch.testing.assert_close(q.dead_sx, x[4:].square().sum(0))
+    opt.step()
+    assert all(site.dead_rows == 0 and site.dead_sx is None for site in opt._sites)  # released with the rows
 
 
 def test_a_micro_batch_without_rows_adds_nothing():
