@@ -50,6 +50,7 @@ from torch import nn
 import oplora
 
 from ._common import choose_device, format_table, machine_info, markdown_header, suite_parser, write_results
+from ._smollm import SHAPES
 from ._trace import MemoryTrace, Phase, state_bytes, tensor_bytes
 
 __all__ = ["MemoryTrace", "Phase", "LoRABench", "measure", "main", "OPTIMIZERS"]
@@ -260,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--configs", nargs="+", default=None,
                    help="with --accumulation: which of AdamW, 'OPLoRA auto', 'OPLoRA rows', 'OPLoRA budget0', "
                         "'ScaledOPLoRA auto', 'ScaledOPLoRA rows', 'ScaledOPLoRA budget0' (default all)")
-    p.add_argument("--shape", choices=["smollm2-135m", "llama-2-7b"], default="smollm2-135m",
+    p.add_argument("--shape", choices=list(SHAPES), default="smollm2-135m",
                    help="with --accumulation: the blocks' shape (llama-2-7b: Llama-2-7B's width-4096 blocks behind a "
                         "1024-token vocabulary; use --layers 1 or 2 on a CPU)")
     p.add_argument("--targets", choices=["attention", "all"], default="attention",

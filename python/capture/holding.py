@@ -123,10 +123,9 @@ class Holding:
         site's ``dead_rows`` leaves them out of its row count and ``dead_sx`` (with diagonal
         K-FAC statistics) out of the statistics. A chunk with more is compacted, its X once for
         every layer that holds it with the same rows kept (q, k and v of a block), so the copies
-        stay shared as the X was. Folds and
-        sketches count their live rows on the device as they take rows in; their counts become
-        ints here. A chunk whose X was modified in place since its capture is left as it is and
-        marks its site (the step refuses it)."""
+        stay shared as the X was. Folds and sketches count their live rows on the device as they
+        take rows in; their counts become ints here. A chunk whose X was modified in place since
+        its capture is left as it is and marks its site (the step refuses it)."""
         held = [site for site in self.sites if site.held]
         chunks = [(site, i) for site in held for i in range(len(site.chunks))]
         lives = [site.live[i] for site, i in chunks]
@@ -189,11 +188,10 @@ class Holding:
         """Bytes of ``site``'s held chunks, a captured X shared by several layers counted once."""
         return sum(x.nbytes / self._users.get(_x_key(x), 1) + g.nbytes for x, g, _ in site.chunks)
 
-    def _hold(self, site: LoRASite, x: Tensor, version: int, g: Tensor, scaling: float,
-              live: Optional[Tensor] = None) -> None:
+    def _hold(self, site: LoRASite, x: Tensor, version: int, g: Tensor, scaling: float, live: Tensor) -> None:
         site.chunks.append((x, g, scaling))
         site.x_versions.append(version)
-        site.live.append(_rows.live_rows(g) if live is None else live)
+        site.live.append(live)
         key = _x_key(x)
         if self._total is not None:
             self._total += g.nbytes + (0 if key in self._users else x.nbytes)
@@ -278,9 +276,8 @@ class Holding:
     def _add_patches(self, site: LoRASite, x: Tensor, g: Tensor, live: Tensor, scaling: float) -> None:
         """A Conv call's rows: the patches of ``x`` block by block (:func:`conv_patches`), each
         held, or folded as it is formed when holding them all would cross the mode's threshold."""
-        count = g.shape[0]
         m, n = site.shape
-        rows_bytes = count * (n * x.element_size() + m * g.element_size())
+        rows_bytes = g.shape[0] * (n * x.element_size() + m * g.element_size())
         if self.budget is not None:
             fold = site.folded is not None or self._over_budget(site, rows_bytes)
         else:
