@@ -55,8 +55,9 @@ def xt_times(x: Tensor, v: Tensor, n: int) -> Tensor:
 
 def live_rows(g: Tensor) -> Tensor:
     """The rows of ``g`` (T x m) that carry gradient: a bool mask (T,), on ``g``'s device (no
-    host synchronisation)."""
-    return g.ne(0).any(1)
+    host synchronisation). ``any`` reads a float tensor as ``!= 0`` itself (NaN counts as live,
+    -0.0 as zero): one pass over ``g``, half the time of ``g.ne(0).any(1)``."""
+    return g.any(1)
 
 
 def col_sq(x: Tensor, n: int, dtype: torch.dtype, weights: Optional[Tensor] = None) -> Tensor:
