@@ -9,20 +9,26 @@
 namespace oplora {
 namespace {
 
-// Explicit 256-bit vectors (GCC/Clang vector extensions, no intrinsics): 8 floats or 4 doubles.
+// Explicit vectors (GCC/Clang vector extensions, no intrinsics): 512-bit where the target has
+// AVX-512 (16 floats or 8 doubles), 256-bit otherwise (AVX2, or two SSE registers each).
 // The panels keep their R x NV accumulators in registers; loads are unaligned (memcpy).
+#if defined(__AVX512F__)
+constexpr int kVecBytes = 64;
+#else
+constexpr int kVecBytes = 32;
+#endif
 template <class T>
 struct Vec;
 template <>
 struct Vec<float> {
-    typedef float type __attribute__((vector_size(32)));
+    typedef float type __attribute__((vector_size(kVecBytes)));
 };
 template <>
 struct Vec<double> {
-    typedef double type __attribute__((vector_size(32)));
+    typedef double type __attribute__((vector_size(kVecBytes)));
 };
 template <class T>
-constexpr int kLanes = 32 / static_cast<int>(sizeof(T));
+constexpr int kLanes = kVecBytes / static_cast<int>(sizeof(T));
 // Column panel width: two vectors (16 floats, 8 doubles); right-hand sides are padded to a
 // multiple of one vector (half a panel).
 template <class T>
@@ -30,6 +36,29 @@ constexpr int kPanel = 2 * kLanes<T>;
 constexpr int kRows = 6;  // rows (or features) per register block: 6 x 2 accumulators + 3 of 16 registers
 
 int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
+
+// Software prefetch of the next work item's rows, spread over the current item's panels. A panel
+// reads kRows rows of a block at once, each only a few KiB long: too short for the hardware
+// prefetchers to get ahead of, so on its own a pass waits on memory at a fraction of the bandwidth
+// (measured: 37 -> 29 ms for a pass over SmolLM2's 120 attention layers at 512 rows, 2 threads).
+struct Ahead {
+    static constexpr int kStreams = 8;  // X and up to 7 G's; a unit's further G's are not prefetched
+    const char* p[kStreams] = {};
+    const char* end[kStreams] = {};
+    int64_t step[kStreams] = {};  // bytes per call
+    int count = 0;
+    void add(const void* from, int64_t bytes, int64_t calls) {
+        if (count == kStreams || bytes <= 0) return;
+        p[count] = static_cast<const char*>(from);
+        end[count] = p[count] + bytes;
+        step[count] = round_up(bytes / std::max<int64_t>(calls, 1) + 1, 64);
+        ++count;
+    }
+    void next() {
+        for (int s = 0; s < count; ++s)
+            for (int64_t k = 0; k < step[s] && p[s] < end[s]; k += 64, p[s] += 64) __builtin_prefetch(p[s], 0, 3);
+    }
+};
 
 template <class V, class T>
 inline V load(const T* p) {
@@ -66,17 +95,17 @@ inline void flush(const V (&acc)[R][NV], T* out, int64_t ld) {
 
 // C[0:R, k0:k0+NV*lanes] (+)= A @ Q[0:depth, k0:...] where A is R x depth with element (r, i) at
 // a[r * row_step + i * depth_step]: row_step = lda, depth_step = 1 for G_b qd (rows of A), and
-// row_step = 1, depth_step = lda for X_b^T (G_b qd) (columns of A). Q and C are row-major, width kp;
-// ACC adds to C instead of overwriting it.
+// row_step = 1, depth_step = lda for X_b^T (G_b qd) (columns of A). Q and C are row-major with row
+// strides ldq and ldc; ACC adds to C instead of overwriting it.
 template <class T, int R, int NV, bool ACC>
 inline void panel(const T* __restrict a, int64_t row_step, int64_t depth_step, int64_t depth,
-                  const T* __restrict q, int64_t kp, int64_t k0, T* __restrict c) {
+                  const T* __restrict q, int64_t ldq, int64_t k0, T* __restrict c, int64_t ldc) {
     using V = typename Vec<T>::type;
     constexpr int L = kLanes<T>;
     V acc[R][NV];
     zero(acc);
     for (int64_t i = 0; i < depth; ++i) {
-        const T* qi = q + i * kp + k0;
+        const T* qi = q + i * ldq + k0;
         const T* ai = a + i * depth_step;
         V qv[NV];
 #pragma GCC unroll 4
@@ -88,13 +117,14 @@ inline void panel(const T* __restrict a, int64_t row_step, int64_t depth_step, i
             for (int v = 0; v < NV; ++v) acc[r][v] += x * qv[v];
         }
     }
-    flush<T, V, R, NV, ACC>(acc, c + k0, kp);
+    flush<T, V, R, NV, ACC>(acc, c + k0, ldc);
 }
 
-// C (tb x kp) = A (tb x p) @ Q (p x kp). The depth p is cut into chunks of kDepth so that the
-// slice of one column panel of Q (kDepth x 2 vectors, 16 KiB) stays in L1 across the row groups.
+// C (tb x kp, row stride ldc) = A (tb x p) @ Q (p x kp). The depth p is cut into chunks of kDepth
+// so that the slice of one column panel of Q (kDepth x 2 vectors, 16 KiB) stays in L1 across the
+// row groups.
 template <class T>
-void block_a(const T* a, int64_t tb, int64_t p, const T* q, int64_t kp, T* c) {
+void block_a(const T* a, int64_t tb, int64_t p, const T* q, int64_t kp, T* c, int64_t ldc, Ahead& ahead) {
     constexpr int KC = kPanel<T>, NV = 2;
     constexpr int64_t kDepth = 16384 / (KC * static_cast<int64_t>(sizeof(T)));
     for (int64_t i0 = 0; i0 < p; i0 += kDepth) {
@@ -105,30 +135,33 @@ void block_a(const T* a, int64_t tb, int64_t p, const T* q, int64_t kp, T* c) {
             const bool half = k0 + KC > kp;  // kp is a multiple of one vector: one half panel at the end
             int64_t t = 0;
             for (; t + kRows <= tb; t += kRows) {
+                ahead.next();
                 const T* at = a + t * p + i0;
-                T* ct = c + t * kp;
-                if (half) first ? panel<T, kRows, 1, false>(at, p, 1, len, qi, kp, k0, ct)
-                                : panel<T, kRows, 1, true>(at, p, 1, len, qi, kp, k0, ct);
-                else first ? panel<T, kRows, NV, false>(at, p, 1, len, qi, kp, k0, ct)
-                           : panel<T, kRows, NV, true>(at, p, 1, len, qi, kp, k0, ct);
+                T* ct = c + t * ldc;
+                if (half) first ? panel<T, kRows, 1, false>(at, p, 1, len, qi, kp, k0, ct, ldc)
+                                : panel<T, kRows, 1, true>(at, p, 1, len, qi, kp, k0, ct, ldc);
+                else first ? panel<T, kRows, NV, false>(at, p, 1, len, qi, kp, k0, ct, ldc)
+                           : panel<T, kRows, NV, true>(at, p, 1, len, qi, kp, k0, ct, ldc);
             }
             for (; t < tb; ++t) {
                 const T* at = a + t * p + i0;
-                T* ct = c + t * kp;
-                if (half) first ? panel<T, 1, 1, false>(at, p, 1, len, qi, kp, k0, ct)
-                                : panel<T, 1, 1, true>(at, p, 1, len, qi, kp, k0, ct);
-                else first ? panel<T, 1, NV, false>(at, p, 1, len, qi, kp, k0, ct)
-                           : panel<T, 1, NV, true>(at, p, 1, len, qi, kp, k0, ct);
+                T* ct = c + t * ldc;
+                if (half) first ? panel<T, 1, 1, false>(at, p, 1, len, qi, kp, k0, ct, ldc)
+                                : panel<T, 1, 1, true>(at, p, 1, len, qi, kp, k0, ct, ldc);
+                else first ? panel<T, 1, NV, false>(at, p, 1, len, qi, kp, k0, ct, ldc)
+                           : panel<T, 1, NV, true>(at, p, 1, len, qi, kp, k0, ct, ldc);
             }
         }
     }
 }
 
-// out (p x kp) += A (tb x p)^T @ P (tb x kp). The block's columns are first packed by groups of
-// kRows features (pack: tb x p), so that the panels read them sequentially: straight down a column
-// of A, rows p * sizeof(T) apart (8 KiB for p = 2048), every line would fall into one L1 set.
+// out (p x kp) += A (tb x p)^T @ P (tb x kp, row stride ldp). The block's columns are first packed
+// by groups of kRows features (pack: tb x p), so that the panels read them sequentially: straight
+// down a column of A, rows p * sizeof(T) apart (8 KiB for p = 2048), every line would fall into one
+// L1 set.
 template <class T>
-void block_b(const T* a, int64_t tb, int64_t p, const T* pm, int64_t kp, T* out, T* pack) {
+void block_b(const T* a, int64_t tb, int64_t p, const T* pm, int64_t ldp, int64_t kp, T* out, T* pack,
+             Ahead& ahead) {
     constexpr int KC = kPanel<T>, NV = 2;
     const int64_t groups = p / kRows;
     for (int64_t t = 0; t < tb; ++t) {
@@ -137,15 +170,17 @@ void block_b(const T* a, int64_t tb, int64_t p, const T* pm, int64_t kp, T* out,
             for (int r = 0; r < kRows; ++r) pack[(g * tb + t) * kRows + r] = at[g * kRows + r];
     }
     for (int64_t g = 0; g < groups; ++g) {
+        ahead.next();
         const T* pg = pack + g * tb * kRows;
+        T* og = out + g * kRows * kp;
         int64_t k0 = 0;
-        for (; k0 + KC <= kp; k0 += KC) panel<T, kRows, NV, true>(pg, 1, kRows, tb, pm, kp, k0, out + g * kRows * kp);
-        if (k0 < kp) panel<T, kRows, 1, true>(pg, 1, kRows, tb, pm, kp, k0, out + g * kRows * kp);
+        for (; k0 + KC <= kp; k0 += KC) panel<T, kRows, NV, true>(pg, 1, kRows, tb, pm, ldp, k0, og, kp);
+        if (k0 < kp) panel<T, kRows, 1, true>(pg, 1, kRows, tb, pm, ldp, k0, og, kp);
     }
     for (int64_t i0 = groups * kRows; i0 < p; ++i0) {
         int64_t k0 = 0;
-        for (; k0 + KC <= kp; k0 += KC) panel<T, 1, NV, true>(a + i0, 1, p, tb, pm, kp, k0, out + i0 * kp);
-        if (k0 < kp) panel<T, 1, 1, true>(a + i0, 1, p, tb, pm, kp, k0, out + i0 * kp);
+        for (; k0 + KC <= kp; k0 += KC) panel<T, 1, NV, true>(a + i0, 1, p, tb, pm, ldp, k0, out + i0 * kp, kp);
+        if (k0 < kp) panel<T, 1, 1, true>(a + i0, 1, p, tb, pm, ldp, k0, out + i0 * kp, kp);
     }
 }
 
@@ -157,31 +192,6 @@ void sum_squares(const T* a, int64_t tb, int64_t p, T* sq) {
     }
 }
 
-// One layer as the pass runs it: its right-hand sides with widths padded to whole vectors (copied
-// only where the width is not already a multiple), its rows cut into blocks, its work items.
-template <class T>
-struct Layer {
-    const RowPassArgs<T>* args = nullptr;
-    bool want_d = false, want_x = false;
-    int64_t kdp = 0, kxp = 0;           // padded widths (0: not asked)
-    const T* qd = nullptr;              // m x kdp
-    const T* qx = nullptr;              // n x kxp
-    std::vector<T> qd_copy, qx_copy;    // the padded copies, where needed
-    int64_t block_rows = 0;
-    size_t first = 0, end = 0;          // its work items [first, end)
-
-    // The arithmetic of `rows` of its rows: the two products per row and side, and reading the row
-    // (the squares, the packing); the unit of the thread heuristic and of the split between threads.
-    double flops(int64_t rows) const {
-        const double row = static_cast<double>(args->n + args->m);
-        return static_cast<double>(rows) * row * (2.0 * static_cast<double>(kdp + kxp) + 1.0);
-    }
-    // Its accumulators: px, pd (padded widths), sx, sg.
-    int64_t acc_size() const {
-        return args->n * kdp + args->m * kxp + (args->stats ? args->n + args->m : 0);
-    }
-};
-
 // A right-hand side (p x k) as a p x kp buffer (kp a multiple of half a panel): q itself when k is
 // one already, else a zero-padded copy kept in `copy`.
 template <class T>
@@ -192,21 +202,137 @@ const T* padded(const T* q, int64_t p, int64_t k, int64_t kp, std::vector<T>& co
     return copy.data();
 }
 
-// One work item: a block of rows of one chunk of one layer; `start` is the arithmetic of the pass
+// The layers that read one X: a *unit* of the pass. Layers fed the same input (q, k and v of an
+// attention block, gate and up of a gated MLP) hold the same captured rows, and the pass reads them
+// once for all: the A sides' intermediates G_l qd_l sit side by side in one tb x kd buffer that X_b^T
+// multiplies at once, and X_b times every B side's qx_l (concatenated) is one product. A layer with
+// its own X is a unit of one.
+template <class T>
+struct Unit {
+    const RowPassArgs<T>* x = nullptr;  // the first member's job: X's chunks, rows and n
+    std::vector<size_t> members;        // job indices, in job order
+    // A side (members with qd): their padded qd, widths, and columns in the tb x kd intermediate.
+    std::vector<size_t> d_members;
+    std::vector<const T*> qd;
+    std::vector<int64_t> d_kp, d_off;
+    int64_t kd = 0;
+    // B side (members with qx): every qx side by side (n x kx), each one's columns, and where its
+    // m x kxp accumulator starts in the unit's pd block.
+    std::vector<size_t> x_members;
+    std::vector<int64_t> x_kp, x_off, pd_off;
+    int64_t kx = 0, pd_size = 0;
+    const T* qx = nullptr;
+    // Statistics: X's squares once (sx, n) for every member that asks; each one's G squares.
+    std::vector<size_t> s_members;
+    std::vector<int64_t> sg_off;
+    int64_t sg_size = 0;
+    std::vector<std::vector<T>> copies;  // padded or concatenated right-hand sides
+    int64_t block_rows = 0, wide = 0;
+    size_t first = 0, end = 0;          // its work items [first, end)
+
+    bool busy() const { return kd > 0 || kx > 0 || !s_members.empty(); }
+    // The arithmetic of `rows` of its rows (products and reads; the unit of the thread heuristic
+    // and of the split between threads).
+    double flops(const RowPassArgs<T>* jobs, int64_t rows) const {
+        double row = static_cast<double>(x->n) * (2.0 * static_cast<double>(kd + kx) + 1.0);
+        for (size_t l : members) row += static_cast<double>(jobs[l].m);
+        for (size_t j = 0; j < d_members.size(); ++j) row += 2.0 * jobs[d_members[j]].m * d_kp[j];
+        for (size_t j = 0; j < x_members.size(); ++j) row += 2.0 * jobs[x_members[j]].m * x_kp[j];
+        return static_cast<double>(rows) * row;
+    }
+    // Its accumulators: px (n x kd), sx (n), every pd, every sg.
+    int64_t acc_size() const { return x->n * kd + (s_members.empty() ? 0 : x->n) + pd_size + sg_size; }
+};
+
+// Whether two jobs read the same X: the same chunks (rows, and pointers where there are rows: an
+// empty buffer's pointer means nothing) of the same width.
+template <class T>
+bool same_x(const RowPassArgs<T>& a, const RowPassArgs<T>& b) {
+    if (a.n != b.n || a.rows != b.rows) return false;
+    for (size_t j = 0; j < a.rows.size(); ++j)
+        if (a.rows[j] > 0 && a.xs[j] != b.xs[j]) return false;
+    return true;
+}
+
+template <class T>
+std::vector<Unit<T>> make_units(const RowPassArgs<T>* jobs, size_t count) {
+    std::vector<Unit<T>> units;
+    for (size_t l = 0; l < count; ++l) {
+        const RowPassArgs<T>& a = jobs[l];
+        Unit<T>* unit = nullptr;
+        for (Unit<T>& u : units)
+            if (same_x(*u.x, a)) unit = &u;
+        if (unit == nullptr) {
+            units.emplace_back();
+            unit = &units.back();
+            unit->x = &a;
+        }
+        unit->members.push_back(l);
+    }
+    for (Unit<T>& u : units) {
+        const int64_t n = u.x->n;
+        u.wide = n;
+        std::vector<std::pair<const T*, int64_t>> qxs;  // (qx, k) of the B-side members
+        for (size_t l : u.members) {
+            const RowPassArgs<T>& a = jobs[l];
+            u.wide = std::max(u.wide, a.m);
+            if (a.qd != nullptr && a.kd > 0) {
+                const int64_t kp = round_up(a.kd, kPanel<T> / 2);
+                u.copies.emplace_back();
+                u.d_members.push_back(l);
+                u.qd.push_back(padded(a.qd, a.m, a.kd, kp, u.copies.back()));
+                u.d_kp.push_back(kp);
+                u.d_off.push_back(u.kd);
+                u.kd += kp;
+            }
+            if (a.qx != nullptr && a.kx > 0) {
+                const int64_t kp = round_up(a.kx, kPanel<T> / 2);
+                u.x_members.push_back(l);
+                u.x_kp.push_back(kp);
+                u.x_off.push_back(u.kx);
+                u.pd_off.push_back(u.pd_size);
+                u.kx += kp;
+                u.pd_size += a.m * kp;
+                qxs.emplace_back(a.qx, a.kx);
+            }
+            if (a.stats) {
+                u.s_members.push_back(l);
+                u.sg_off.push_back(u.sg_size);
+                u.sg_size += a.m;
+            }
+        }
+        if (qxs.size() == 1) {
+            u.copies.emplace_back();
+            u.qx = padded(qxs[0].first, n, qxs[0].second, u.kx, u.copies.back());
+        } else if (!qxs.empty()) {
+            u.copies.emplace_back(static_cast<size_t>(n * u.kx), T(0));
+            T* cat = u.copies.back().data();
+            for (size_t j = 0; j < qxs.size(); ++j)
+                for (int64_t i = 0; i < n; ++i)
+                    std::memcpy(cat + i * u.kx + u.x_off[j], qxs[j].first + i * qxs[j].second, sizeof(T) * qxs[j].second);
+            u.qx = cat;
+        }
+        // Rows per block: the block of X and of each G stays in a core's L2 between its two uses.
+        const int64_t budget = (192 * 1024) / (static_cast<int64_t>(sizeof(T)) * std::max<int64_t>(u.wide, 1));
+        u.block_rows = std::max<int64_t>(kRows, std::min<int64_t>(128, budget / kRows * kRows));
+    }
+    return units;
+}
+
+// One work item: a block of rows of one chunk of one unit; `start` is the arithmetic of the pass
 // before it.
 struct Item {
-    size_t layer;
+    size_t unit;
     int chunk;
     int64_t row0, rows;
     double start, flops;
 };
 
-// Where one segment of the pass accumulates one layer: px (n x kdp), pd (m x kxp), sx (n), sg (m),
-// each either the layer's output itself (the segment holds the whole layer and the width is
-// unpadded) or a private buffer.
+// Where one segment of the pass accumulates one unit (private buffers, set to zero): px (n x kd),
+// sx (n), the members' pd blocks and sg vectors (at the unit's pd_off / sg_off).
 template <class T>
 struct Acc {
-    T *px = nullptr, *pd = nullptr, *sx = nullptr, *sg = nullptr;
+    T *px = nullptr, *sx = nullptr, *pd = nullptr, *sg = nullptr;
 };
 
 // Segment `s` of `count`: the items whose middle falls in [s, s + 1) / count of the pass's
@@ -220,68 +346,76 @@ std::pair<size_t, size_t> segment(const std::vector<Item>& items, double total, 
     return {s == 0 ? 0 : first_of(s), s + 1 == count ? items.size() : first_of(s + 1)};
 }
 
-// Where the segment `range` accumulates each layer it touches (acc[l]): a layer wholly inside it
-// in the layer's outputs themselves where the widths are unpadded, the rest in the buffer returned
-// (allocated for the worst case, touched only where used); all set to zero.
+// The accumulators of the units the segment `range` touches (acc[u]), in the buffer returned, zeroed.
 template <class T>
-std::unique_ptr<T[]> accumulators(const std::vector<Layer<T>>& layers, const std::vector<Item>& items,
+std::unique_ptr<T[]> accumulators(const std::vector<Unit<T>>& units, const std::vector<Item>& items,
                                   std::pair<size_t, size_t> range, Acc<T>* acc) {
     if (range.first == range.second) return nullptr;
-    const size_t l0 = items[range.first].layer, l1 = items[range.second - 1].layer + 1;
-    int64_t bound = 0;
-    for (size_t l = l0; l < l1; ++l) bound += layers[l].acc_size();
-    std::unique_ptr<T[]> own(new T[static_cast<size_t>(bound)]);
+    const size_t u0 = items[range.first].unit, u1 = items[range.second - 1].unit + 1;
+    int64_t size = 0;
+    for (size_t u = u0; u < u1; ++u) size += units[u].acc_size();
+    std::unique_ptr<T[]> own(new T[static_cast<size_t>(size)]());
     T* next = own.get();
-    for (size_t l = l0; l < l1; ++l) {
-        const Layer<T>& layer = layers[l];
-        const RowPassArgs<T>& a = *layer.args;
-        const bool whole = layer.first >= range.first && layer.end <= range.second;
-        auto place = [&](T*& slot, T* out, int64_t rows, int64_t k, int64_t kp) {
-            if (whole && k == kp) {
-                slot = out;
-            } else {
-                slot = next;
-                next += rows * kp;
-            }
-            std::fill(slot, slot + rows * kp, T(0));
-        };
-        if (layer.want_d) place(acc[l].px, a.px, a.n, a.kd, layer.kdp);
-        if (layer.want_x) place(acc[l].pd, a.pd, a.m, a.kx, layer.kxp);
-        if (a.stats) place(acc[l].sx, a.sx, a.n, 1, 1);
-        if (a.stats) place(acc[l].sg, a.sg, a.m, 1, 1);
+    for (size_t u = u0; u < u1; ++u) {
+        const Unit<T>& unit = units[u];
+        const int64_t n = unit.x->n;
+        auto take = [&](int64_t len) { T* at = next; next += len; return at; };
+        acc[u].px = take(n * unit.kd);
+        acc[u].sx = take(unit.s_members.empty() ? 0 : n);
+        acc[u].pd = take(unit.pd_size);
+        acc[u].sg = take(unit.sg_size);
     }
     return own;
 }
 
-// One block: G_b qd (and G's squares) from one read of G_b, X_b qx (and X's squares) from one read
-// of X_b, then the products back through the rows just read.
+// One block of a unit's rows: every A-side member's G_b qd (and G's squares) from one read of its
+// G_b, X_b times every B side's qx (and X's squares) from one read of X_b, then the products back
+// through the rows just read: X_b^T times all A-side intermediates at once, each G_b^T times its own
+// part of X_b qx. `next` (or nullptr) is prefetched meanwhile.
 template <class T>
-void run_block(const Layer<T>& layer, const Item& it, const Acc<T>& acc, T* tmp_d, T* tmp_x, T* pack) {
-    const RowPassArgs<T>& a = *layer.args;
-    const T* x = a.xs[it.chunk] + it.row0 * a.n;
-    const T* g = a.gs[it.chunk] + it.row0 * a.m;
-    if (layer.want_d) block_a(g, it.rows, a.m, layer.qd, layer.kdp, tmp_d);
-    if (a.stats) sum_squares(g, it.rows, a.m, acc.sg);
-    if (layer.want_x) block_a(x, it.rows, a.n, layer.qx, layer.kxp, tmp_x);
-    if (a.stats) sum_squares(x, it.rows, a.n, acc.sx);
-    if (layer.want_d) block_b(x, it.rows, a.n, tmp_d, layer.kdp, acc.px, pack);
-    if (layer.want_x) block_b(g, it.rows, a.m, tmp_x, layer.kxp, acc.pd, pack);
+void run_block(const RowPassArgs<T>* jobs, const Unit<T>& unit, const Item& it, const Acc<T>& acc, T* tmp_d,
+               T* tmp_x, T* pack, const Unit<T>* next_unit, const Item* next) {
+    const int64_t n = unit.x->n, tb = it.rows;
+    const T* x = unit.x->xs[it.chunk] + it.row0 * n;
+    auto rows_of = [&](size_t l, const Item& at) { return jobs[l].gs[at.chunk] + at.row0 * jobs[l].m; };
+    Ahead ahead;
+    if (next != nullptr) {
+        const int64_t calls = (tb / kRows) * (static_cast<int64_t>(unit.d_members.size()) + (unit.kx > 0)) +
+                              (unit.kd > 0 ? n / kRows : 0) + [&] {
+                                  int64_t c = 0;
+                                  for (size_t l : unit.x_members) c += jobs[l].m / kRows;
+                                  return c;
+                              }();
+        const int64_t bytes = static_cast<int64_t>(sizeof(T)) * next->rows;
+        ahead.add(next_unit->x->xs[next->chunk] + next->row0 * next_unit->x->n, bytes * next_unit->x->n, calls);
+        for (size_t l : next_unit->members) ahead.add(rows_of(l, *next), bytes * jobs[l].m, calls);
+    }
+    for (size_t j = 0; j < unit.d_members.size(); ++j) {
+        const size_t l = unit.d_members[j];
+        block_a(rows_of(l, it), tb, jobs[l].m, unit.qd[j], unit.d_kp[j], tmp_d + unit.d_off[j], unit.kd, ahead);
+    }
+    for (size_t j = 0; j < unit.s_members.size(); ++j) {
+        const size_t l = unit.s_members[j];
+        sum_squares(rows_of(l, it), tb, jobs[l].m, acc.sg + unit.sg_off[j]);
+    }
+    if (unit.kx > 0) block_a(x, tb, n, unit.qx, unit.kx, tmp_x, unit.kx, ahead);
+    if (!unit.s_members.empty()) sum_squares(x, tb, n, acc.sx);
+    if (unit.kd > 0) block_b(x, tb, n, tmp_d, unit.kd, unit.kd, acc.px, pack, ahead);
+    for (size_t j = 0; j < unit.x_members.size(); ++j) {
+        const size_t l = unit.x_members[j];
+        block_b(rows_of(l, it), tb, jobs[l].m, tmp_x + unit.x_off[j], unit.kx, unit.x_kp[j], acc.pd + unit.pd_off[j],
+                pack, ahead);
+    }
 }
 
-// out (rows x k) = the sum, in segment order, of the segments' parts of one layer: `field` of
-// parts[s * stride] (rows x kp; nullptr: the segment had none of the layer). Nothing to do when the
-// only part is out itself, zeros when there is none.
+// out (rows x k) = the sum, in segment order, of the segments' parts (rows x ld each, from column
+// `col`; nullptr: the segment had none of the unit); zeros when there is none.
 template <class T>
-void reduce(const Acc<T>* parts, size_t stride, size_t segments, T* Acc<T>::*field, int64_t rows, int64_t k,
-            int64_t kp, T* out) {
-    std::vector<const T*> from;
-    for (size_t s = 0; s < segments; ++s)
-        if (parts[s * stride].*field != nullptr) from.push_back(parts[s * stride].*field);
-    if (from.size() == 1 && from[0] == out) return;
+void reduce(const std::vector<const T*>& from, int64_t rows, int64_t k, int64_t ld, int64_t col, T* out) {
     for (int64_t i = 0; i < rows; ++i)
         for (int64_t c = 0; c < k; ++c) {
             T s = 0;
-            for (const T* p : from) s += p[i * kp + c];
+            for (const T* p : from) s += p[i * ld + col + c];
             out[i * k + c] = s;
         }
 }
@@ -290,32 +424,20 @@ void reduce(const Acc<T>* parts, size_t stride, size_t segments, T* Acc<T>::*fie
 
 template <class T>
 void row_pass_many(const RowPassArgs<T>* jobs, size_t count, int threads) {
-    std::vector<Layer<T>> layers(count);
+    std::vector<Unit<T>> units = make_units(jobs, count);
     std::vector<Item> items;
     double total = 0;
-    for (size_t l = 0; l < count; ++l) {
-        const RowPassArgs<T>& a = jobs[l];
-        Layer<T>& layer = layers[l];
-        layer.args = &a;
-        layer.want_d = a.qd != nullptr && a.kd > 0;
-        layer.want_x = a.qx != nullptr && a.kx > 0;
-        if (layer.want_d) layer.kdp = round_up(a.kd, kPanel<T> / 2);
-        if (layer.want_x) layer.kxp = round_up(a.kx, kPanel<T> / 2);
-        if (layer.want_d) layer.qd = padded(a.qd, a.m, a.kd, layer.kdp, layer.qd_copy);
-        if (layer.want_x) layer.qx = padded(a.qx, a.n, a.kx, layer.kxp, layer.qx_copy);
-        // Rows per block: the block of X and of G stays in a core's L2 between its two uses.
-        const int64_t wide = std::max<int64_t>(std::max(a.n, a.m), 1);
-        const int64_t budget = (192 * 1024) / (static_cast<int64_t>(sizeof(T)) * wide);
-        layer.block_rows = std::max<int64_t>(kRows, std::min<int64_t>(128, budget / kRows * kRows));
-        layer.first = items.size();
-        if (layer.want_d || layer.want_x || a.stats)
-            for (size_t j = 0; j < a.rows.size(); ++j)
-                for (int64_t r0 = 0; r0 < a.rows[j]; r0 += layer.block_rows) {
-                    const int64_t rows = std::min(layer.block_rows, a.rows[j] - r0);
-                    items.push_back({l, static_cast<int>(j), r0, rows, total, layer.flops(rows)});
+    for (size_t u = 0; u < units.size(); ++u) {
+        Unit<T>& unit = units[u];
+        unit.first = items.size();
+        if (unit.busy())
+            for (size_t j = 0; j < unit.x->rows.size(); ++j)
+                for (int64_t r0 = 0; r0 < unit.x->rows[j]; r0 += unit.block_rows) {
+                    const int64_t rows = std::min(unit.block_rows, unit.x->rows[j] - r0);
+                    items.push_back({u, static_cast<int>(j), r0, rows, total, unit.flops(jobs, rows)});
                     total += items.back().flops;
                 }
-        layer.end = items.size();
+        unit.end = items.size();
     }
 
     // Threads only where they pay: starting and joining a team costs microseconds (far more on a
@@ -323,17 +445,18 @@ void row_pass_many(const RowPassArgs<T>* jobs, size_t count, int threads) {
     threads = std::max(1, threads);
     threads = static_cast<int>(std::min<double>(threads, std::max(1.0, total / 2e6)));
     threads = static_cast<int>(std::min<size_t>(threads, std::max<size_t>(items.size(), 1)));
-    // One segment per thread, and scratch for the widest layer.
+    // One segment per thread, and scratch for the widest unit.
     const size_t segments = static_cast<size_t>(threads);
     int64_t tmp_d_size = 0, tmp_x_size = 0, pack_size = 0;
-    for (const Layer<T>& layer : layers) {
-        tmp_d_size = std::max(tmp_d_size, layer.block_rows * layer.kdp);
-        tmp_x_size = std::max(tmp_x_size, layer.block_rows * layer.kxp);
-        pack_size = std::max(pack_size, layer.block_rows * std::max(layer.args->n, layer.args->m));
+    for (const Unit<T>& unit : units) {
+        tmp_d_size = std::max(tmp_d_size, unit.block_rows * unit.kd);
+        tmp_x_size = std::max(tmp_x_size, unit.block_rows * unit.kx);
+        pack_size = std::max(pack_size, unit.block_rows * unit.wide);
     }
-    // parts[s * count + l]: where segment s accumulated layer l (all nullptr: it had none of it);
-    // own[s]: its private buffer.
-    std::vector<Acc<T>> parts(segments * count);
+    // parts[s * units + u]: where segment s accumulated unit u (all nullptr: it had none of it);
+    // own[s]: its buffer.
+    const size_t nu = units.size();
+    std::vector<Acc<T>> parts(segments * nu);
     std::vector<std::unique_ptr<T[]>> own(segments);
 
 #pragma omp parallel num_threads(threads) if (threads > 1)
@@ -345,22 +468,43 @@ void row_pass_many(const RowPassArgs<T>* jobs, size_t count, int threads) {
 #pragma omp for schedule(static, 1)
         for (size_t s = 0; s < segments; ++s) {
             const std::pair<size_t, size_t> range = segment(items, total, s, segments);
-            Acc<T>* acc = parts.data() + s * count;
-            own[s] = accumulators(layers, items, range, acc);
-            for (size_t i = range.first; i < range.second; ++i)
-                run_block(layers[items[i].layer], items[i], acc[items[i].layer], tmp_d.data(), tmp_x.data(),
-                          pack.data());
+            Acc<T>* acc = parts.data() + s * nu;
+            own[s] = accumulators(units, items, range, acc);
+            for (size_t i = range.first; i < range.second; ++i) {
+                const bool more = i + 1 < range.second;
+                run_block(jobs, units[items[i].unit], items[i], acc[items[i].unit], tmp_d.data(), tmp_x.data(),
+                          pack.data(), more ? &units[items[i + 1].unit] : nullptr, more ? &items[i + 1] : nullptr);
+            }
         }
-        // Every layer's outputs: the sum of its parts in segment order (unpadding the widths).
+        // Every layer's outputs: the sum of its unit's parts in segment order (its columns, unpadded).
 #pragma omp for schedule(static)
         for (size_t l = 0; l < count; ++l) {
-            const Layer<T>& layer = layers[l];
-            const RowPassArgs<T>& a = *layer.args;
-            const Acc<T>* of = parts.data() + l;  // segment s's part: of[s * count]
-            if (layer.want_d) reduce(of, count, segments, &Acc<T>::px, a.n, a.kd, layer.kdp, a.px);
-            if (layer.want_x) reduce(of, count, segments, &Acc<T>::pd, a.m, a.kx, layer.kxp, a.pd);
-            if (a.stats) reduce(of, count, segments, &Acc<T>::sx, a.n, 1, 1, a.sx);
-            if (a.stats) reduce(of, count, segments, &Acc<T>::sg, a.m, 1, 1, a.sg);
+            const RowPassArgs<T>& a = jobs[l];
+            size_t u = 0;
+            while (std::find(units[u].members.begin(), units[u].members.end(), l) == units[u].members.end()) ++u;
+            const Unit<T>& unit = units[u];
+            auto from = [&](T* Acc<T>::*field, int64_t offset) {
+                std::vector<const T*> ptrs;
+                for (size_t s = 0; s < segments; ++s)
+                    if (parts[s * nu + u].*field != nullptr) ptrs.push_back(parts[s * nu + u].*field + offset);
+                return ptrs;
+            };
+            auto find = [](const std::vector<size_t>& of, size_t l) {
+                return static_cast<size_t>(std::find(of.begin(), of.end(), l) - of.begin());
+            };
+            if (a.qd != nullptr && a.kd > 0) {
+                const size_t j = find(unit.d_members, l);
+                reduce(from(&Acc<T>::px, 0), a.n, a.kd, unit.kd, unit.d_off[j], a.px);
+            }
+            if (a.qx != nullptr && a.kx > 0) {
+                const size_t j = find(unit.x_members, l);
+                reduce(from(&Acc<T>::pd, unit.pd_off[j]), a.m, a.kx, unit.x_kp[j], 0, a.pd);
+            }
+            if (a.stats) {
+                const size_t j = find(unit.s_members, l);
+                reduce(from(&Acc<T>::sx, 0), a.n, 1, 1, 0, a.sx);
+                reduce(from(&Acc<T>::sg, unit.sg_off[j]), a.m, 1, 1, 0, a.sg);
+            }
         }
     }
 }

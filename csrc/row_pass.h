@@ -14,15 +14,19 @@
 // in L2). For a block, the T_b x K intermediates (G_b qd, X_b qx) are computed into a small buffer
 // and immediately multiplied back by the same rows, which are still in cache, so X and G stream
 // from memory once per pass; the squares ride along the first read. Inner loops are
-// register-blocked panels written for the compiler's vectoriser (no intrinsics).
+// register-blocked panels written for the compiler's vectoriser (GCC/Clang vector types: 512-bit
+// where the target has AVX-512, 256-bit otherwise; no intrinsics), and the next block's rows are
+// prefetched while a block is computed.
 //
 // A pass over a whole model (row_pass_many) runs every layer's row blocks as one list of work items
 // under one OpenMP team: a model has 100-200 LoRA layers of a few blocks each, and a team per layer
-// cost more than the layer's arithmetic. Each thread takes a contiguous range of (layer, block)
-// items of about equal arithmetic and accumulates into private per-layer outputs (a layer wholly
-// inside one thread's range is written in place); the layers shared by two threads are then summed
-// in thread order, so the result is deterministic for a given thread count. row_pass (one layer)
-// is the same code on a list of one.
+// cost more than the layer's arithmetic. Layers whose X is the same buffers (q, k and v of an
+// attention block read one input, as do gate and up of a gated MLP) form one *unit* whose X is read
+// once per block for all of them: the pass is bound by the bytes it reads, and X is half of them.
+// Each thread takes a contiguous range of (unit, block) items of about equal arithmetic and
+// accumulates into private per-unit buffers, which are then summed in thread order into every
+// layer's outputs, so the result is deterministic for a given thread count. row_pass (one layer) is
+// the same code on a list of one.
 #pragma once
 
 #include <cstddef>

@@ -147,8 +147,29 @@ def dtypes_jobs():
                                                                       seed=4)]
 
 
+def shared_x_jobs(dtype=torch.float32):
+    """Layers that read one X, as q, k and v of an attention block (and gate and up of an MLP) hold
+    the same captured rows: the C++ pass reads such an X once for all of them. Three layers of
+    different widths on one X of chunks [45, 0, 20] (A side only, B side only with statistics, both),
+    two on another X (one with nothing asked), and a layer whose X holds the same values in another
+    tensor (read on its own)."""
+    gen = torch.Generator().manual_seed(7)
+    x1 = [torch.randn(t, 53, generator=gen).to(dtype) for t in (45, 0, 20)]
+    x2 = [torch.randn(70, 30, generator=gen).to(dtype)]
+    thin = torch.float64 if dtype == torch.float64 else torch.float32
+
+    def layer(xs, m, kd, kx, stats):
+        gs = [torch.randn(x.shape[0], m, generator=gen).to(dtype) for x in xs]
+        qd = torch.randn(m, kd, generator=gen).to(thin) if kd else None
+        qx = torch.randn(xs[0].shape[1], kx, generator=gen).to(thin) if kx else None
+        return list(xs), gs, qd, qx, stats
+
+    return [layer(x1, 37, 6, None, False), layer(x2, 19, 16, 8, True), layer(x1, 12, None, 5, True),
+            layer(x1, 64, 16, 3, False), layer([x.clone() for x in x1], 9, 4, 4, True), layer(x2, 40, None, None, False)]
+
+
 JOB_SETS = {"layers": layers_of_several_shapes, "mixed": mixed_jobs, "strided": strided_jobs, "ragged": ragged_jobs,
-            "dtypes": dtypes_jobs}
+            "dtypes": dtypes_jobs, "shared_x": shared_x_jobs}
 
 
 @pytest.mark.parametrize("jobs", sorted(JOB_SETS))
@@ -282,13 +303,10 @@ def _cpp_call(job):
             None if qx is None else qx.numpy(), px, pd, sx, sg)
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("backend", cpu_backends("cpp"))
-def test_cpp_grouped_call_equals_the_per_layer_calls(backend, dtype, threads):
-    """row_pass_many = row_pass per layer (bit for bit on one thread, where the order of the sums is
-    the same) = the reference, and the same twice on a given thread count."""
-    jobs = grouped_pass(dtype)
+def check_grouped(jobs, dtype, threads, bitwise):
+    """``row_pass_many`` of ``jobs`` against ``row_pass`` of each job alone (bit for bit where
+    ``bitwise``) and the reference, and the same twice on ``threads`` threads; every output entry
+    is written (they start as NaN)."""
     grouped, again = [_cpp_call(job) for job in jobs], [_cpp_call(job) for job in jobs]
     _cpu().row_pass_many(grouped, threads=threads)
     _cpu().row_pass_many(again, threads=threads)
@@ -301,10 +319,29 @@ def test_cpp_grouped_call_equals_the_per_layer_calls(backend, dtype, threads):
             if want is None:
                 continue
             assert np.array_equal(got, twice), name
-            if threads == 1:
+            if bitwise:
                 assert np.array_equal(got, single), name
             assert_close(torch.from_numpy(got), torch.from_numpy(single), "row_pass", dtype, what=name)
             assert_close(torch.from_numpy(got), want, "row_pass", dtype, what=name)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("backend", cpu_backends("cpp"))
+def test_cpp_grouped_call_equals_the_per_layer_calls(backend, dtype, threads):
+    """row_pass_many = row_pass per layer (bit for bit on one thread, where the order of the sums is
+    the same) = the reference, and the same twice on a given thread count."""
+    check_grouped(grouped_pass(dtype), dtype, threads, bitwise=threads == 1)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("backend", cpu_backends("cpp"))
+def test_cpp_layers_sharing_x_read_it_once_and_match_each_layer(backend, dtype, threads):
+    """Jobs whose X is the same buffers (shared_x_jobs, each X shared by six, then four layers) are
+    one unit of the grouped pass: each gets the reference's products and statistics and what a call
+    of its own gives (to rounding: a unit's row blocks are sized for its widest member)."""
+    check_grouped(shared_x_jobs(dtype) * 2, dtype, threads, bitwise=False)
 
 
 @pytest.mark.parametrize("backend", cpu_backends("cpp"))
