@@ -71,47 +71,85 @@ def floor_flops(opt, tokens: int, name: str, r: int) -> float:
     return total
 
 
-def measure(name: str, targets: str, r: int, tokens: int, *, layers: int, steps: int, gguf: bool, seq: int,
-            device: torch.device, rate: float) -> Dict[str, object]:
-    model = lora_model(r=r, targets=TARGETS[targets], layers=layers, gguf=gguf, device=device, what="model")
-    seq = min(seq, tokens)
-    batch = max(1, tokens // seq)
-    data = token_batches(steps + 1, batch, seq, device=device)
-    opt = {**OPTIMIZERS, **BUDGETED, **EXACT_BUDGET}[name](model)
-    fwd_bwd, step, flops = [], [], 0.0
-    for i, ids in enumerate(data):
-        opt.zero_grad(set_to_none=True)
+class _Timed:
+    """One optimizer of a case: its own model and data, and its timings."""
+
+    def __init__(self, name: str, targets: str, r: int, tokens: int, *, layers: int, steps: int, gguf: bool,
+                 seq: int, device: torch.device):
+        self.name, self.r = name, r
+        self.model = lora_model(r=r, targets=TARGETS[targets], layers=layers, gguf=gguf, device=device, what="model")
+        seq = min(seq, tokens)
+        self.batch, self.seq = max(1, tokens // seq), seq
+        self.data = token_batches(steps + 1, self.batch, seq, device=device)
+        self.opt = {**OPTIMIZERS, **BUDGETED, **EXACT_BUDGET}[name](self.model)
+        self.fwd_bwd: List[float] = []
+        self.step: List[float] = []
+        self.flops = 0.0
+
+    def run(self, i: int, device: torch.device) -> None:
+        """Training step ``i`` (0 is the warm-up: state created, not timed)."""
+        ids = self.data[i]
+        self.opt.zero_grad(set_to_none=True)
+        _sync(device)
         t0 = time.perf_counter()
-        loss_of(model, ids).backward()
+        loss_of(self.model, ids).backward()
+        _sync(device)
         t1 = time.perf_counter()
-        if i == len(data) - 1:
-            flops = floor_flops(opt, ids.numel(), name, r)
-        opt.step()
+        if i == len(self.data) - 1:
+            self.flops = floor_flops(self.opt, ids.numel(), self.name, self.r)
+        self.opt.step()
+        _sync(device)
         t2 = time.perf_counter()
-        if i:  # the first step is a warm-up (state created)
-            fwd_bwd.append(t1 - t0)
-            step.append(t2 - t1)
-    lora_layers = len(opt._sites) if hasattr(opt, "_sites") else sum(
-        1 for n, _ in model.named_parameters() if "lora_A" in n)
-    if hasattr(opt, "close"):
-        opt.close()
-    fb, st = statistics.median(fwd_bwd), statistics.median(step)
-    return {"optimizer": name, "targets": targets, "lora_layers": lora_layers, "r": r, "tokens": batch * seq,
-            "blocks": layers, "fwd_bwd_s": fb, "step_s": st, "step_min_s": min(step), "step_max_s": max(step),
-            "step_over_fwd_bwd": st / fb, "floor_s": flops / rate, "x_floor": st / (flops / rate) if flops else "",
-            "steps": len(step)}
+        if i:
+            self.fwd_bwd.append(t1 - t0)
+            self.step.append(t2 - t1)
+
+    def close(self) -> None:
+        if hasattr(self.opt, "close"):
+            self.opt.close()
+        self.model = self.opt = self.data = None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(names: Sequence[str], targets: str, r: int, tokens: int, *, layers: int, steps: int, gguf: bool,
+            seq: int, device: torch.device, rate: float) -> List[Dict[str, object]]:
+    """Every optimizer of ``names`` on one case, side by side: each has its own copy of the model
+    (same weights, same data), and the steps are interleaved -- round ``i`` runs step ``i`` of every
+    optimizer, starting from a different one each round -- so that a drift of the machine's speed
+    (other load, thermal, memory state) lands on all of them alike instead of on whichever ran last.
+    The ratios to AdamW are read from these interleaved medians."""
+    timed = [_Timed(name, targets, r, tokens, layers=layers, steps=steps, gguf=gguf, seq=seq, device=device)
+             for name in names]
+    for i in range(steps + 1):
+        for k in range(len(timed)):
+            timed[(i + k) % len(timed)].run(i, device)
+    rows = []
+    for t in timed:
+        lora_layers = len(t.opt._sites) if hasattr(t.opt, "_sites") else sum(
+            1 for n, _ in t.model.named_parameters() if "lora_A" in n)
+        fb, st = statistics.median(t.fwd_bwd), statistics.median(t.step)
+        rows.append({"optimizer": t.name, "targets": targets, "lora_layers": lora_layers, "r": r,
+                     "tokens": t.batch * t.seq, "blocks": layers, "fwd_bwd_s": fb, "step_s": st,
+                     "step_min_s": min(t.step), "step_max_s": max(t.step), "step_over_fwd_bwd": st / fb,
+                     "floor_s": t.flops / rate, "x_floor": st / (t.flops / rate) if t.flops else "",
+                     "steps": len(t.step)})
+        t.close()
+    return rows
 
 
 def run(grid, names: Sequence[str], **kw) -> List[Dict[str, object]]:
     rows = []
     log = kw.pop("log", None)
     for targets, r, tokens in grid:
-        for name in names:
-            rows.append(measure(name, targets, r, tokens, **kw))
+        for row in measure(names, targets, r, tokens, **kw):
+            rows.append(row)
             if log:
-                row = rows[-1]
-                log(f"  {targets:4s} r{r:<3d} T{tokens:<5d} {name:18s} fwd+bwd {row['fwd_bwd_s']:6.2f} s, step "
-                    f"{row['step_s'] * 1e3:7.1f} ms ({100 * row['step_over_fwd_bwd']:.1f}%)")
+                log(f"  {targets:4s} r{r:<3d} T{tokens:<5d} {row['optimizer']:18s} fwd+bwd {row['fwd_bwd_s']:6.2f} s, "
+                    f"step {row['step_s'] * 1e3:7.1f} ms ({100 * row['step_over_fwd_bwd']:.1f}%)")
     return rows
 
 
