@@ -112,13 +112,15 @@ def _shape(t: Optional[Tensor]) -> Any:
 
 def _signature(layer: Layer, dtype: torch.dtype) -> Hashable:
     """What layers must share to be stacked into one group: every shape and dtype, every
-    coefficient, the metric kinds, the schedule, the statistics rule. The tensors' values (and
-    the rows, which ``row_pass`` reads per layer) may differ."""
+    coefficient, which terms are which problem's start, the metric kinds, the schedule, the
+    statistics rule. The tensors' values (and the rows, which ``row_pass`` reads per layer) may
+    differ."""
     problems = []
     for p in layer.problems:
         metric = p.metric if p.metric is None or isinstance(p.metric, str) else tuple(map(_shape, p.metric))
-        problems.append((tuple(map(_shape, p.init)), tuple((_shape(u), _shape(v), float(c), bool(pre))
-                                                           for u, v, c, pre in p.thin),
+        problems.append((tuple(map(_shape, p.init)), tuple((_shape(u), _shape(v), float(c), bool(pre),
+                                                            _start_of(layer.problems, p, i))
+                                                           for i, (u, v, c, pre) in enumerate(p.thin)),
                          float(p.data_coeff), bool(p.data_precondition), metric, float(p.lam), int(p.iters),
                          p.start, float(p.lam_relative)))
     stats = None if layer.stats is None else (type(layer.stats), layer.stats.key)
@@ -126,10 +128,14 @@ def _signature(layer: Layer, dtype: torch.dtype) -> Hashable:
     return (b.device, dtype, a.shape[1], b.shape[0], stats, tuple(problems))
 
 
-def _is_start(problem: Problem, i: int) -> bool:
-    """Whether thin term ``i`` of ``problem`` is its start point itself (the same tensors)."""
+def _start_of(problems: Sequence[Problem], problem: Problem, i: int) -> Optional[int]:
+    """Which of ``problems`` (a layer's) has thin term ``i`` of ``problem`` as its start point (the
+    same tensors): ``problem`` itself first; None for none."""
     u, v = problem.thin[i][:2]
-    return u is problem.init[0] and v is problem.init[1]
+    for k, other in sorted(enumerate(problems), key=lambda kp: kp[1] is not problem):
+        if u is other.init[0] and v is other.init[1]:
+            return k
+    return None
 
 
 class _Group:
@@ -148,15 +154,24 @@ class _Group:
                          for layer in layers]
         self.stats_done = layers[0].stats is None
         self.runs = []
+        starts = [(stack_layers([layer.problems[j].init[0] for layer in layers]).double(),
+                   stack_layers([layer.problems[j].init[1] for layer in layers]).double())
+                  for j in range(len(layers[0].problems))]
         for j, p in enumerate(layers[0].problems):
-            b0 = stack_layers([layer.problems[j].init[0] for layer in layers]).double()
-            a0 = stack_layers([layer.problems[j].init[1] for layer in layers]).double()
-            # The problem's own start as a term (the step's (B, A), the momentum's (Um, Vm)) stays in
-            # float64 (reference.half_rhs): a step of a few ulps of the factors survives its rounding.
-            thin = [(b0, a0, float(c), bool(pre)) if _is_start(p, i) else
-                    (stack_layers([layer.problems[j].thin[i][0] for layer in layers]).to(dtype),
-                     stack_layers([layer.problems[j].thin[i][1] for layer in layers]).to(dtype), float(c), bool(pre))
-                    for i, (_, _, c, pre) in enumerate(p.thin)]
+            b0, a0 = starts[j]
+            # A problem's start as a term -- its own (the step's (B, A)) or another problem's (the
+            # momentum's (Um, Vm) in the step) -- is the float64 stack already made for that start
+            # (reference.half_rhs computes a float64 term in float64): a step of a few ulps of the
+            # factors survives its rounding, and the stacks are made once.
+            thin = []
+            for i, (_, _, c, pre) in enumerate(p.thin):
+                k = _start_of(layers[0].problems, p, i)
+                if k is not None:
+                    thin.append((*starts[k], float(c), bool(pre)))
+                else:
+                    thin.append((stack_layers([layer.problems[j].thin[i][0] for layer in layers]).to(dtype),
+                                 stack_layers([layer.problems[j].thin[i][1] for layer in layers]).to(dtype),
+                                 float(c), bool(pre)))
             run = _Run(problem=p, b0=b0, a0=a0, b=b0, a=a0, thin=thin, schedule=_schedule(p.iters, p.start))
             if p.metric != STATS:
                 metric = p.metric if p.metric is not None else (None, None)
@@ -322,20 +337,21 @@ def solve(layers: Sequence[Layer], ops, reduce: Optional[Callable[[List[Tensor]]
         results = _products(jobs, ops)
         if reduce is not None:
             reduce([t for res in results for t in res if t is not None])
-        # A NaN or Inf in a layer's rows shows in its products: checked here, on the thin results,
-        # instead of reading every row once more before the step (nothing is written yet).
-        flat = [(k, t) for k, res in enumerate(results) for t in res if t is not None]
-        bad = first_nonfinite([t for _, t in flat])
-        if bad is not None:
-            grp, pos = jobs[flat[bad][0]][:2]
-            raise NonFiniteProducts(where.index((groups.index(grp), pos)))
-        # 3. The statistics' metrics, then every half-step's small solves (one call).
-        problems, owners = [], []
-        start = 0
+        stacked, start = [], 0
         for grp in active:
             mine = results[start:start + len(grp.layers)]
             start += len(grp.layers)
-            px, pd, sx, sg = (None if mine[0][k] is None else stack_layers([res[k] for res in mine]) for k in range(4))
+            stacked.append([None if mine[0][k] is None else stack_layers([res[k] for res in mine]) for k in range(4)])
+        # A NaN or Inf in a layer's rows shows in its products: checked here, on the thin results
+        # (a group's stacks at once), instead of reading every row once more before the step
+        # (nothing is written yet); the layer is looked for only when there is one.
+        if first_nonfinite([t for stacks in stacked for t in stacks if t is not None]) is not None:
+            flat = [(k, t) for k, res in enumerate(results) for t in res if t is not None]
+            grp, pos = jobs[flat[first_nonfinite([t for _, t in flat])][0]][:2]
+            raise NonFiniteProducts(where.index((groups.index(grp), pos)))
+        # 3. The statistics' metrics, then every half-step's small solves (one call).
+        problems, owners = [], []
+        for grp, (px, pd, sx, sg) in zip(active, stacked):
             if not grp.stats_done:
                 grp.take_stats(sx, sg)
             for run in grp.runs:
