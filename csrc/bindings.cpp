@@ -212,6 +212,22 @@ void row_pass_many(const py::sequence& jobs, int threads) {
     });
 }
 
+// live[t] = whether row t of g carries gradient (oplora::live_rows).
+void live_rows(const py::buffer& g, const py::buffer& live) {
+    const std::string fn = "live_rows";
+    py::buffer_info out = live.request(true);
+    dispatch(fn, "g", g, [&](auto zero) {
+        using T = decltype(zero);
+        View<T> gv(g, fn, "g", 2, {-1, -1}, false);
+        if (out.format != py::format_descriptor<uint8_t>::format() || out.itemsize != 1 || out.ndim != 1 ||
+            out.shape[0] != gv.rows || (out.shape[0] > 1 && out.strides[0] != 1))
+            throw py::value_error("oplora._cpu.live_rows: live must be a contiguous uint8 vector of " +
+                                  std::to_string(gv.rows) + " entries (one per row of g)");
+        py::gil_scoped_release release;
+        oplora::live_rows<T>(gv.ptr, gv.rows, gv.cols, static_cast<uint8_t*>(out.ptr));
+    });
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_cpu, m) {
@@ -226,6 +242,9 @@ PYBIND11_MODULE(_cpu, m) {
           "of row_pass for layer i, all float32 or all float64 (the first job's). One team of up to `threads` threads\n"
           "runs the row blocks of all layers together (the same result for the same thread count). Errors name the\n"
           "job: 'jobs[3].qd has shape ...'.");
+    m.def("live_rows", &live_rows, py::arg("g"), py::arg("live"),
+          "live[t] = 1 where row t of g (T x m, float32 or float64, C-contiguous) holds a nonzero (NaN counts, -0.0\n"
+          "does not), else 0, written into the uint8 vector live (T,); each row is read only up to its first nonzero.");
 #ifdef _OPENMP
     m.attr("openmp") = py::bool_(true);
 #else

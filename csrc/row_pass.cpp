@@ -509,7 +509,19 @@ void row_pass_many(const RowPassArgs<T>* jobs, size_t count, int threads) {
     }
 }
 
+template <class T>
+void live_rows(const T* g, int64_t rows, int64_t cols, uint8_t* live) {
+    for (int64_t t = 0; t < rows; ++t) {
+        const T* row = g + t * cols;
+        int64_t i = 0;
+        while (i < cols && !(row[i] != T(0))) ++i;  // NaN != 0: live
+        live[t] = i < cols;
+    }
+}
+
 template void row_pass_many<float>(const RowPassArgs<float>*, size_t, int);
 template void row_pass_many<double>(const RowPassArgs<double>*, size_t, int);
+template void live_rows<float>(const float*, int64_t, int64_t, uint8_t*);
+template void live_rows<double>(const double*, int64_t, int64_t, uint8_t*);
 
 }  // namespace oplora

@@ -63,7 +63,17 @@ void row_pass(const RowPassArgs<T>& args) {
     row_pass_many(&args, 1, args.threads);
 }
 
+// The rows of G (rows x cols, row-major) that carry gradient: live[t] = 1 where row t holds a
+// nonzero (NaN counts as one; -0.0 does not), else 0. Each row is read only until its first
+// nonzero -- for a row with gradient that is its first element -- so a whole layer's mask costs
+// about one cache line per row instead of a pass over G (rows without gradient, padding, are read
+// whole).
+template <class T>
+void live_rows(const T* g, int64_t rows, int64_t cols, uint8_t* live);
+
 extern template void row_pass_many<float>(const RowPassArgs<float>*, size_t, int);
 extern template void row_pass_many<double>(const RowPassArgs<double>*, size_t, int);
+extern template void live_rows<float>(const float*, int64_t, int64_t, uint8_t*);
+extern template void live_rows<double>(const double*, int64_t, int64_t, uint8_t*);
 
 }  // namespace oplora

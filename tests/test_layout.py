@@ -72,7 +72,8 @@ def layer_of(name):
 def test_the_graph_is_read():
     edges = graph()
     assert "oplora.capture" in edges["oplora.optim.base"]
-    assert "oplora.capture.rows" in edges["oplora.capture.capture"]
+    assert "oplora.capture.rows" in edges["oplora.capture.holding"]
+    assert "oplora.backends" in edges["oplora.capture.capture"]
     assert "oplora.reference" in edges["oplora.backends.ops"]
 
 

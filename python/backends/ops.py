@@ -11,7 +11,9 @@ A leaf module (it imports only torch and ``oplora.reference``): the backend adap
   (the precision policy of ``oplora.backends``);
 * ``thin_qr(Zs)`` and ``prox_solve(problems)``: the float64 r-sized work of the half-steps, one
   call for all half-steps of a pass (``reference.thin_qr``, ``reference.prox_solve`` per item;
-  an item is a matrix or a stack of same-shaped matrices, one per layer of a group).
+  an item is a matrix or a stack of same-shaped matrices, one per layer of a group);
+* ``live_rows(g)``: the rows of a captured ``sD`` (T x m) that carry gradient, a bool mask (T,) on
+  its device, without a host synchronisation (``g.any(1)``; the capture calls it in backward).
 
 :data:`TORCH_OPS` is the ``torch`` backend: the reference itself, item by item, on every device.
 """
@@ -43,10 +45,17 @@ class Ops(NamedTuple):
     row_pass: Callable[[Sequence[Job]], List[PassResult]]
     thin_qr: Callable[[Sequence[Tensor]], List[Tuple[Tensor, Tensor]]]
     prox_solve: Callable[[Sequence[SmallProblem]], List[Tensor]]
+    live_rows: Callable[[Tensor], Tensor]
 
 
 def _torch_rows(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t.to(dtype)
+
+
+def live_rows(g: Tensor) -> Tensor:
+    """The rows of ``g`` (T x m) with a nonzero: ``g.any(1)`` (``any`` reads a float as ``!= 0``:
+    NaN counts, -0.0 does not), one pass over ``g``, no host synchronisation."""
+    return g.any(1)
 
 
 TORCH_OPS = Ops(
@@ -55,4 +64,5 @@ TORCH_OPS = Ops(
     row_pass=lambda jobs: [reference.row_pass(*job) for job in jobs],
     thin_qr=lambda zs: [reference.thin_qr(z) for z in zs],
     prox_solve=lambda problems: [reference.prox_solve(*p) for p in problems],
+    live_rows=live_rows,
 )

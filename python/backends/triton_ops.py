@@ -37,7 +37,7 @@ from oplora_kernels import row_pass as _row_pass
 from .. import reference
 from . import cholqr as _cholqr
 from .._checks import group_by
-from .ops import Job, Ops, PassResult, SmallProblem
+from .ops import TORCH_OPS, Job, Ops, PassResult, SmallProblem
 
 __all__ = ["OPS", "describe", "rows", "row_pass", "prox_solve"]
 
@@ -101,4 +101,5 @@ def describe() -> str:
     return base
 
 
-OPS = Ops(name="triton", rows=rows, row_pass=row_pass, thin_qr=_cholqr.thin_qr, prox_solve=prox_solve)
+OPS = Ops(name="triton", rows=rows, row_pass=row_pass, thin_qr=_cholqr.thin_qr, prox_solve=prox_solve,
+          live_rows=TORCH_OPS.live_rows)

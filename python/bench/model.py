@@ -134,7 +134,7 @@ def measure(names: Sequence[str], targets: str, r: int, tokens: int, *, layers: 
         fb, st = statistics.median(t.fwd_bwd), statistics.median(t.step)
         rows.append({"optimizer": t.name, "targets": targets, "lora_layers": lora_layers, "r": r,
                      "tokens": t.batch * t.seq, "blocks": layers, "fwd_bwd_s": fb, "step_s": st,
-                     "step_min_s": min(t.step), "step_max_s": max(t.step), "step_over_fwd_bwd": st / fb,
+                     "fwd_bwd_min_s": min(t.fwd_bwd), "step_min_s": min(t.step), "step_max_s": max(t.step), "step_over_fwd_bwd": st / fb,
                      "floor_s": t.flops / rate, "x_floor": st / (t.flops / rate) if t.flops else "",
                      "steps": len(t.step)})
         t.close()
@@ -170,7 +170,7 @@ def targets_summary(rows: Sequence[Dict[str, object]]) -> List[str]:
                 out.append(f"ScaledOPLoRA / OPLoRA step ({capture}, {targets}): {ratio:.2f}x (target <= 1.3x: "
                            f"{'met' if ratio <= 1.3 else 'missed'})")
     # The whole training step against AdamW's in the same run (issue 28's targets, 512 tokens r8).
-    ratios = whole_over_adamw(rows)
+    ratios, fastest = whole_over_adamw(rows), whole_over_adamw(rows, fastest=True)
     limits = {("OPLoRA", "qkvo"): 1.05, ("OPLoRA", "all"): 1.10, ("ScaledOPLoRA", "qkvo"): 1.10,
               ("ScaledOPLoRA", "all"): 1.15}
     for i, r in enumerate(rows):
@@ -178,7 +178,8 @@ def targets_summary(rows: Sequence[Dict[str, object]]) -> List[str]:
         if i in ratios and (name, r["targets"]) in limits and r["r"] == 8 and r["tokens"] == 512:
             limit = limits[name, r["targets"]]
             out.append(f"{r['optimizer']} whole training step / AdamW's, LoRA on {r['targets']}, 512 tokens r8: "
-                       f"{ratios[i]:.3f}x (target <= {limit:.2f}x: {'met' if ratios[i] <= limit else 'missed'})")
+                       f"{ratios[i]:.3f}x of the medians, {fastest[i]:.3f}x of the fastest (target <= {limit:.2f}x: "
+                       f"{'met' if ratios[i] <= limit else 'missed'} by the medians)")
     return out
 
 
@@ -198,22 +199,27 @@ def slopes(rows: Sequence[Dict[str, object]]) -> List[str]:
 
 
 HEADER = ["LoRA on", "layers", "r", "tokens", "optimizer", "fwd+bwd s", "step ms", "step / fwd+bwd",
-          "whole step / AdamW's", "floor ms", "x floor"]
+          "whole step / AdamW's", "fastest / AdamW's fastest", "floor ms", "x floor"]
 
 
-def whole_over_adamw(rows: Sequence[Dict[str, object]]) -> Dict[int, float]:
+def whole_over_adamw(rows: Sequence[Dict[str, object]], fastest: bool = False) -> Dict[int, float]:
     """Per row (by index): its whole training step (forward + backward + step) over AdamW's in the
-    same case (targets, r, tokens), where AdamW ran in the same run."""
-    adamw = {(r["targets"], r["r"], r["tokens"]): r["fwd_bwd_s"] + r["step_s"] for r in rows if r["optimizer"] == "AdamW"}
-    return {i: (r["fwd_bwd_s"] + r["step_s"]) / adamw[(r["targets"], r["r"], r["tokens"])]
+    same case (targets, r, tokens), where AdamW ran in the same run: of the medians, or with
+    ``fastest`` of the fastest forward+backward and fastest step (other load on the machine only
+    ever slows a step down, so the fastest is the least disturbed estimate of the cost itself)."""
+    def whole(r):
+        return r["fwd_bwd_min_s"] + r["step_min_s"] if fastest else r["fwd_bwd_s"] + r["step_s"]
+
+    adamw = {(r["targets"], r["r"], r["tokens"]): whole(r) for r in rows if r["optimizer"] == "AdamW"}
+    return {i: whole(r) / adamw[(r["targets"], r["r"], r["tokens"])]
             for i, r in enumerate(rows) if (r["targets"], r["r"], r["tokens"]) in adamw}
 
 
 def table(rows: Sequence[Dict[str, object]], markdown: bool = False) -> str:
-    ratio = whole_over_adamw(rows)
+    ratio, fastest = whole_over_adamw(rows), whole_over_adamw(rows, fastest=True)
     body = [[r["targets"], str(r["lora_layers"]), str(r["r"]), str(r["tokens"]), r["optimizer"],
              f"{r['fwd_bwd_s']:.2f}", f"{r['step_s'] * 1e3:.1f}", f"{100 * r['step_over_fwd_bwd']:.1f}%",
-             f"{ratio[i]:.3f}" if i in ratio else "",
+             f"{ratio[i]:.3f}" if i in ratio else "", f"{fastest[i]:.3f}" if i in fastest else "",
              f"{r['floor_s'] * 1e3:.1f}" if r["floor_s"] else "", f"{r['x_floor']:.1f}" if r["x_floor"] else ""]
             for i, r in enumerate(rows)]
     return format_table(HEADER, body, markdown=markdown)

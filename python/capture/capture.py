@@ -64,7 +64,8 @@ from typing import Dict, List, Optional, Set, Union
 import torch
 from torch import Tensor, nn
 
-from . import lifetime as _lifetime, rows as _rows
+from .. import backends as _backend
+from . import lifetime as _lifetime
 from .holding import Holding, check_budget
 from .hooks import Hook as _Hook, accumulates as _accumulates, eager as _eager
 from .patches import PATCH_BLOCK, conv_patches  # noqa: F401  (re-exported)
@@ -317,7 +318,7 @@ class Capture(Holding):
             g = grad.reshape(-1, m)
         if g.shape[0] == 0:
             return  # no rows (an empty micro-batch, an expert with no tokens): a pass that adds nothing
-        live = _rows.live_rows(g)  # on the device: read back at the step (settle), never here
+        live = _backend.ops_for(g.device).live_rows(g)  # on the device: read back at the step (settle), never here
         if site.kind == "conv":
             self._add_patches(site, x, g, live, scaling)
             return

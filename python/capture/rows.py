@@ -27,7 +27,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["is_index", "to", "x_times", "xt_times", "live_rows", "col_sq", "add_gt_x", "add_gram", "row_gram", "inner",
+__all__ = ["is_index", "to", "x_times", "xt_times", "col_sq", "add_gt_x", "add_gram", "row_gram", "inner",
            "row_pass"]
 
 
@@ -51,13 +51,6 @@ def xt_times(x: Tensor, v: Tensor, n: int) -> Tensor:
     if is_index(x):
         return v.new_zeros(n, v.shape[1]).index_add_(0, x, v)
     return x.to(v.dtype).mT @ v
-
-
-def live_rows(g: Tensor) -> Tensor:
-    """The rows of ``g`` (T x m) that carry gradient: a bool mask (T,), on ``g``'s device (no
-    host synchronisation). ``any`` reads a float tensor as ``!= 0`` itself (NaN counts as live,
-    -0.0 as zero): one pass over ``g``, half the time of ``g.ne(0).any(1)``."""
-    return g.any(1)
 
 
 def col_sq(x: Tensor, n: int, dtype: torch.dtype, weights: Optional[Tensor] = None) -> Tensor:
