@@ -22,7 +22,10 @@ solves the r x r proximal least-squares problem. A half-step is ``oplora.referen
 the engine calls its stages (``half_operators``, ``half_rhs``) and the backend's versions of
 ``thin_qr`` and ``prox_solve``, with the product of the rows from ``row_pass`` in between (same
 precision policy: products in float32, float64 when anything is float64, the thin work in
-float64); only the order of the floating-point sums in the row products differs.
+float64); only the order of the floating-point sums in the row products differs, and a problem's
+start point that is another problem's term (the momentum ``(Um, Vm)`` in the step) is taken in
+float64 there too, as a problem's own start is (``reference.half_rhs``: a float64 term is computed
+in float64).
 
 Groups: the r-sized work between passes is a dozen small tensor ops per half-step (weighting by
 the metric, the thin terms' products, the right-hand sides). Done layer by layer that is
