@@ -228,7 +228,6 @@ struct Unit {
     int64_t sg_size = 0;
     std::vector<std::vector<T>> copies;  // padded or concatenated right-hand sides
     int64_t block_rows = 0, wide = 0;
-    size_t first = 0, end = 0;          // its work items [first, end)
 
     bool busy() const { return kd > 0 || kx > 0 || !s_members.empty(); }
     // The arithmetic of `rows` of its rows (products and reads; the unit of the thread heuristic
@@ -254,20 +253,28 @@ bool same_x(const RowPassArgs<T>& a, const RowPassArgs<T>& b) {
     return true;
 }
 
+constexpr size_t kNone = static_cast<size_t>(-1);
+
+// Where a job sits in the pass: its unit, and its index among that unit's A-side, B-side and
+// statistics members (kNone where it is not one).
+struct Place {
+    size_t unit = 0, d = kNone, x = kNone, s = kNone;
+};
+
+// The units of the jobs, in order of their first member, and where each job sits (places[l]).
 template <class T>
-std::vector<Unit<T>> make_units(const RowPassArgs<T>* jobs, size_t count) {
+std::vector<Unit<T>> make_units(const RowPassArgs<T>* jobs, size_t count, std::vector<Place>& places) {
     std::vector<Unit<T>> units;
+    places.assign(count, Place());
     for (size_t l = 0; l < count; ++l) {
-        const RowPassArgs<T>& a = jobs[l];
-        Unit<T>* unit = nullptr;
-        for (Unit<T>& u : units)
-            if (same_x(*u.x, a)) unit = &u;
-        if (unit == nullptr) {
+        size_t u = 0;
+        while (u < units.size() && !same_x(*units[u].x, jobs[l])) ++u;
+        if (u == units.size()) {
             units.emplace_back();
-            unit = &units.back();
-            unit->x = &a;
+            units.back().x = &jobs[l];
         }
-        unit->members.push_back(l);
+        units[u].members.push_back(l);
+        places[l].unit = u;
     }
     for (Unit<T>& u : units) {
         const int64_t n = u.x->n;
@@ -278,6 +285,7 @@ std::vector<Unit<T>> make_units(const RowPassArgs<T>* jobs, size_t count) {
             u.wide = std::max(u.wide, a.m);
             if (a.qd != nullptr && a.kd > 0) {
                 const int64_t kp = round_up(a.kd, kPanel<T> / 2);
+                places[l].d = u.d_members.size();
                 u.copies.emplace_back();
                 u.d_members.push_back(l);
                 u.qd.push_back(padded(a.qd, a.m, a.kd, kp, u.copies.back()));
@@ -287,6 +295,7 @@ std::vector<Unit<T>> make_units(const RowPassArgs<T>* jobs, size_t count) {
             }
             if (a.qx != nullptr && a.kx > 0) {
                 const int64_t kp = round_up(a.kx, kPanel<T> / 2);
+                places[l].x = u.x_members.size();
                 u.x_members.push_back(l);
                 u.x_kp.push_back(kp);
                 u.x_off.push_back(u.kx);
@@ -296,6 +305,7 @@ std::vector<Unit<T>> make_units(const RowPassArgs<T>* jobs, size_t count) {
                 qxs.emplace_back(a.qx, a.kx);
             }
             if (a.stats) {
+                places[l].s = u.s_members.size();
                 u.s_members.push_back(l);
                 u.sg_off.push_back(u.sg_size);
                 u.sg_size += a.m;
@@ -307,9 +317,10 @@ std::vector<Unit<T>> make_units(const RowPassArgs<T>* jobs, size_t count) {
         } else if (!qxs.empty()) {
             u.copies.emplace_back(static_cast<size_t>(n * u.kx), T(0));
             T* cat = u.copies.back().data();
-            for (size_t j = 0; j < qxs.size(); ++j)
-                for (int64_t i = 0; i < n; ++i)
-                    std::memcpy(cat + i * u.kx + u.x_off[j], qxs[j].first + i * qxs[j].second, sizeof(T) * qxs[j].second);
+            for (size_t j = 0; j < qxs.size(); ++j) {
+                const auto& [q, k] = qxs[j];
+                for (int64_t i = 0; i < n; ++i) std::memcpy(cat + i * u.kx + u.x_off[j], q + i * k, sizeof(T) * k);
+            }
             u.qx = cat;
         }
         // Rows per block: the block of X and of each G stays in a core's L2 between its two uses.
@@ -424,12 +435,12 @@ void reduce(const std::vector<const T*>& from, int64_t rows, int64_t k, int64_t 
 
 template <class T>
 void row_pass_many(const RowPassArgs<T>* jobs, size_t count, int threads) {
-    std::vector<Unit<T>> units = make_units(jobs, count);
+    std::vector<Place> places;
+    std::vector<Unit<T>> units = make_units(jobs, count, places);
     std::vector<Item> items;
     double total = 0;
     for (size_t u = 0; u < units.size(); ++u) {
-        Unit<T>& unit = units[u];
-        unit.first = items.size();
+        const Unit<T>& unit = units[u];
         if (unit.busy())
             for (size_t j = 0; j < unit.x->rows.size(); ++j)
                 for (int64_t r0 = 0; r0 < unit.x->rows[j]; r0 += unit.block_rows) {
@@ -437,7 +448,6 @@ void row_pass_many(const RowPassArgs<T>* jobs, size_t count, int threads) {
                     items.push_back({u, static_cast<int>(j), r0, rows, total, unit.flops(jobs, rows)});
                     total += items.back().flops;
                 }
-        unit.end = items.size();
     }
 
     // Threads only where they pay: starting and joining a team costs microseconds (far more on a
@@ -480,30 +490,21 @@ void row_pass_many(const RowPassArgs<T>* jobs, size_t count, int threads) {
 #pragma omp for schedule(static)
         for (size_t l = 0; l < count; ++l) {
             const RowPassArgs<T>& a = jobs[l];
-            size_t u = 0;
-            while (std::find(units[u].members.begin(), units[u].members.end(), l) == units[u].members.end()) ++u;
-            const Unit<T>& unit = units[u];
+            const Place& at = places[l];
+            const Unit<T>& unit = units[at.unit];
             auto from = [&](T* Acc<T>::*field, int64_t offset) {
                 std::vector<const T*> ptrs;
-                for (size_t s = 0; s < segments; ++s)
-                    if (parts[s * nu + u].*field != nullptr) ptrs.push_back(parts[s * nu + u].*field + offset);
+                for (size_t s = 0; s < segments; ++s) {
+                    const Acc<T>& part = parts[s * nu + at.unit];
+                    if (part.*field != nullptr) ptrs.push_back(part.*field + offset);
+                }
                 return ptrs;
             };
-            auto find = [](const std::vector<size_t>& of, size_t l) {
-                return static_cast<size_t>(std::find(of.begin(), of.end(), l) - of.begin());
-            };
-            if (a.qd != nullptr && a.kd > 0) {
-                const size_t j = find(unit.d_members, l);
-                reduce(from(&Acc<T>::px, 0), a.n, a.kd, unit.kd, unit.d_off[j], a.px);
-            }
-            if (a.qx != nullptr && a.kx > 0) {
-                const size_t j = find(unit.x_members, l);
-                reduce(from(&Acc<T>::pd, unit.pd_off[j]), a.m, a.kx, unit.x_kp[j], 0, a.pd);
-            }
-            if (a.stats) {
-                const size_t j = find(unit.s_members, l);
+            if (at.d != kNone) reduce(from(&Acc<T>::px, 0), a.n, a.kd, unit.kd, unit.d_off[at.d], a.px);
+            if (at.x != kNone) reduce(from(&Acc<T>::pd, unit.pd_off[at.x]), a.m, a.kx, unit.x_kp[at.x], 0, a.pd);
+            if (at.s != kNone) {
                 reduce(from(&Acc<T>::sx, 0), a.n, 1, 1, 0, a.sx);
-                reduce(from(&Acc<T>::sg, unit.sg_off[j]), a.m, 1, 1, 0, a.sg);
+                reduce(from(&Acc<T>::sg, unit.sg_off[at.s]), a.m, 1, 1, 0, a.sg);
             }
         }
     }

@@ -72,7 +72,8 @@ class Timing:
         return max(self.samples)
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for ``device``'s queued work (CUDA), so that a clock read after it counts the work."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -85,14 +86,14 @@ def measure(fn: Callable[[], object], device: torch.device, *, warmup: int, repe
     a huge matrix does not dominate the run. CUDA work is synchronised around every call."""
     for _ in range(warmup):
         fn()
-    _sync(device)
+    sync(device)
     samples: List[float] = []
     while len(samples) < repeats or (sum(samples) < min_total and len(samples) < max_repeats):
         if len(samples) >= min(3, repeats) and sum(samples) > max_total:
             break
         t0 = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         samples.append(time.perf_counter() - t0)
     return Timing(samples)
 

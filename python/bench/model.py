@@ -31,7 +31,7 @@ import torch
 
 
 from ._common import (choose_device, format_table, machine_info, markdown_header, save_figure, suite_parser,
-                      write_results)
+                      sync, write_results)
 from ._smollm import ALL_LINEAR, ATTENTION, BUDGETED, EXACT_BUDGET, OPTIMIZERS, loss_of, lora_model, token_batches
 
 __all__ = ["OPTIMIZERS", "run", "main"]
@@ -51,8 +51,7 @@ def matmul_rate(device: torch.device, n: int = 2048) -> float:
     for _ in range(6):
         t0 = time.perf_counter()
         a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        sync(device)
         times.append(time.perf_counter() - t0)
     return 2 * n**3 / statistics.median(times[1:])
 
@@ -90,15 +89,15 @@ class _Timed:
         """Training step ``i`` (0 is the warm-up: state created, not timed)."""
         ids = self.data[i]
         self.opt.zero_grad(set_to_none=True)
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         loss_of(self.model, ids).backward()
-        _sync(device)
+        sync(device)
         t1 = time.perf_counter()
         if i == len(self.data) - 1:
             self.flops = floor_flops(self.opt, ids.numel(), self.name, self.r)
         self.opt.step()
-        _sync(device)
+        sync(device)
         t2 = time.perf_counter()
         if i:
             self.fwd_bwd.append(t1 - t0)
@@ -108,11 +107,6 @@ class _Timed:
         if hasattr(self.opt, "close"):
             self.opt.close()
         self.model = self.opt = self.data = None
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def measure(names: Sequence[str], targets: str, r: int, tokens: int, *, layers: int, steps: int, gguf: bool,

@@ -132,13 +132,10 @@ def _signature(layer: Layer, dtype: torch.dtype) -> Hashable:
 
 
 def _start_of(problems: Sequence[Problem], problem: Problem, i: int) -> Optional[int]:
-    """Which of ``problems`` (a layer's) has thin term ``i`` of ``problem`` as its start point (the
-    same tensors): ``problem`` itself first; None for none."""
+    """Which of ``problems`` (a layer's, ``problem`` among them) has thin term ``i`` of ``problem``
+    as its start point (the same tensors), or None."""
     u, v = problem.thin[i][:2]
-    for k, other in sorted(enumerate(problems), key=lambda kp: kp[1] is not problem):
-        if u is other.init[0] and v is other.init[1]:
-            return k
-    return None
+    return next((k for k, other in enumerate(problems) if u is other.init[0] and v is other.init[1]), None)
 
 
 class _Group:
